@@ -1,0 +1,45 @@
+"""CLIP: the model sizes, and contrastive training from scratch.
+
+Commands:
+  unclip-jax config --config configs/clip.py:size=ViT-L/14     print the resolved config
+  unclip-jax train  --config configs/clip.py:size=small --workdir runs/clip_small
+      (the trainer arrives with the data/trainer issue; `train` is not a command yet)
+
+Sizes are the presets of `unclip_jax.clip.model.PRESETS`: tiny, small (the Shapes demo's CLIP),
+ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14-336 (OpenAI) and ViT-H/14 (open_clip, LAION-2B). Any
+preset field can be overridden, e.g. --config.model.vision_layers=4. Released weights are not
+trained here: load them with `unclip_jax.clip.from_pretrained(hf_folder)`.
+
+Optimiser defaults follow OpenAI CLIP (AdamW, beta2 0.98, eps 1e-6, weight decay 0.2, warmup then
+cosine). `runlocal` shrinks everything for a laptop: the tiny preset, batch 16, 20 steps.
+Expected time and result: filled in by the trainer issue, which owns the training run.
+"""
+import dataclasses
+
+import ml_collections
+
+from unclip_jax.clip.model import get_preset
+from unclip_jax.config import parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, size="small", runlocal=False)
+    size = "tiny" if arg.runlocal else arg.size
+    c = ml_collections.ConfigDict()
+    c.stage = "clip"
+    c.seed = 0
+
+    preset = dataclasses.asdict(get_preset(size))
+    preset["text_mlp_dim"] = preset["text_mlp_dim"] or 4 * preset["text_width"]
+    preset["vision_mlp_dim"] = preset["vision_mlp_dim"] or 4 * preset["vision_width"]
+    c.model = ml_collections.ConfigDict(preset)
+    c.model.preset = size
+
+    c.batch_size = 16 if arg.runlocal else 1024
+    c.total_steps = 20 if arg.runlocal else 50_000
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+        grad_clip_norm=1.0))
+    c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=2 if arg.runlocal else 2000))
+    c.log_every = 1 if arg.runlocal else 50
+    return c

@@ -1,0 +1,76 @@
+"""CLIP contrastive loss against a numpy reference, plus its limiting cases."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.clip.loss import contrastive_loss
+
+
+def _reference(text, image, logit_scale):
+    t = text / np.linalg.norm(text, axis=1, keepdims=True)
+    i = image / np.linalg.norm(image, axis=1, keepdims=True)
+    logits = np.exp(min(logit_scale, math.log(100.0))) * i @ t.T
+
+    def xent(z):
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -np.mean(np.diag(logp))
+
+    n = len(text)
+    return (0.5 * (xent(logits) + xent(logits.T)),
+            np.mean(logits.argmax(axis=1) == np.arange(n)),
+            np.mean(logits.argmax(axis=0) == np.arange(n)))
+
+
+def test_matches_numpy_reference():
+    rs = np.random.RandomState(0)
+    text = rs.randn(8, 16).astype(np.float32)
+    image = (text + 1.5 * rs.randn(8, 16)).astype(np.float32) * 3.0  # norms must not matter
+    for scale in (math.log(1 / 0.07), 1.0):
+        loss, metrics = jax.jit(contrastive_loss)(text, image, scale)
+        ref_loss, ref_i2t, ref_t2i = _reference(text.astype(np.float64),
+                                                image.astype(np.float64), scale)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(metrics["accuracy_i2t"], ref_i2t)
+        np.testing.assert_allclose(metrics["accuracy_t2i"], ref_t2i)
+        np.testing.assert_allclose(metrics["scale"], math.exp(scale), rtol=1e-6)
+
+
+def test_accuracy_directions_differ():
+    # Both images are nearest text 0, so i2t accuracy is 1/2; but each text's nearest image is
+    # its own (text 1 is nearer image 1 than image 0), so t2i accuracy is 1.
+    text = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+    image = np.array([[1.0, 0.05], [0.95, 0.3]], np.float32)
+    _, metrics = contrastive_loss(text, image, 2.0)
+    _, ref_i2t, ref_t2i = _reference(text, image, 2.0)
+    assert (ref_i2t, ref_t2i) == (0.5, 1.0)
+    assert float(metrics["accuracy_i2t"]) == 0.5 and float(metrics["accuracy_t2i"]) == 1.0
+
+
+def test_aligned_embeddings_give_near_zero_loss():
+    emb = np.eye(6, 32, dtype=np.float32) * 5.0
+    loss, metrics = contrastive_loss(emb, 2.0 * emb, math.log(100.0))
+    assert float(loss) < 1e-6
+    assert float(metrics["accuracy_i2t"]) == 1.0 and float(metrics["accuracy_t2i"]) == 1.0
+    # Random pairs at scale 1 are near the uniform-guess loss log(B).
+    rs = np.random.RandomState(1)
+    loss, _ = contrastive_loss(rs.randn(64, 32), rs.randn(64, 32), 0.0)
+    assert abs(float(loss) - math.log(64)) < 0.1
+
+
+def test_scale_is_clamped_at_100_and_gradients_flow():
+    rs = np.random.RandomState(2)
+    text, image = rs.randn(4, 8).astype(np.float32), rs.randn(4, 8).astype(np.float32)
+    clamped, m = contrastive_loss(text, image, 10.0)
+    at_max, _ = contrastive_loss(text, image, math.log(100.0))
+    np.testing.assert_allclose(clamped, at_max, rtol=1e-6)
+    np.testing.assert_allclose(m["scale"], 100.0, rtol=1e-5)
+
+    grad = jax.grad(lambda s, t, i: contrastive_loss(t, i, s)[0], argnums=(0, 1, 2))
+    g_scale, g_text, g_image = grad(jnp.float32(1.0), jnp.asarray(text), jnp.asarray(image))
+    assert float(g_scale) != 0.0
+    assert np.all(np.isfinite(g_text)) and np.abs(np.asarray(g_image)).max() > 0
+    assert float(grad(jnp.float32(10.0), jnp.asarray(text), jnp.asarray(image))[0]) == 0.0

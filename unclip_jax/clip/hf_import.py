@@ -1,0 +1,387 @@
+"""Load Hugging Face ``CLIPModel`` checkpoints (``save_pretrained`` folders) into :class:`CLIP`.
+
+A folder holds ``config.json`` and either ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` with its shards. Tensors are read with ``safetensors``' numpy
+reader (bfloat16 tensors, which numpy cannot name, through ``ml_dtypes``); pickled
+``pytorch_model.bin`` files are never opened.
+
+Every parameter of our model must come from exactly one tensor of the file and every tensor of
+the file must be used (the non-persistent ``*.position_ids`` buffers of older exports excepted);
+otherwise one :class:`CheckpointMismatchError` names every missing, unexpected and misshapen
+tensor before any data is read.
+
+Layout conversions: torch ``Linear.weight`` [out, in] -> our ``kernel`` [in, out]; the patch
+convolution OIHW -> HWIO; LayerNorm ``weight`` -> ``scale``. :func:`save_pretrained` writes the
+reverse, a folder that ``transformers.CLIPModel.from_pretrained`` loads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unclip_jax.clip.model import ACTIVATIONS, CLIP, CLIPConfig, abstract_model
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+IGNORED_SUFFIXES = (".position_ids",)  # non-parameter buffers of older exports
+
+# Hugging Face defaults (transformers CLIPTextConfig / CLIPVisionConfig / CLIPConfig), used for
+# keys that a config.json leaves out.
+_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                      num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
+                      hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
+_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+                        hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_TOP_DEFAULTS = dict(projection_dim=512, logit_scale_init_value=2.6592)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as a CLIP model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not match the model: lists every offending name."""
+
+    def __init__(self, path: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple, tuple]]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"Checkpoint {path} does not match the CLIP model built from its config.json:"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        for name, got, want in mismatched:
+            lines.append(f"  shape mismatch: {name} has shape {got} in the file, the model "
+                         f"expects {want} (in the file's layout)")
+        lines.append("Check that config.json belongs to these weights and that they were saved "
+                     "from a transformers CLIPModel.")
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> CLIPConfig:
+    """Our :class:`CLIPConfig` from a Hugging Face CLIP ``config.json`` dict."""
+    model_type = hf.get("model_type")
+    if model_type in ("clip_text_model", "clip_vision_model"):
+        raise CheckpointError(
+            f"config.json describes a single CLIP tower (model_type {model_type!r}); expected a "
+            "full CLIPModel (model_type 'clip' with text_config and vision_config).")
+    if model_type != "clip" and not ("text_config" in hf and "vision_config" in hf):
+        raise CheckpointError(
+            f"config.json is not a CLIP config: model_type {model_type!r}, architectures "
+            f"{hf.get('architectures')}; expected model_type 'clip' with text_config and "
+            "vision_config, as written by transformers CLIPModel.save_pretrained.")
+    t = {**_TEXT_DEFAULTS, **(hf.get("text_config") or {}), **(hf.get("text_config_dict") or {})}
+    v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {}),
+         **(hf.get("vision_config_dict") or {})}
+    top = {**_TOP_DEFAULTS, **hf}
+
+    problems = []
+    if t["hidden_act"] != v["hidden_act"] or t["hidden_act"] not in ACTIVATIONS:
+        problems.append(f"hidden_act text={t['hidden_act']!r} vision={v['hidden_act']!r}; "
+                        f"supported: the same one of {ACTIVATIONS} in both towers")
+    if not math.isclose(t["layer_norm_eps"], v["layer_norm_eps"]):
+        problems.append(f"layer_norm_eps differs between towers (text {t['layer_norm_eps']}, "
+                        f"vision {v['layer_norm_eps']})")
+    if v["num_channels"] != 3:
+        problems.append(f"vision num_channels is {v['num_channels']}; only RGB (3) is supported")
+    if not isinstance(t["eos_token_id"], int):
+        problems.append(f"text eos_token_id must be a single int, got {t['eos_token_id']!r}")
+    if problems:
+        raise CheckpointError("Unsupported CLIP config.json: " + "; ".join(problems) + ".")
+
+    fields = dict(
+        embed_dim=top["projection_dim"],
+        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"],
+        text_width=t["hidden_size"], text_layers=t["num_hidden_layers"],
+        text_heads=t["num_attention_heads"], text_mlp_dim=t["intermediate_size"],
+        image_size=v["image_size"], patch_size=v["patch_size"],
+        vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"],
+        vision_heads=v["num_attention_heads"], vision_mlp_dim=v["intermediate_size"],
+        activation=t["hidden_act"], layer_norm_eps=float(t["layer_norm_eps"]),
+        eos_token_id=t["eos_token_id"], logit_scale_init=float(top["logit_scale_init_value"]))
+    fields.update(overrides)
+    return CLIPConfig(**fields)
+
+
+def config_to_hf(config: CLIPConfig) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict for a model with this config."""
+    common = dict(hidden_act=config.activation, layer_norm_eps=config.layer_norm_eps,
+                  attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0)
+    text = dict(common, model_type="clip_text_model", vocab_size=config.vocab_size,
+                hidden_size=config.text_width, intermediate_size=config.text_mlp,
+                num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+                max_position_embeddings=config.context_length, projection_dim=config.embed_dim,
+                eos_token_id=config.eos_token_id, bos_token_id=49406, pad_token_id=1)
+    vision = dict(common, model_type="clip_vision_model", hidden_size=config.vision_width,
+                  intermediate_size=config.vision_mlp, num_hidden_layers=config.vision_layers,
+                  num_attention_heads=config.vision_heads, num_channels=3,
+                  image_size=config.image_size, patch_size=config.patch_size,
+                  projection_dim=config.embed_dim)
+    return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=config.embed_dim,
+                logit_scale_init_value=config.logit_scale_init, initializer_factor=1.0,
+                text_config=text, vision_config=vision)
+
+
+def load_config(path: str, **overrides: Any) -> CLIPConfig:
+    """Read ``path/config.json`` (a Hugging Face CLIP folder) into a :class:`CLIPConfig`."""
+    _check_folder(path)
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path} has no {CONFIG_NAME}; expected a folder written by "
+                              "transformers CLIPModel.save_pretrained (config.json + "
+                              "model.safetensors).")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(hf).__name__}.")
+    return config_from_hf(hf, **overrides)
+
+
+def _check_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Checkpoint folder {path!r} does not exist (or is not a folder); "
+                              "expected a folder written by transformers "
+                              "CLIPModel.save_pretrained.")
+
+
+# --------------------------------------------------------------------------------------------
+# Name mapping: our parameter path -> (Hugging Face tensor name, layout kind)
+# --------------------------------------------------------------------------------------------
+
+# kind: 'linear' (torch [out, in] <-> our [in, out]), 'conv' (OIHW <-> HWIO), 'copy'.
+_BLOCK_LINEARS = {("attn", "q_proj"): "self_attn.q_proj", ("attn", "k_proj"): "self_attn.k_proj",
+                  ("attn", "v_proj"): "self_attn.v_proj",
+                  ("attn", "out_proj"): "self_attn.out_proj",
+                  ("mlp", "fc1"): "mlp.fc1", ("mlp", "fc2"): "mlp.fc2"}
+_BLOCK_NORMS = {("ln_1",): "layer_norm1", ("ln_2",): "layer_norm2"}
+
+
+def param_map(config: CLIPConfig) -> dict[tuple, tuple[str, str]]:
+    """Every parameter path of ``CLIP(config)`` with its Hugging Face tensor name and layout."""
+    table: dict[tuple, tuple[str, str]] = {}
+
+    def linear(ours: tuple, theirs: str, bias: bool = True):
+        table[(*ours, "kernel")] = (f"{theirs}.weight", "linear")
+        if bias:
+            table[(*ours, "bias")] = (f"{theirs}.bias", "copy")
+
+    def norm(ours: tuple, theirs: str):
+        table[(*ours, "scale")] = (f"{theirs}.weight", "copy")
+        table[(*ours, "bias")] = (f"{theirs}.bias", "copy")
+
+    for tower, hf_tower, n in (("text", "text_model", config.text_layers),
+                               ("vision", "vision_model", config.vision_layers)):
+        for i in range(n):
+            ours, theirs = (tower, "encoder", "layers", i), f"{hf_tower}.encoder.layers.{i}"
+            for sub, name in _BLOCK_LINEARS.items():
+                linear((*ours, *sub), f"{theirs}.{name}")
+            for sub, name in _BLOCK_NORMS.items():
+                norm((*ours, *sub), f"{theirs}.{name}")
+
+    table[("text", "token_embedding")] = ("text_model.embeddings.token_embedding.weight", "copy")
+    table[("text", "position_embedding")] = (
+        "text_model.embeddings.position_embedding.weight", "copy")
+    norm(("text", "final_ln"), "text_model.final_layer_norm")
+    table[("vision", "patch_embed", "kernel")] = (
+        "vision_model.embeddings.patch_embedding.weight", "conv")
+    table[("vision", "class_embedding")] = ("vision_model.embeddings.class_embedding", "copy")
+    table[("vision", "position_embedding")] = (
+        "vision_model.embeddings.position_embedding.weight", "copy")
+    norm(("vision", "pre_ln"), "vision_model.pre_layrnorm")
+    norm(("vision", "post_ln"), "vision_model.post_layernorm")
+    linear(("text_projection",), "text_projection", bias=False)
+    linear(("visual_projection",), "visual_projection", bias=False)
+    table[("logit_scale",)] = ("logit_scale", "copy")
+    return table
+
+
+def _to_ours(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def _to_theirs(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(3, 2, 0, 1)
+    return x
+
+
+def _theirs_shape(shape: tuple, kind: str) -> tuple:
+    if kind == "linear":
+        return tuple(reversed(shape))
+    if kind == "conv":
+        return tuple(shape[i] for i in (3, 2, 0, 1))
+    return tuple(shape)
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading safetensors
+# --------------------------------------------------------------------------------------------
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, SAFETENSORS_INDEX_NAME)
+    single = os.path.join(path, SAFETENSORS_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object.")
+        files = sorted(set(weight_map.values()))
+        absent = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) missing from {path}: "
+                                  + ", ".join(absent))
+        return [os.path.join(path, name) for name in files]
+    if os.path.isfile(single):
+        return [single]
+    pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds only pickled PyTorch weights ({', '.join(pickled)}); they are not "
+            "loaded because unpickling can run arbitrary code. Re-save them as safetensors, e.g. "
+            "`CLIPModel.from_pretrained(path).save_pretrained(new_path)` with transformers "
+            "(safe_serialization is the default), and load new_path.")
+    raise CheckpointError(f"{path} has no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}; "
+                          "expected a folder written by transformers CLIPModel.save_pretrained.")
+
+
+class _TensorFiles:
+    """Name -> (file, dtype, shape) over one or more safetensors files; reads on demand."""
+
+    def __init__(self, files: list[str]):
+        self.headers: dict[str, tuple[str, dict]] = {}
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name == "__metadata__":
+                    continue
+                if name in self.headers:
+                    raise CheckpointError(f"Tensor {name} appears in both "
+                                          f"{self.headers[name][0]} and {file}.")
+                self.headers[name] = (file, info)
+
+    def names(self) -> set[str]:
+        return set(self.headers)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.headers[name][1]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        file, info = self.headers[name]
+        if info["dtype"] == "BF16":  # numpy has no bfloat16: read the bytes through ml_dtypes
+            import ml_dtypes
+            start, end = info["data_offsets"]
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                f.seek(8 + header_len + start)
+                raw = f.read(end - start)
+            return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
+        from safetensors import safe_open
+        with safe_open(file, framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def _read_header(file: str) -> dict:
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(header_len))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32",
+                    param_dtype: Any = "float32", **config_overrides: Any) -> CLIP:
+    """Load a Hugging Face ``CLIPModel.save_pretrained`` folder as a :class:`CLIP`.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the parameters (tensors
+    are cast to it); other keyword arguments override :class:`CLIPConfig` fields that do not
+    change shapes (e.g. ``remat=True``). Raises :class:`CheckpointError` (a ValueError) for a
+    missing folder, config or weights file, a non-CLIP config or pickled-only weights, and
+    :class:`CheckpointMismatchError` naming every missing, unexpected or misshapen tensor.
+    """
+    path = os.fspath(path)
+    config = load_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    tensors = _TensorFiles(_weight_files(path))
+
+    graphdef, state = nnx.split(abstract_model(config))
+    table = param_map(config)
+    flat = dict(state.flat_state())
+    unmapped = sorted(_path_str(p) for p in flat if p not in table)
+    if unmapped:  # a model parameter with no Hugging Face counterpart: a bug here, not the file
+        raise AssertionError(f"No checkpoint name for parameter(s): {unmapped}")
+
+    available = tensors.names()
+    missing, mismatched, used = [], [], set()
+    for p, var in flat.items():
+        name, kind = table[p]
+        if name not in available:
+            missing.append(name)
+            continue
+        used.add(name)
+        want = _theirs_shape(var.shape, kind)
+        if tensors.shape(name) != want:
+            mismatched.append((name, tensors.shape(name), want))
+    unexpected = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(path, sorted(missing), unexpected, mismatched)
+
+    pdtype = config.params_dtype
+    for p, var in flat.items():  # the abstract variables keep their logical-axis metadata
+        name, kind = table[p]
+        array = np.array(_to_ours(tensors.read(name), kind), order="C")
+        assert array.shape == var.shape, (name, array.shape, var.shape)
+        var.set_value(jnp.asarray(array.astype(pdtype)))
+    return nnx.merge(graphdef, state)
+
+
+def to_hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
+    """The model's parameters as a Hugging Face ``CLIPModel`` state dict of numpy arrays."""
+    table = param_map(model.config)
+    out = {}
+    for p, var in nnx.state(model, nnx.Param).flat_state():
+        name, kind = table[p]
+        out[name] = np.array(_to_theirs(np.asarray(jax.device_get(var[...])), kind), order="C")
+    return out
+
+
+def save_pretrained(model: CLIP, path: str | os.PathLike) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' CLIPModel loads."""
+    from safetensors.numpy import save_file
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = to_hf_state_dict(model)
+    if any(a.dtype not in (np.float32, np.float16) for a in tensors.values()):
+        tensors = {k: a.astype(np.float32) for k, a in tensors.items()}
+    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(model.config), f, indent=2)

@@ -1,0 +1,396 @@
+"""CLIP (Radford et al. 2021) as Flax NNX modules: a ViT image encoder and a causal text Transformer.
+
+The layout follows OpenAI CLIP and its Hugging Face port (``transformers`` ``CLIPModel``) so that
+released checkpoints load one to one (see :mod:`unclip_jax.clip.hf_import`):
+
+* both towers are stacks of pre-LayerNorm Transformer blocks
+  (``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``);
+* the text tower adds a learned position table to the token embeddings, runs the blocks with a
+  causal mask, applies a final LayerNorm and pools the hidden state at the end-of-text token;
+* the image tower cuts the image into patches with a strided convolution (no bias), prepends a
+  class token, adds a learned position table, applies a LayerNorm *before* the blocks
+  (``pre_layrnorm`` in Hugging Face) and a LayerNorm to the class token after them;
+* each tower ends in a bias-free linear projection into the shared embedding space;
+* ``logit_scale`` is the log of the learned inverse temperature of the contrastive loss.
+
+Images are NHWC and already normalised (see :mod:`unclip_jax.clip.preprocess`). Parameters are
+stored in ``config.param_dtype``; matmuls run in ``config.dtype``; softmax and LayerNorm statistics
+are always float32. Parameters carry logical axis names only; nothing here knows about meshes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unclip_jax.models.layers import logical
+
+Array = jax.Array
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+# --------------------------------------------------------------------------------------------
+# Config and presets
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Shape and numerics of a CLIP model. The defaults are OpenAI ViT-B/32.
+
+    ``text_mlp_dim`` / ``vision_mlp_dim`` of ``None`` mean 4x the tower's width; read the
+    resolved sizes from :attr:`text_mlp` / :attr:`vision_mlp`.
+    """
+
+    embed_dim: int = 512                 # the shared projection dimension
+    # Text tower.
+    vocab_size: int = 49408
+    context_length: int = 77
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_mlp_dim: int | None = None
+    # Image tower.
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp_dim: int | None = None
+    # Shared.
+    activation: str = "quick_gelu"       # 'quick_gelu' (OpenAI) or 'gelu' (exact erf; open_clip)
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407            # 2 selects Hugging Face's legacy argmax(token_ids) pooling
+    logit_scale_init: float = math.log(1 / 0.07)
+    dtype: Any = "float32"               # compute dtype
+    param_dtype: Any = "float32"
+    remat: bool = False                  # rematerialise each Transformer block in the backward pass
+
+    def __post_init__(self):
+        problems = []
+        for tower in ("text", "vision"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if heads <= 0 or width % heads:
+                problems.append(f"{tower}_width ({width}) must be a positive multiple of "
+                                f"{tower}_heads ({heads})")
+        if self.patch_size <= 0 or self.image_size % self.patch_size:
+            problems.append(f"image_size ({self.image_size}) must be a multiple of patch_size "
+                            f"({self.patch_size})")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            problems.append(f"eos_token_id ({self.eos_token_id}) must be a token id below "
+                            f"vocab_size ({self.vocab_size})")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                problems.append(f"{name} must name a dtype, got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("Invalid CLIPConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def text_mlp(self) -> int:
+        return self.text_mlp_dim or 4 * self.text_width
+
+    @property
+    def vision_mlp(self) -> int:
+        return self.vision_mlp_dim or 4 * self.vision_width
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+_OPENAI = dict(activation="quick_gelu", vocab_size=49408, context_length=77)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and demos: runs in seconds on a CPU.
+    "tiny": dict(_OPENAI, embed_dim=64, text_width=64, text_layers=2, text_heads=2,
+                 image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2),
+    # The offline Shapes demo: 64x64 images, trained from scratch.
+    "small": dict(_OPENAI, embed_dim=256, text_width=256, text_layers=4, text_heads=4,
+                  image_size=64, patch_size=8, vision_width=256, vision_layers=6, vision_heads=4),
+    # OpenAI CLIP.
+    "ViT-B/32": dict(_OPENAI, embed_dim=512, text_width=512, text_layers=12, text_heads=8,
+                     image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                     vision_heads=12),
+    "ViT-B/16": dict(_OPENAI, embed_dim=512, text_width=512, text_layers=12, text_heads=8,
+                     image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                     vision_heads=12),
+    "ViT-L/14": dict(_OPENAI, embed_dim=768, text_width=768, text_layers=12, text_heads=12,
+                     image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                     vision_heads=16),
+    "ViT-L/14-336": dict(_OPENAI, embed_dim=768, text_width=768, text_layers=12, text_heads=12,
+                         image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
+                         vision_heads=16),
+    # open_clip, trained on LAION-2B (laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+    "ViT-H/14": dict(_OPENAI, activation="gelu", embed_dim=1024, text_width=1024,
+                     text_layers=24, text_heads=16, image_size=224, patch_size=14,
+                     vision_width=1280, vision_layers=32, vision_heads=16),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> CLIPConfig:
+    """The :class:`CLIPConfig` of a named preset, with any fields replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown CLIP preset {name!r}. Known presets: {', '.join(PRESETS)}.")
+    fields = {f.name for f in dataclasses.fields(CLIPConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"Unknown CLIPConfig field(s) {unknown} in overrides for preset {name!r}. "
+                         f"Valid fields: {', '.join(sorted(fields))}.")
+    return CLIPConfig(**{**PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: CLIPConfig, rngs: nnx.Rngs,
+           bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=logical(_normal(std), *axes),
+        bias_init=logical(nnx.initializers.zeros_init(), None), rngs=rngs)
+
+
+def _param(init, shape: tuple, axes: tuple, cfg: CLIPConfig, rngs: nnx.Rngs) -> nnx.Param:
+    return nnx.Param(logical(init, *axes)(rngs.params(), shape, cfg.params_dtype))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with statistics in float32; returns the compute dtype."""
+
+    def __init__(self, width: int, cfg: CLIPConfig, rngs: nnx.Rngs):
+        self.eps = cfg.layer_norm_eps
+        self.dtype = cfg.compute_dtype
+        self.scale = _param(nnx.initializers.ones_init(), (width,), (None,), cfg, rngs)
+        self.bias = _param(nnx.initializers.zeros_init(), (width,), (None,), cfg, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; the kernel is ``jax.nn.dot_product_attention``."""
+
+    def __init__(self, width: int, heads: int, layers: int, cfg: CLIPConfig, rngs: nnx.Rngs):
+        self.heads = heads
+        in_std = width ** -0.5 * (2 * layers) ** -0.5
+        self.q_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
+        self.k_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
+        self.v_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
+        self.out_proj = _dense(width, width, ("heads", "embed"), width ** -0.5, cfg, rngs)
+
+    def __call__(self, x: Array, mask: Array | None, causal: bool) -> Array:
+        b, t, w = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        # Logits and softmax are float32 inside dot_product_attention for 16-bit inputs.
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+        return self.out_proj(y.reshape(b, t, w))
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, layers: int, cfg: CLIPConfig, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        self.fc1 = _dense(width, hidden, ("embed", "mlp"), (2 * width) ** -0.5, cfg, rngs)
+        self.fc2 = _dense(hidden, width, ("mlp", "embed"),
+                          width ** -0.5 * (2 * layers) ** -0.5, cfg, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        h = self.fc1(x)
+        if self.activation == "quick_gelu":
+            h = h * jax.nn.sigmoid(1.702 * h)
+        else:
+            h = jax.nn.gelu(h, approximate=False)
+        return self.fc2(h)
+
+
+class Block(nnx.Module):
+    """Pre-LN Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, hidden: int, layers: int, cfg: CLIPConfig,
+                 rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(width, cfg, rngs)
+        self.attn = Attention(width, heads, layers, cfg, rngs)
+        self.ln_2 = LayerNorm(width, cfg, rngs)
+        self.mlp = MLP(width, hidden, layers, cfg, rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
+        x = x + self.attn(self.ln_1(x), mask, causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, width: int, heads: int, hidden: int, layers: int, cfg: CLIPConfig,
+                 rngs: nnx.Rngs):
+        self.remat = cfg.remat
+        self.layers = nnx.List([Block(width, heads, hidden, layers, cfg, rngs)
+                                for _ in range(layers)])
+
+    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
+        def run(block, h, m):
+            return block(h, m, causal)
+
+        step = nnx.remat(run) if self.remat else run
+        for block in self.layers:
+            x = step(block, x, mask)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# The two towers and the full model
+# --------------------------------------------------------------------------------------------
+
+class TextTransformer(nnx.Module):
+    """Token ids [B, L] -> (pooled state [B, W] at the end-of-text token, hidden [B, L, W])."""
+
+    def __init__(self, cfg: CLIPConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        w = cfg.text_width
+        self.token_embedding = _param(_normal(0.02), (cfg.vocab_size, w), ("vocab", "embed"),
+                                      cfg, rngs)
+        self.position_embedding = _param(_normal(0.01), (cfg.context_length, w), (None, "embed"),
+                                         cfg, rngs)
+        self.encoder = Encoder(w, cfg.text_heads, cfg.text_mlp, cfg.text_layers, cfg, rngs)
+        self.final_ln = LayerNorm(w, cfg, rngs)
+
+    def __call__(self, token_ids: Array, attention_mask: Array | None = None
+                 ) -> tuple[Array, Array]:
+        cfg = self.cfg
+        if token_ids.ndim != 2:
+            raise ValueError(f"token_ids must be [batch, length], got shape {token_ids.shape}.")
+        b, length = token_ids.shape
+        if length > cfg.context_length:
+            raise ValueError(f"token_ids has {length} positions but the model's context_length is "
+                             f"{cfg.context_length}; tokenize with a context length of at most "
+                             f"{cfg.context_length}.")
+        token_ids = token_ids.astype(jnp.int32)
+        x = jnp.take(self.token_embedding[...], token_ids, axis=0)
+        x = (x + self.position_embedding[...][:length]).astype(cfg.compute_dtype)
+
+        mask = None
+        if attention_mask is not None:  # [B, L], 1 = real token; masks keys only
+            keep = jnp.asarray(attention_mask).astype(bool)
+            mask = jnp.broadcast_to(keep[:, None, None, :], (b, 1, length, length))
+        x = self.encoder(x, mask, causal=True)
+        hidden = self.final_ln(x)
+
+        if cfg.eos_token_id == 2:
+            # Hugging Face's legacy rule for configs with the old eos_token_id: the end-of-text
+            # token has the highest id in the CLIP vocabulary.
+            eos_pos = jnp.argmax(token_ids, axis=-1)
+        else:
+            # The first end-of-text token (padding may repeat it). A row without one pools at 0.
+            eos_pos = jnp.argmax(token_ids == cfg.eos_token_id, axis=-1)
+        pooled = jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]
+        return pooled, hidden
+
+
+class VisionTransformer(nnx.Module):
+    """Normalised images [B, H, W, 3] -> post-LayerNorm class-token state [B, W]."""
+
+    def __init__(self, cfg: CLIPConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        w, p = cfg.vision_width, cfg.patch_size
+        self.patch_embed = nnx.Conv(
+            3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
+            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            kernel_init=logical(_normal(0.02), None, None, "conv_in", "conv_out"), rngs=rngs)
+        self.class_embedding = _param(_normal(w ** -0.5), (w,), ("embed",), cfg, rngs)
+        self.position_embedding = _param(_normal(0.02), (cfg.num_patches + 1, w),
+                                         (None, "embed"), cfg, rngs)
+        self.pre_ln = LayerNorm(w, cfg, rngs)
+        self.encoder = Encoder(w, cfg.vision_heads, cfg.vision_mlp, cfg.vision_layers, cfg, rngs)
+        self.post_ln = LayerNorm(w, cfg, rngs)
+
+    def __call__(self, pixels: Array) -> Array:
+        cfg = self.cfg
+        s = cfg.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
+            raise ValueError(f"pixels must be NHWC [batch, {s}, {s}, 3] (normalised, see "
+                             f"unclip_jax.clip.preprocess), got shape {pixels.shape}.")
+        x = self.patch_embed(pixels.astype(cfg.compute_dtype))
+        b = x.shape[0]
+        x = x.reshape(b, -1, cfg.vision_width)  # patches in row-major order, as torch's flatten
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, cfg.vision_width))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = (x + self.position_embedding[...]).astype(cfg.compute_dtype)
+        x = self.pre_ln(x)
+        x = self.encoder(x)
+        return self.post_ln(x[:, 0])
+
+
+class CLIP(nnx.Module):
+    """CLIP text and image encoders with projections into a shared embedding space."""
+
+    def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.text = TextTransformer(config, rngs)
+        self.vision = VisionTransformer(config, rngs)
+        self.text_projection = _dense(config.text_width, config.embed_dim, ("embed", None),
+                                      config.text_width ** -0.5, config, rngs, bias=False)
+        self.visual_projection = _dense(config.vision_width, config.embed_dim, ("embed", None),
+                                        config.vision_width ** -0.5, config, rngs, bias=False)
+        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, config.params_dtype))
+
+    def encode_text(self, token_ids: Array, attention_mask: Array | None = None
+                    ) -> tuple[Array, Array]:
+        """token_ids [B, L] int -> (text_embeds [B, D], last_hidden [B, L, W]).
+
+        ``text_embeds`` is projected but not L2-normalised (Hugging Face ``get_text_features``);
+        ``last_hidden`` is after the final LayerNorm (``last_hidden_state``). ``attention_mask``
+        [B, L] (1 = token, 0 = padding) optionally hides padding keys; with the causal mask and
+        right padding it does not change the pooled output.
+        """
+        pooled, hidden = self.text(token_ids, attention_mask)
+        return self.text_projection(pooled), hidden
+
+    def encode_image(self, pixels: Array) -> Array:
+        """pixels [B, H, W, 3] float, normalised -> image_embeds [B, D] (not L2-normalised)."""
+        return self.visual_projection(self.vision(pixels))
+
+    def __call__(self, token_ids: Array, pixels: Array,
+                 attention_mask: Array | None = None) -> dict[str, Array]:
+        """Both encoders, for contrastive training: text_embeds, image_embeds, logit_scale."""
+        text_embeds, _ = self.encode_text(token_ids, attention_mask)
+        return {"text_embeds": text_embeds,
+                "image_embeds": self.encode_image(pixels),
+                "logit_scale": self.logit_scale[...]}
+
+
+def abstract_model(config: CLIPConfig) -> CLIP:
+    """The model with shape-only parameters (``nnx.eval_shape``): nothing is allocated."""
+    return nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(config: CLIPConfig) -> int:
+    """Number of parameters of a model with this config, computed without allocating it."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
