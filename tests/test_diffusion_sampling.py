@@ -126,22 +126,6 @@ def test_ddim_eta1_matches_ddpm_moments():
     check_moments(x)
 
 
-# A 2-D Gaussian mixture: a nonlinear probability-flow ODE.
-MEANS = jnp.array([[-0.6, 0.3], [0.5, 0.5], [0.1, -0.7]])
-STDS = jnp.array([0.15, 0.25, 0.1])
-WEIGHTS = jnp.array([0.3, 0.5, 0.2])
-
-
-def mixture_eps(x, t):
-    a2 = _acp_of(t, x)[:, :, None]  # [B, 1, 1]
-    a, sig = jnp.sqrt(a2), jnp.sqrt(1.0 - a2)
-    var = a2 * STDS[None, :, None] ** 2 + 1.0 - a2  # [B, K, 1]
-    diff = x[:, None, :] - a * MEANS[None]  # [B, K, 2]
-    logp = jnp.log(WEIGHTS) - jnp.sum(diff**2 / (2 * var), -1) - jnp.log(var[..., 0])
-    r = jax.nn.softmax(logp, axis=-1)[..., None]
-    return jnp.sum(r * sig * diff / var, axis=1)
-
-
 def test_ddim_inversion_reconstructs_gaussian_images():
     x0 = MU + S * jax.random.normal(jax.random.PRNGKey(6), (4, 8, 8, 3))
     model = gaussian_model()

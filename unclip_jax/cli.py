@@ -28,13 +28,8 @@ DEMO_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message tells the user what to fix (no traceback needed)."""
     from unclip_jax.clip.tokenizer import CaptionError
-    errors: list[type[BaseException]] = [config_lib.ConfigError, CaptionError, FileNotFoundError]
-    try:
-        from unclip_jax.clip.hf_import import CheckpointError
-        errors.append(CheckpointError)
-    except ImportError:  # pragma: no cover - the module is part of the package
-        pass
-    return tuple(errors)
+    from unclip_jax.torch_weights import CheckpointError
+    return (config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
 
 
 def _cmd_config(args, overrides) -> int:

@@ -96,7 +96,7 @@ def run_samplers(config, x_T: jax.Array, model_fn, schedule: diffusion.Schedule,
             model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, f"ddim{steps.ddim}")),
             x_T, eta=0.0, **kw)),
         f"DPM-Solver++ {steps.dpm_solver}": (steps.dpm_solver, lambda: diffusion.dpm_solver_pp_sample(
-            model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, str(steps.dpm_solver))),
+            model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, f"dpmsolver{steps.dpm_solver}")),
             x_T, **kw)),
     }
     out = {}

@@ -19,20 +19,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from unclip_jax.clip.model import ACTIVATIONS, CLIP, CLIPConfig, abstract_model
+from unclip_jax.torch_weights import (CheckpointError, CheckpointMismatchError, TensorFiles,  # noqa: F401 (re-exported)
+                                      check_folder, load_into, read_json, save_safetensors,
+                                      state_dict, weight_files)
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 IGNORED_SUFFIXES = (".position_ids",)  # non-parameter buffers of older exports
+_SAVED_BY = "transformers CLIPModel.save_pretrained"
+_MISMATCH_HINT = ("Check that config.json belongs to these weights and that they were saved "
+                  "from a transformers CLIPModel.")
 
 # Hugging Face defaults (transformers CLIPTextConfig / CLIPVisionConfig / CLIPConfig), used for
 # keys that a config.json leaves out.
@@ -43,29 +45,6 @@ _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_laye
                         num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
                         hidden_act="quick_gelu", layer_norm_eps=1e-5)
 _TOP_DEFAULTS = dict(projection_dim=512, logit_scale_init_value=2.6592)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded as a CLIP model."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's tensors do not match the model: lists every offending name."""
-
-    def __init__(self, path: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, tuple, tuple]]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"Checkpoint {path} does not match the CLIP model built from its config.json:"]
-        if missing:
-            lines.append(f"  missing tensors ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
-        for name, got, want in mismatched:
-            lines.append(f"  shape mismatch: {name} has shape {got} in the file, the model "
-                         f"expects {want} (in the file's layout)")
-        lines.append("Check that config.json belongs to these weights and that they were saved "
-                     "from a transformers CLIPModel.")
-        super().__init__("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,27 +117,12 @@ def config_to_hf(config: CLIPConfig) -> dict[str, Any]:
 
 def load_config(path: str, **overrides: Any) -> CLIPConfig:
     """Read ``path/config.json`` (a Hugging Face CLIP folder) into a :class:`CLIPConfig`."""
-    _check_folder(path)
+    check_folder(path, f"a folder written by {_SAVED_BY}")
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path} has no {CONFIG_NAME}; expected a folder written by "
-                              "transformers CLIPModel.save_pretrained (config.json + "
-                              "model.safetensors).")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(hf).__name__}.")
-    return config_from_hf(hf, **overrides)
-
-
-def _check_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"Checkpoint folder {path!r} does not exist (or is not a folder); "
-                              "expected a folder written by transformers "
-                              "CLIPModel.save_pretrained.")
+                              f"{_SAVED_BY} (config.json + model.safetensors).")
+    return config_from_hf(read_json(config_file), **overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,109 +176,6 @@ def param_map(config: CLIPConfig) -> dict[tuple, tuple[str, str]]:
     return table
 
 
-def _to_ours(x: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(2, 3, 1, 0)
-    return x
-
-
-def _to_theirs(x: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(3, 2, 0, 1)
-    return x
-
-
-def _theirs_shape(shape: tuple, kind: str) -> tuple:
-    if kind == "linear":
-        return tuple(reversed(shape))
-    if kind == "conv":
-        return tuple(shape[i] for i in (3, 2, 0, 1))
-    return tuple(shape)
-
-
-def _path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading safetensors
-# --------------------------------------------------------------------------------------------
-
-def _weight_files(path: str) -> list[str]:
-    index = os.path.join(path, SAFETENSORS_INDEX_NAME)
-    single = os.path.join(path, SAFETENSORS_NAME)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map' object.")
-        files = sorted(set(weight_map.values()))
-        absent = [name for name in files if not os.path.isfile(os.path.join(path, name))]
-        if absent:
-            raise CheckpointError(f"{index} lists shard(s) missing from {path}: "
-                                  + ", ".join(absent))
-        return [os.path.join(path, name) for name in files]
-    if os.path.isfile(single):
-        return [single]
-    pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
-    if pickled:
-        raise CheckpointError(
-            f"{path} holds only pickled PyTorch weights ({', '.join(pickled)}); they are not "
-            "loaded because unpickling can run arbitrary code. Re-save them as safetensors, e.g. "
-            "`CLIPModel.from_pretrained(path).save_pretrained(new_path)` with transformers "
-            "(safe_serialization is the default), and load new_path.")
-    raise CheckpointError(f"{path} has no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}; "
-                          "expected a folder written by transformers CLIPModel.save_pretrained.")
-
-
-class _TensorFiles:
-    """Name -> (file, dtype, shape) over one or more safetensors files; reads on demand."""
-
-    def __init__(self, files: list[str]):
-        self.headers: dict[str, tuple[str, dict]] = {}
-        for file in files:
-            for name, info in _read_header(file).items():
-                if name == "__metadata__":
-                    continue
-                if name in self.headers:
-                    raise CheckpointError(f"Tensor {name} appears in both "
-                                          f"{self.headers[name][0]} and {file}.")
-                self.headers[name] = (file, info)
-
-    def names(self) -> set[str]:
-        return set(self.headers)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self.headers[name][1]["shape"])
-
-    def read(self, name: str) -> np.ndarray:
-        file, info = self.headers[name]
-        if info["dtype"] == "BF16":  # numpy has no bfloat16: read the bytes through ml_dtypes
-            import ml_dtypes
-            start, end = info["data_offsets"]
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                f.seek(8 + header_len + start)
-                raw = f.read(end - start)
-            return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
-        from safetensors import safe_open
-        with safe_open(file, framework="numpy") as f:
-            return f.get_tensor(name)
-
-
-def _read_header(file: str) -> dict:
-    try:
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(header_len))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
-
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -331,57 +192,22 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32",
     """
     path = os.fspath(path)
     config = load_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    tensors = _TensorFiles(_weight_files(path))
+    tensors = TensorFiles(weight_files(path, "model", _SAVED_BY))
 
-    graphdef, state = nnx.split(abstract_model(config))
-    table = param_map(config)
-    flat = dict(state.flat_state())
-    unmapped = sorted(_path_str(p) for p in flat if p not in table)
-    if unmapped:  # a model parameter with no Hugging Face counterpart: a bug here, not the file
-        raise AssertionError(f"No checkpoint name for parameter(s): {unmapped}")
-
-    available = tensors.names()
-    missing, mismatched, used = [], [], set()
-    for p, var in flat.items():
-        name, kind = table[p]
-        if name not in available:
-            missing.append(name)
-            continue
-        used.add(name)
-        want = _theirs_shape(var.shape, kind)
-        if tensors.shape(name) != want:
-            mismatched.append((name, tensors.shape(name), want))
-    unexpected = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES))
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(path, sorted(missing), unexpected, mismatched)
-
-    pdtype = config.params_dtype
-    for p, var in flat.items():  # the abstract variables keep their logical-axis metadata
-        name, kind = table[p]
-        array = np.array(_to_ours(tensors.read(name), kind), order="C")
-        assert array.shape == var.shape, (name, array.shape, var.shape)
-        var.set_value(jnp.asarray(array.astype(pdtype)))
-    return nnx.merge(graphdef, state)
+    return load_into(abstract_model(config), param_map(config), tensors, path=path,
+                     what="CLIP model built from its config.json",
+                     ignore=lambda name: name.endswith(IGNORED_SUFFIXES), hint=_MISMATCH_HINT,
+                     param_dtype=config.params_dtype)
 
 
 def to_hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
     """The model's parameters as a Hugging Face ``CLIPModel`` state dict of numpy arrays."""
-    table = param_map(model.config)
-    out = {}
-    for p, var in nnx.state(model, nnx.Param).flat_state():
-        name, kind = table[p]
-        out[name] = np.array(_to_theirs(np.asarray(jax.device_get(var[...])), kind), order="C")
-    return out
+    return state_dict(model, param_map(model.config))
 
 
 def save_pretrained(model: CLIP, path: str | os.PathLike) -> None:
     """Write ``config.json`` + ``model.safetensors`` that transformers' CLIPModel loads."""
-    from safetensors.numpy import save_file
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    tensors = to_hf_state_dict(model)
-    if any(a.dtype not in (np.float32, np.float16) for a in tensors.values()):
-        tensors = {k: a.astype(np.float32) for k, a in tensors.items()}
-    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    save_safetensors(to_hf_state_dict(model), os.path.join(path, SAFETENSORS_NAME))
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(model.config), f, indent=2)

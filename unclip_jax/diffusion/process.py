@@ -11,8 +11,6 @@ Conventions used by every function here:
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from .schedules import Schedule, extract
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")

@@ -1,0 +1,242 @@
+"""Reading PyTorch-layout safetensors checkpoints into Flax NNX modules, and writing them back.
+
+Every importer (Hugging Face CLIP, diffusers' prior, decoder and super-resolution UNets) is a
+*name table*: our parameter path -> (the checkpoint's tensor name, a layout kind). This module
+does the rest, the same way for all of them:
+
+* finds the weights of a folder: ``<stem>.safetensors`` or a sharded ``<stem>.safetensors.index.json``;
+  pickled ``.bin`` / ``.pt`` files are refused, never opened (unpickling can run code);
+* checks the table against the file before reading any data: every parameter must come from
+  exactly one tensor and every tensor must be used (names in ``ignore`` excepted); otherwise one
+  :class:`CheckpointMismatchError` lists every missing, unexpected and misshapen tensor;
+* converts layouts: ``'linear'`` torch [out, in] <-> our kernel [in, out]; ``'conv'`` OIHW <-> HWIO;
+  ``'copy'`` as is; and fills an abstract (``nnx.eval_shape``) model in place, so the logical-axis
+  metadata of its parameters survives.
+
+bfloat16 tensors, which numpy cannot name, are read through ``ml_dtypes``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LAYOUTS = ("linear", "conv", "copy")
+
+# our parameter path (tuple of attribute names / indices) -> (tensor name, layout kind)
+NameTable = dict[tuple, tuple[str, str]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as asked; the message says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not match the model: lists every offending name."""
+
+    def __init__(self, path: str, what: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple, tuple]], hint: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"Checkpoint {path} does not match the {what}:"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        for name, got, want in mismatched:
+            lines.append(f"  shape mismatch: {name} has shape {got} in the file, the model "
+                         f"expects {want} (in the file's layout)")
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+def check_folder(path: str, what: str) -> None:
+    """Refuse a path that is not an existing folder, saying what was expected there."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Checkpoint folder {path!r} does not exist (or is not a folder); "
+                              f"expected {what}.")
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a CheckpointError saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def weight_files(path: str, stem: str, saved_by: str) -> list[str]:
+    """The safetensors file(s) of a folder: ``stem.safetensors`` or a sharded index.
+
+    ``saved_by`` names what writes such folders, for the error messages
+    (e.g. "transformers CLIPModel.save_pretrained").
+    """
+    index = os.path.join(path, f"{stem}.safetensors.index.json")
+    single = os.path.join(path, f"{stem}.safetensors")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object.")
+        files = sorted(set(weight_map.values()))
+        absent = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) missing from {path}: "
+                                  + ", ".join(absent))
+        return [os.path.join(path, name) for name in files]
+    if os.path.isfile(single):
+        return [single]
+    pickled = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds only pickled PyTorch weights ({', '.join(pickled)}); they are not "
+            "loaded because unpickling can run arbitrary code. Re-save them as safetensors "
+            f"(load with the library that wrote them and call save_pretrained with "
+            "safe_serialization=True, the default), and load the new folder.")
+    raise CheckpointError(f"{path} has no {stem}.safetensors or {stem}.safetensors.index.json; "
+                          f"expected a folder written by {saved_by}.")
+
+
+def _read_header(file: str) -> dict:
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(header_len))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
+
+
+class TensorFiles:
+    """Name -> (file, dtype, shape) over one or more safetensors files; reads on demand."""
+
+    def __init__(self, files: Iterable[str]):
+        self.headers: dict[str, tuple[str, dict]] = {}
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name == "__metadata__":
+                    continue
+                if name in self.headers:
+                    raise CheckpointError(f"Tensor {name} appears in both "
+                                          f"{self.headers[name][0]} and {file}.")
+                self.headers[name] = (file, info)
+
+    def names(self) -> set[str]:
+        return set(self.headers)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.headers[name][1]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        file, info = self.headers[name]
+        if info["dtype"] == "BF16":  # numpy has no bfloat16: read the bytes through ml_dtypes
+            import ml_dtypes
+            start, end = info["data_offsets"]
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                f.seek(8 + header_len + start)
+                raw = f.read(end - start)
+            return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
+        from safetensors import safe_open
+        with safe_open(file, framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def to_ours(x: np.ndarray, kind: str) -> np.ndarray:
+    """A checkpoint tensor in our layout."""
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def to_theirs(x: np.ndarray, kind: str) -> np.ndarray:
+    """One of our parameters in the checkpoint's (torch) layout."""
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(3, 2, 0, 1)
+    return x
+
+
+def theirs_shape(shape: tuple, kind: str) -> tuple:
+    if kind == "linear":
+        return tuple(reversed(shape))
+    if kind == "conv":
+        return tuple(shape[i] for i in (3, 2, 0, 1))
+    return tuple(shape)
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, path: str,
+              what: str, ignore: Callable[[str], bool] = lambda name: False, hint: str = "",
+              param_dtype: Any = jnp.float32) -> nnx.Module:
+    """Fill ``abstract`` (built with ``nnx.eval_shape``) from ``tensors`` through ``table``.
+
+    Every parameter of the module must be in ``table`` (else an AssertionError: the importer is
+    wrong, not the file). Raises :class:`CheckpointMismatchError` listing every missing,
+    unexpected (not ignored) and misshapen tensor before reading any data.
+    """
+    graphdef, state = nnx.split(abstract)
+    flat = dict(state.flat_state())
+    unmapped = sorted(path_str(p) for p in flat if p not in table)
+    if unmapped:
+        raise AssertionError(f"No checkpoint name for parameter(s): {unmapped}")
+    for p, (name, kind) in table.items():
+        assert kind in LAYOUTS, (p, kind)
+
+    available = tensors.names()
+    missing, mismatched, used = [], [], set()
+    for p, var in flat.items():
+        name, kind = table[p]
+        if name not in available:
+            missing.append(name)
+            continue
+        used.add(name)
+        want = theirs_shape(var.shape, kind)
+        if tensors.shape(name) != want:
+            mismatched.append((name, tensors.shape(name), want))
+    unexpected = sorted(n for n in available - used if not ignore(n))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(path, what, sorted(missing), unexpected, mismatched, hint)
+
+    for p, var in flat.items():  # the abstract variables keep their logical-axis metadata
+        name, kind = table[p]
+        array = np.array(to_ours(tensors.read(name), kind), order="C")
+        var.set_value(jnp.asarray(array.astype(param_dtype)))
+    return nnx.merge(graphdef, state)
+
+
+def state_dict(module: nnx.Module, table: NameTable) -> dict[str, np.ndarray]:
+    """The module's parameters as a torch-layout state dict of numpy arrays (float32 when the
+    parameters are a dtype safetensors' numpy writer cannot store)."""
+    out = {}
+    for p, var in nnx.state(module, nnx.Param).flat_state():
+        name, kind = table[p]
+        array = np.asarray(jax.device_get(var[...]))
+        if array.dtype not in (np.float32, np.float16, np.float64):
+            array = array.astype(np.float32)
+        out[name] = np.array(to_theirs(array, kind), order="C")
+    return out
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], file: str) -> None:
+    """Write a state dict as a safetensors file that torch-side loaders accept."""
+    from safetensors.numpy import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    save_file(tensors, file, metadata={"format": "pt"})
