@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.models.layers import logical
+from unclip_jax.models.layers import abstract_init, logical
+from unclip_jax.models.layers import count_params as count_module_params
 
 Array = jax.Array
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -387,10 +388,9 @@ class CLIP(nnx.Module):
 
 def abstract_model(config: CLIPConfig) -> CLIP:
     """The model with shape-only parameters (``nnx.eval_shape``): nothing is allocated."""
-    return nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+    return abstract_init(lambda: CLIP(config, rngs=nnx.Rngs(0)))
 
 
 def count_params(config: CLIPConfig) -> int:
     """Number of parameters of a model with this config, computed without allocating it."""
-    state = nnx.state(abstract_model(config), nnx.Param)
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
+    return count_module_params(abstract_model(config))

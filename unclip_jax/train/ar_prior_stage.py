@@ -1,0 +1,125 @@
+"""Training stage of the autoregressive prior (Ramesh et al. 2022, section 2.1, Table 3).
+
+Batches are dicts of (caption, z_t, z_i) arrays, the keys of
+:func:`unclip_jax.data.synthetic_embeddings.sample_prior_batch`:
+
+  text_hidden [B, L, W] float   CLIP text hidden states of the caption
+  text_mask   [B, L] bool       true on real tokens
+  text_embed  [B, D] float      z_t
+  image_embed [B, D] float      z_i
+
+The stage, in order of use:
+
+1. ``model = build_model(config)`` (an :class:`ARPrior` from an ``ARPriorConfig`` or a config
+   dict) and ``fit_prior_quantizer(model, batches)``: the PCA and bucket edges are fitted on the
+   training z_i once, before training, and stored in the model's buffers (so every checkpoint of
+   the model carries them). The trainer must checkpoint the whole ``nnx.state(model)`` (params and
+   ``rest``), not the params alone.
+2. ``tx = make_optimizer(...)``: AdamW with Table 3's settings (beta1 0.9, beta2 0.91, eps 1e-10,
+   decoupled weight decay 4e-2 on matrices, lr 1.6e-4).
+3. ``train_step, state, graphdef, rest = build_train_step(model, tx)``: the pure
+   ``train_step(state, batch, rng) -> (state, metrics)`` of :func:`unclip_jax.train.step.
+   make_train_step` around :func:`loss_fn`, with an EMA (0.999 in Table 3).
+
+:func:`loss_fn` encodes z_i into its K bucket tokens and z_i . z_t into the dot token (both with
+the frozen quantiser), drops the text conditioning of a random ``text_drop_prob`` of the rows
+(classifier-free guidance; 10% in the paper), and returns the mean cross-entropy over the K
+tokens. Metrics: ``ce`` (nats per token), ``accuracy`` (next-token top-1) and ``text_dropped``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
+from unclip_jax.models.pca_quantizer import QuantizerFit, fit_quantizer
+from unclip_jax.train.step import TrainState, init_train_state, make_train_step, split_model
+
+BATCH_KEYS = ("text_hidden", "text_mask", "text_embed", "image_embed")
+
+
+def build_model(config: ARPriorConfig | Mapping[str, Any], seed: int = 0) -> ARPrior:
+    """An unfitted :class:`ARPrior` from a config dataclass or a dict of its fields."""
+    if not isinstance(config, ARPriorConfig):
+        fields = {f.name for f in dataclasses.fields(ARPriorConfig)}
+        config = ARPriorConfig(**{k: v for k, v in dict(config).items() if k in fields})
+    return ARPrior(config, rngs=nnx.Rngs(seed))
+
+
+def fit_prior_quantizer(model: ARPrior, batches: Iterable | Callable[[], Iterable],
+                        max_quantile_samples: int = 1 << 17, seed: int = 0) -> QuantizerFit:
+    """Fit the PCA and both quantisers on ``batches`` (see ``fit_quantizer``) with the model's
+    sizes, load the fit into the model and return it (``fit.energy_report()`` to log)."""
+    cfg = model.config
+    fit = fit_quantizer(batches, cfg.num_components, cfg.num_buckets, cfg.num_dot_buckets,
+                        max_quantile_samples=max_quantile_samples, seed=seed)
+    model.quantizer.load_fit(fit)
+    return fit
+
+
+def make_loss_fn(text_drop_prob: float = 0.1):
+    """The stage's ``loss_fn(model, batch, rng) -> (loss, metrics)``."""
+    if not 0.0 <= text_drop_prob < 1.0:
+        raise ValueError(f"text_drop_prob must be in [0, 1), got {text_drop_prob}.")
+
+    def loss_fn(model: ARPrior, batch, rng: jax.Array):
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"AR prior batches need {list(BATCH_KEYS)}; missing {missing}.")
+        z_i = jnp.asarray(batch["image_embed"], jnp.float32)
+        z_t = jnp.asarray(batch["text_embed"], jnp.float32)
+        q = model.quantizer
+        tokens = jax.lax.stop_gradient(q.encode(z_i))
+        dot_tokens = jax.lax.stop_gradient(q.encode_dot(jnp.sum(z_i * z_t, axis=-1)))
+        rng_drop, rng_dropout = jax.random.split(rng)
+        drop = jax.random.bernoulli(rng_drop, text_drop_prob, (z_i.shape[0],))
+        logits = model(tokens, dot_tokens, z_t, batch["text_hidden"], batch["text_mask"], drop,
+                       deterministic=False, rng=rng_dropout)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+        loss = jnp.mean(ce)
+        metrics = {"ce": loss,
+                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens),
+                   "text_dropped": jnp.mean(drop.astype(jnp.float32))}
+        return loss, metrics
+
+    return loss_fn
+
+
+loss_fn = make_loss_fn()
+
+
+def _decay_mask(params):
+    """Weight decay on matrices (kernels, embedding tables), not on biases / LayerNorms."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(learning_rate: float | optax.Schedule = 1.6e-4, b1: float = 0.9,
+                   b2: float = 0.91, eps: float = 1e-10, weight_decay: float = 4e-2,
+                   grad_clip_norm: float | None = None) -> optax.GradientTransformation:
+    """AdamW with Table 3's AR-prior settings (lr 1.6e-4, beta2 0.91, eps 1e-10, wd 4e-2)."""
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                     mask=_decay_mask)
+    if grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    return tx
+
+
+def build_train_step(model: ARPrior, tx: optax.GradientTransformation | None = None,
+                     ema_decay: float | None = 0.999, text_drop_prob: float = 0.1
+                     ) -> tuple[Callable, TrainState, nnx.GraphDef, nnx.State]:
+    """(train_step, initial TrainState, graphdef, rest) for ``model`` (its quantizer fitted).
+
+    ``train_step(state, batch, rng)`` is pure and not jitted (jit it, donating ``state``).
+    ``nnx.merge(graphdef, state.params, rest)`` (or ``state.ema``) gives the trained model back.
+    """
+    model.quantizer.require_fitted()
+    tx = tx or make_optimizer()
+    graphdef, params, rest = split_model(model)
+    step = make_train_step(graphdef, rest, make_loss_fn(text_drop_prob), tx,
+                           ema_decay=ema_decay)
+    return step, init_train_state(params, tx, ema=ema_decay is not None), graphdef, rest
