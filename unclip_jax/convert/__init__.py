@@ -1,0 +1,7 @@
+"""Weight import from other unCLIP implementations.
+
+  diffusers.py   diffusers / Karlo folders: load_prior, load_decoder, load_super_res
+                 (the modules behind it: diffusers_prior.py, diffusers_unet.py)
+
+The safetensors reading and the name-by-name checks they share live in unclip_jax/torch_weights.py.
+"""

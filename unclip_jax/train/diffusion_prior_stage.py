@@ -1,0 +1,183 @@
+"""Training stage of the diffusion prior: x0-prediction MSE on normalised z_i.
+
+A batch is a dict of arrays:
+  image_embed [B, D]      z_i (the target)
+  text_embed  [B, Dt]     z_t
+  text_hidden [B, L, W]   encoded caption tokens
+  text_mask   [B, L] bool real tokens
+  (only for priors without a learned null) null_text_embed [Dt], null_text_hidden [L, W],
+  null_text_mask [L] (or with a leading batch axis): the unconditional conditioning, e.g. the CLIP encoding of the empty
+  caption, as diffusers' pipelines use at sampling time.
+
+The loss (paper section 2.2): z_i is normalised (``DiffusionPrior.normalise``), t ~ U{0..T-1},
+x_t = q_sample(z_i, t, eps), and the prior's output is regressed onto the clean z_i. With
+probability ``cond_drop_prob`` (10%) a caption's text conditioning is replaced by the null one,
+for classifier-free guidance. The optimizer is AdamW as in Table 3 (lr 1.1e-4, beta2 0.96,
+eps 1e-6, decoupled weight decay 6e-2 on Linear kernels only), with the EMA of the parameters kept by
+the shared train step (decay 0.9999).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from unclip_jax import diffusion
+from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, TextConditioning,
+                                               drop_text_conditioning)
+from unclip_jax.models.prior_sampling import PriorSamplingConfig
+from unclip_jax.train import step as step_lib
+
+NULL_KEYS = ("null_text_embed", "null_text_hidden", "null_text_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorStageConfig:
+    num_train_steps: int = 1000
+    schedule: str = "cosine"
+    cond_drop_prob: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then cosine decay; the defaults are Table 3's diffusion prior."""
+    learning_rate: float = 1.1e-4
+    b1: float = 0.9
+    b2: float = 0.96
+    eps: float = 1e-6
+    weight_decay: float = 6.0e-2
+    warmup_steps: int = 0
+    total_steps: int = 600_000
+    grad_clip_norm: float | None = None
+    lr_schedule: str = "cosine"      # 'cosine' (after warmup, to 0 at total_steps) | 'constant'
+
+
+def make_optimizer(cfg: OptimizerConfig = OptimizerConfig()) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on the Linear kernels only (not on biases, norms,
+    position tables, the prd token or the learned null)."""
+    if cfg.lr_schedule == "constant":
+        lr = optax.constant_schedule(cfg.learning_rate) if cfg.warmup_steps == 0 else \
+            optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    elif cfg.lr_schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                max(cfg.total_steps, cfg.warmup_steps + 1))
+    else:
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}.")
+    def decay_mask(params):  # Linear kernels only: no biases, norms, position tables or nulls
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "'kernel'" in jax.tree_util.keystr(path), params)
+
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+    if cfg.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    return adamw
+
+
+def _check_batch(model: DiffusionPrior, batch: dict) -> None:
+    need = ["image_embed", "text_embed", "text_hidden", "text_mask"]
+    if not model.config.learned_null:
+        need += list(NULL_KEYS)
+    missing = [k for k in need if k not in batch]
+    if missing:
+        extra = ("" if model.config.learned_null or not set(missing) & set(NULL_KEYS) else
+                 " The prior has no learned null (learned_null=False), so the batch must carry "
+                 "the unconditional conditioning (e.g. the CLIP encoding of the empty caption) "
+                 "as null_text_embed [Dt], null_text_hidden [L, W], null_text_mask [L]; or build "
+                 "the prior with learned_null=True.")
+        raise KeyError(f"The diffusion-prior batch lacks {missing}; it has {sorted(batch)}.{extra}")
+
+
+def make_loss_fn(cfg: PriorStageConfig = PriorStageConfig()):
+    """``loss_fn(model, batch, rng) -> (loss, metrics)`` for :func:`step.make_train_step`."""
+    schedule = diffusion.get_schedule(cfg.schedule, cfg.num_train_steps)
+
+    def loss_fn(model: DiffusionPrior, batch: dict, rng: jax.Array):
+        _check_batch(model, batch)
+        drop_key, diff_key, dropout_key = jax.random.split(rng, 3)
+        z = model.normalise(batch["image_embed"])
+        b = z.shape[0]
+        drop = jax.random.bernoulli(drop_key, cfg.cond_drop_prob, (b,))
+        cond = TextConditioning(jnp.asarray(batch["text_embed"]), jnp.asarray(batch["text_hidden"]),
+                                jnp.asarray(batch["text_mask"]).astype(bool))
+        learned = model.config.learned_null
+        if not learned:
+            null = TextConditioning(*(jnp.asarray(batch[k]) for k in NULL_KEYS))
+            cond = drop_text_conditioning(cond, null, drop)
+
+        def model_fn(x_t, t):
+            return model(x_t, t, *cond, drop_text=drop if learned else None,
+                         deterministic=False, dropout_rng=dropout_key)
+
+        loss, terms = diffusion.diffusion_loss(model_fn, schedule, z, diff_key,
+                                               prediction_type="sample")
+        return loss, {"mse": jnp.mean(terms["mse"]), "text_dropped": jnp.mean(drop)}
+
+    return loss_fn
+
+
+def make_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageConfig(),
+                    tx: optax.GradientTransformation | None = None,
+                    ema_decay: float | None = 0.9999):
+    """(train_step, initial TrainState, graphdef, rest) for ``model``.
+
+    ``train_step(state, batch, rng) -> (state, metrics)`` is the shared pure step
+    (:func:`unclip_jax.train.step.make_train_step`), not yet jitted. Rebuild the model from a
+    state with ``nnx.merge(graphdef, state.params, rest)`` (``state.ema`` for the EMA weights).
+    """
+    tx = make_optimizer() if tx is None else tx
+    graphdef, params, rest = step_lib.split_model(model)
+    train_step = step_lib.make_train_step(graphdef, rest, make_loss_fn(stage), tx, ema_decay)
+    state = step_lib.init_train_state(params, tx, ema=ema_decay is not None)
+    return train_step, state, graphdef, rest
+
+
+def from_config(c: Any) -> tuple[PriorStageConfig, OptimizerConfig]:
+    """Stage and optimizer settings from a ``configs/diffusion_prior.py`` ConfigDict."""
+    stage = PriorStageConfig(num_train_steps=c.diffusion.num_train_steps,
+                             schedule=c.diffusion.schedule,
+                             cond_drop_prob=c.diffusion.cond_drop_prob)
+    o = c.optimizer
+    opt = OptimizerConfig(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+                          weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+                          total_steps=c.total_steps, grad_clip_norm=o.grad_clip_norm or None,
+                          lr_schedule=o.lr_schedule)
+    return stage, opt
+
+
+def model_config(c: Any) -> PriorConfig:
+    """The :class:`PriorConfig` of a ``configs/diffusion_prior.py`` ConfigDict."""
+    return PriorConfig(**{k: v for k, v in c.model.items() if k != "preset"})
+
+
+def sampling_config(c: Any) -> PriorSamplingConfig:
+    """The :class:`PriorSamplingConfig` of a ``configs/diffusion_prior.py`` ConfigDict."""
+    return PriorSamplingConfig(**c.sampling.to_dict())
+
+
+def embedding_stats(batches: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of z_i over batches [B, D] (float64 sums, float32 result),
+    for ``DiffusionPrior.set_embedding_stats`` before training with embed_norm='mean_std'."""
+    n, total, squares = 0, None, None
+    for z in batches:
+        z = np.asarray(z, np.float64).reshape(-1, np.shape(z)[-1])
+        if total is None:
+            total, squares = np.zeros(z.shape[1]), np.zeros(z.shape[1])
+        n += z.shape[0]
+        total += z.sum(0)
+        squares += np.square(z).sum(0)
+    if not n:
+        raise ValueError("embedding_stats got no embeddings.")
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def merged(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State) -> DiffusionPrior:
+    """The model for given parameters (e.g. ``state.ema``)."""
+    return nnx.merge(graphdef, params, rest)
