@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.models import layers
 from unclip_jax.models.layers import abstract_init, logical
 from unclip_jax.models.layers import count_params as count_module_params
 
@@ -163,38 +164,20 @@ def get_preset(name: str, **overrides: Any) -> CLIPConfig:
 # Building blocks
 # --------------------------------------------------------------------------------------------
 
-def _normal(std: float):
-    return nnx.initializers.normal(stddev=std)
-
-
 def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: CLIPConfig, rngs: nnx.Rngs,
            bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(
-        n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=logical(_normal(std), *axes),
-        bias_init=logical(nnx.initializers.zeros_init(), None), rngs=rngs)
+    return layers.dense(n_in, n_out, axes, std=std, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.params_dtype, rngs=rngs, bias=bias)
+
 
 
 def _param(init, shape: tuple, axes: tuple, cfg: CLIPConfig, rngs: nnx.Rngs) -> nnx.Param:
-    return nnx.Param(logical(init, *axes)(rngs.params(), shape, cfg.params_dtype))
+    return layers.param(init, shape, axes, cfg.params_dtype, rngs)
 
 
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis with statistics in float32; returns the compute dtype."""
-
-    def __init__(self, width: int, cfg: CLIPConfig, rngs: nnx.Rngs):
-        self.eps = cfg.layer_norm_eps
-        self.dtype = cfg.compute_dtype
-        self.scale = _param(nnx.initializers.ones_init(), (width,), (None,), cfg, rngs)
-        self.bias = _param(nnx.initializers.zeros_init(), (width,), (None,), cfg, rngs)
-
-    def __call__(self, x: Array) -> Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+def LayerNorm(width: int, cfg: CLIPConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
+    return layers.LayerNorm(width, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.params_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -275,9 +258,9 @@ class TextTransformer(nnx.Module):
     def __init__(self, cfg: CLIPConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         w = cfg.text_width
-        self.token_embedding = _param(_normal(0.02), (cfg.vocab_size, w), ("vocab", "embed"),
+        self.token_embedding = _param(nnx.initializers.normal(0.02), (cfg.vocab_size, w), ("vocab", "embed"),
                                       cfg, rngs)
-        self.position_embedding = _param(_normal(0.01), (cfg.context_length, w), (None, "embed"),
+        self.position_embedding = _param(nnx.initializers.normal(0.01), (cfg.context_length, w), (None, "embed"),
                                          cfg, rngs)
         self.encoder = Encoder(w, cfg.text_heads, cfg.text_mlp, cfg.text_layers, cfg, rngs)
         self.final_ln = LayerNorm(w, cfg, rngs)
@@ -323,9 +306,9 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = nnx.Conv(
             3, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-            kernel_init=logical(_normal(0.02), None, None, "conv_in", "conv_out"), rngs=rngs)
-        self.class_embedding = _param(_normal(w ** -0.5), (w,), ("embed",), cfg, rngs)
-        self.position_embedding = _param(_normal(0.02), (cfg.num_patches + 1, w),
+            kernel_init=logical(nnx.initializers.normal(0.02), None, None, "conv_in", "conv_out"), rngs=rngs)
+        self.class_embedding = _param(nnx.initializers.normal(w ** -0.5), (w,), ("embed",), cfg, rngs)
+        self.position_embedding = _param(nnx.initializers.normal(0.02), (cfg.num_patches + 1, w),
                                          (None, "embed"), cfg, rngs)
         self.pre_ln = LayerNorm(w, cfg, rngs)
         self.encoder = Encoder(w, cfg.vision_heads, cfg.vision_mlp, cfg.vision_layers, cfg, rngs)

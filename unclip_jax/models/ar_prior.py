@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.models.layers import abstract_init, logical
+from unclip_jax.models import layers
+from unclip_jax.models.layers import abstract_init
 from unclip_jax.models.pca_quantizer import PCAQuantizer
 
 Array = jax.Array
@@ -127,43 +128,20 @@ def get_preset(name: str, **overrides: Any) -> ARPriorConfig:
     return ARPriorConfig(**{**PRESETS[name], **overrides})
 
 
-def _normal(std: float):
-    return nnx.initializers.normal(stddev=std)
-
-
 def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: ARPriorConfig,
            rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=logical(_normal(std), *axes),
-                      bias_init=logical(nnx.initializers.zeros_init(), None), rngs=rngs)
+    return layers.dense(n_in, n_out, axes, std=std, dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
 
 
 def _param(init, shape: tuple, axes: tuple, cfg: ARPriorConfig, rngs: nnx.Rngs) -> nnx.Param:
-    return nnx.Param(logical(init, *axes)(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+    return layers.param(init, shape, axes, jnp.dtype(cfg.param_dtype), rngs)
 
 
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, statistics in float32, output in the compute dtype."""
-
-    def __init__(self, width: int, cfg: ARPriorConfig, rngs: nnx.Rngs):
-        self.eps, self.dtype = cfg.layer_norm_eps, jnp.dtype(cfg.dtype)
-        self.scale = _param(nnx.initializers.ones_init(), (width,), (None,), cfg, rngs)
-        self.bias = _param(nnx.initializers.zeros_init(), (width,), (None,), cfg, rngs)
-
-    def __call__(self, x: Array) -> Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, -1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+def LayerNorm(width: int, cfg: ARPriorConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
+    return layers.LayerNorm(width, eps=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
+                            param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -193,9 +171,9 @@ class Block(nnx.Module):
             k, v, cache = ck, cv, (ck, cv)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         r1, r2 = (None, None) if rng is None else jax.random.split(rng)
-        x = x + _dropout(self.out(y.reshape(b, t, w)), self.rate, r1)
+        x = x + layers.dropout(self.out(y.reshape(b, t, w)), self.rate, r1)
         hid = self.fc1(self.ln_2(x))
-        x = x + _dropout(self.fc2(jax.nn.gelu(hid, approximate=False)), self.rate, r2)
+        x = x + layers.dropout(self.fc2(jax.nn.gelu(hid, approximate=False)), self.rate, r2)
         return x, cache
 
 
@@ -221,13 +199,13 @@ class ARPrior(nnx.Module):
                                 cfg, rngs)
         self.text_embed_proj = _dense(cfg.embed_dim, w, (None, "embed"), cfg.embed_dim ** -0.5,
                                       cfg, rngs)
-        self.null_text = _param(_normal(0.02), (cfg.text_context, w), (None, "embed"), cfg, rngs)
-        self.null_text_embed = _param(_normal(0.02), (w,), ("embed",), cfg, rngs)
-        self.dot_embedding = _param(_normal(0.02), (cfg.num_dot_buckets, w), ("vocab", "embed"),
+        self.null_text = _param(nnx.initializers.normal(0.02), (cfg.text_context, w), (None, "embed"), cfg, rngs)
+        self.null_text_embed = _param(nnx.initializers.normal(0.02), (w,), ("embed",), cfg, rngs)
+        self.dot_embedding = _param(nnx.initializers.normal(0.02), (cfg.num_dot_buckets, w), ("vocab", "embed"),
                                     cfg, rngs)
-        self.token_embedding = _param(_normal(0.02), (cfg.num_buckets, w), ("vocab", "embed"),
+        self.token_embedding = _param(nnx.initializers.normal(0.02), (cfg.num_buckets, w), ("vocab", "embed"),
                                       cfg, rngs)
-        self.position_embedding = _param(_normal(0.01), (cfg.seq_len, w), (None, "embed"),
+        self.position_embedding = _param(nnx.initializers.normal(0.01), (cfg.seq_len, w), (None, "embed"),
                                          cfg, rngs)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
         self.final_ln = LayerNorm(w, cfg, rngs)
@@ -455,5 +433,4 @@ def abstract_model(config: ARPriorConfig) -> ARPrior:
 
 def count_params(config: ARPriorConfig) -> int:
     """Trainable parameters of a model with this config (the quantizer buffers excluded)."""
-    state = nnx.state(abstract_model(config), nnx.Param)
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
+    return layers.count_params(abstract_model(config))

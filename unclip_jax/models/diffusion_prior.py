@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.models.layers import abstract_init, logical
+from unclip_jax.models import layers
+from unclip_jax.models.layers import abstract_init
 
 Array = jax.Array
 EMBED_NORMS = ("scale", "mean_std", "l2_sqrt_dim")
@@ -168,39 +169,18 @@ def get_preset(name: str, **overrides: Any) -> PriorConfig:
 
 def _dense(n_in: int, n_out: int, axes: tuple, cfg: PriorConfig, rngs: nnx.Rngs,
            std: float | None = None) -> nnx.Linear:
-    std = n_in ** -0.5 if std is None else std
-    return nnx.Linear(n_in, n_out, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      kernel_init=logical(nnx.initializers.normal(std), *axes),
-                      bias_init=logical(nnx.initializers.zeros_init(), None), rngs=rngs)
+    return layers.dense(n_in, n_out, axes, std=n_in ** -0.5 if std is None else std,
+                        dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+
 
 
 def _param(init, shape: tuple, axes: tuple, cfg: PriorConfig, rngs: nnx.Rngs) -> nnx.Param:
-    return nnx.Param(logical(init, *axes)(rngs.params(), shape, cfg.params_dtype))
+    return layers.param(init, shape, axes, cfg.params_dtype, rngs)
 
 
-def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis with float32 statistics; returns the compute dtype."""
-
-    def __init__(self, width: int, cfg: PriorConfig, rngs: nnx.Rngs):
-        self.eps = cfg.layer_norm_eps
-        self.dtype = cfg.compute_dtype
-        self.scale = _param(nnx.initializers.ones_init(), (width,), (None,), cfg, rngs)
-        self.bias = _param(nnx.initializers.zeros_init(), (width,), (None,), cfg, rngs)
-
-    def __call__(self, x: Array) -> Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+def LayerNorm(width: int, cfg: PriorConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
+    return layers.LayerNorm(width, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.params_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -220,7 +200,7 @@ class Attention(nnx.Module):
         split = lambda y: y.reshape(b, n, self.heads, w // self.heads)  # noqa: E731
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # float32 softmax inside
-        return _dropout(self.to_out(y.reshape(b, n, w)), self.rate, rng)
+        return layers.dropout(self.to_out(y.reshape(b, n, w)), self.rate, rng)
 
 
 class MLP(nnx.Module):
@@ -235,7 +215,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array, rng: Array | None) -> Array:
         h = jax.nn.gelu(self.fc1(x), approximate=False)
-        return self.fc2(_dropout(h, self.rate, rng))
+        return self.fc2(layers.dropout(h, self.rate, rng))
 
 
 class Block(nnx.Module):
@@ -461,5 +441,4 @@ def abstract_prior(config: PriorConfig) -> DiffusionPrior:
 
 def count_params(config: PriorConfig) -> int:
     """Trainable parameters of a prior with this config, computed without allocating it."""
-    state = nnx.state(abstract_prior(config), nnx.Param)
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
+    return layers.count_params(abstract_prior(config))

@@ -20,6 +20,7 @@ import math
 from typing import Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 T = TypeVar("T")
@@ -64,3 +65,44 @@ def abstract_init(build: Callable[[], T]) -> T:
 def count_params(module: nnx.Module) -> int:
     """Number of parameter elements of a module (concrete or abstract)."""
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def param(init: Callable, shape: tuple, axes: tuple, param_dtype, rngs: nnx.Rngs) -> nnx.Param:
+    """A parameter drawn from ``init`` with logical ``axes``."""
+    return nnx.Param(logical(init, *axes)(rngs.params(), shape, param_dtype))
+
+
+def dense(n_in: int, n_out: int, axes: tuple, *, std: float, dtype, param_dtype,
+          rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    """A Linear layer: normal(std) kernel with logical ``axes``, zero (replicated) bias."""
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=logical(nnx.initializers.normal(stddev=std), *axes),
+                      bias_init=logical(nnx.initializers.zeros_init(), None), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with float32 statistics; returns ``dtype``.
+
+    Parameters ``scale`` and ``bias`` (torch's ``weight`` and ``bias``), replicated.
+    """
+
+    def __init__(self, width: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(nnx.initializers.ones_init(), (width,), (None,), param_dtype, rngs)
+        self.bias = param(nnx.initializers.zeros_init(), (width,), (None,), param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout driven by an explicit key; the identity when ``rng`` is None."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

@@ -1,0 +1,260 @@
+"""The unCLIP decoder: a GLIDE / ADM UNet conditioned on the CLIP image embedding z_i.
+
+Conditioning, the unCLIP way (paper section 2.1; Karlo's ``UnCLIPTextProjModel``):
+
+* z_i (and the CLIP text embedding z_t, when ``use_text_embed``) are projected and added to the
+  timestep embedding;
+* z_i is projected into ``clip_tokens`` (4) extra context tokens, put in front of the text
+  encoder's outputs, which are projected to the context width and layer-normed; every attention
+  layer attends to these tokens as extra keys / values (GLIDE);
+* the text encoder is CLIP's text Transformer run outside the model (``text_encoder='clip'``, its
+  hidden states are passed in, as Karlo does), a trainable GLIDE-style Transformer inside the model
+  (``'transformer'``, fed token ids; its pooled end-of-text state is also projected into the
+  timestep embedding, as in GLIDE), or nothing (``'none'``: z_i alone);
+* classifier-free guidance: ``drop_image`` rows use a learned null embedding instead of z_i,
+  ``drop_text`` rows have z_t zeroed and every text token masked out (the 4 image tokens stay).
+  Training drops z_i 10% and the caption 50% of the time (see
+  ``unclip_jax.train.decoder_stage``); sampling runs cond and uncond rows in one doubled batch.
+
+    decoder(x_t [B, H, W, 3], t [B], image_embed [B, D], text_embed [B, D],
+            text_hidden [B, L, W], text_mask [B, L] bool) -> [B, H, W, 6]
+
+Output channels: epsilon, then the learned variance-range values (``learned_range``).
+The 4 extra tokens come out of one Linear of width 4 * context_dim laid out channel-major (the
+token index varies fastest), the layout of Karlo's checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unclip_jax.clip.model import CLIPConfig, TextTransformer
+from unclip_jax.models.layers import LayerNorm, abstract_init, logical
+from unclip_jax.models.unet_blocks import UNet, UNetConfig, dense
+
+Array = jax.Array
+TEXT_ENCODERS = ("clip", "transformer", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and numerics of the decoder. Defaults: a small model; see configs/decoder.py for
+    the paper's and Karlo's sizes."""
+
+    image_size: int = 64
+    image_channels: int = 3
+    out_channels: int = 6
+    channels: int = 64
+    channel_mult: tuple = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (1, 2, 3)
+    mid_attention: bool = True
+    head_dim: int = 64
+    groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    time_embed_dim: int | None = None
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    resblock_updown: bool = True
+    # Conditioning.
+    clip_dim: int = 768              # width of z_i and z_t
+    context_dim: int = 512           # width of the context tokens inside attention
+    clip_tokens: int = 4             # extra tokens projected from z_i
+    use_text_embed: bool = True      # project z_t into the timestep embedding (Karlo)
+    text_encoder: str = "clip"       # 'clip' | 'transformer' | 'none'
+    text_width: int | None = None    # width of text_hidden for 'clip' (None: clip_dim)
+    text_layer_norm_eps: float = 1e-5
+    # The GLIDE-style Transformer ('transformer').
+    xf_width: int = 512
+    xf_layers: int = 4
+    xf_heads: int = 8
+    xf_ctx: int = 77
+    xf_vocab: int = 49408
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got "
+                             f"{self.text_encoder!r}.")
+        if self.clip_tokens < 1:
+            raise ValueError("clip_tokens must be at least 1 (the paper and Karlo use 4).")
+        self.unet_config()  # validates the UNet's shape
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(
+            in_channels=self.image_channels, out_channels=self.out_channels,
+            channels=self.channels, channel_mult=self.channel_mult,
+            num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
+            mid_attention=self.mid_attention, head_dim=self.head_dim,
+            context_dim=self.context_dim, time_embed_dim=self.time_embed_dim,
+            groups=self.groups, norm_eps=self.norm_eps, scale_shift=True,
+            resblock_updown=self.resblock_updown, dropout=self.dropout,
+            flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
+            param_dtype=self.param_dtype, remat=self.remat)
+
+    def xf_config(self) -> CLIPConfig:
+        return CLIPConfig(vocab_size=self.xf_vocab, context_length=self.xf_ctx,
+                          text_width=self.xf_width, text_layers=self.xf_layers,
+                          text_heads=self.xf_heads, embed_dim=self.clip_dim,
+                          eos_token_id=min(49407, self.xf_vocab - 1), dtype=self.dtype,
+                          param_dtype=self.param_dtype, remat=self.remat)
+
+    @property
+    def hidden_width(self) -> int:
+        if self.text_encoder == "transformer":
+            return self.xf_width
+        return self.text_width or self.clip_dim
+
+    @property
+    def emb_dim(self) -> int:
+        return self.time_embed_dim or 4 * self.channels
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.out_channels == 2 * self.image_channels
+
+
+class Decoder(nnx.Module):
+    """See the module docstring for the call."""
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        c = self.config = config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        emb = c.emb_dim
+        self.null_image_embed = nnx.Param(logical(nnx.initializers.zeros_init(), "embed")(
+            rngs.params(), (c.clip_dim,), pdt))
+        self.image_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw)
+        self.text_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw) if c.use_text_embed else None
+        self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * c.context_dim, ("embed", "mlp"), **kw)
+        if c.text_encoder == "none":
+            self.text_transformer = self.text_to_context = self.text_norm = None
+            self.xf_to_time = None
+        else:
+            self.text_transformer = (TextTransformer(c.xf_config(), rngs)
+                                     if c.text_encoder == "transformer" else None)
+            # GLIDE also adds the Transformer's pooled (end-of-text) state to the time embedding.
+            self.xf_to_time = (dense(c.xf_width, emb, ("embed", "mlp"), **kw)
+                               if c.text_encoder == "transformer" else None)
+            self.text_to_context = dense(c.hidden_width, c.context_dim, ("embed", "mlp"), **kw)
+            self.text_norm = LayerNorm(c.context_dim, eps=c.text_layer_norm_eps, **kw)
+        self.unet = UNet(c.unet_config(), rngs)
+
+    # ---------------------------------------------------------------------------------------
+    def conditioning(self, image_embed: Array, text_embed: Array | None = None,
+                     text_hidden: Array | None = None, text_mask: Array | None = None, *,
+                     text_tokens: Array | None = None, drop_image: Array | None = None,
+                     drop_text: Array | None = None) -> tuple[Array, Array, Array]:
+        """(emb_add [B, E], context [B, 4 + L, context_dim], context_mask [B, 4 + L] bool)."""
+        c = self.config
+        if image_embed.ndim != 2 or image_embed.shape[-1] != c.clip_dim:
+            raise ValueError(f"image_embed must be [B, {c.clip_dim}], got {image_embed.shape}.")
+        b = image_embed.shape[0]
+        image_embed = image_embed.astype(jnp.float32)
+        if drop_image is not None:
+            null = self.null_image_embed[...].astype(jnp.float32)[None]
+            image_embed = jnp.where(jnp.asarray(drop_image, bool)[:, None], null, image_embed)
+        emb_add = self.image_to_time(image_embed)
+        if self.text_to_time is not None:
+            if text_embed is None:
+                raise ValueError("This decoder adds the CLIP text embedding to the timestep "
+                                 "embedding (use_text_embed=True): pass text_embed [B, D].")
+            if text_embed.shape != image_embed.shape:
+                raise ValueError(f"text_embed must be [B, {c.clip_dim}] like image_embed, got "
+                                 f"{text_embed.shape}.")
+            text_embed = text_embed.astype(jnp.float32)
+            if drop_text is not None:
+                text_embed = jnp.where(jnp.asarray(drop_text, bool)[:, None], 0.0, text_embed)
+            emb_add = emb_add + self.text_to_time(text_embed)
+
+        tokens = self.image_to_tokens(image_embed)
+        tokens = tokens.reshape(b, c.context_dim, c.clip_tokens).swapaxes(1, 2)
+        context, keep = tokens, jnp.ones((b, c.clip_tokens), bool)
+
+        if c.text_encoder != "none":
+            if c.text_encoder == "transformer":
+                if text_tokens is None:
+                    raise ValueError("text_encoder='transformer' reads token ids: pass "
+                                     "text_tokens [B, L] (and text_mask), not text_hidden.")
+                pooled, text_hidden = self.text_transformer(text_tokens, text_mask)
+                pooled = self.xf_to_time(pooled)
+                if drop_text is not None:
+                    pooled = jnp.where(jnp.asarray(drop_text, bool)[:, None], 0.0, pooled)
+                emb_add = emb_add + pooled.astype(emb_add.dtype)
+            elif text_hidden is None:
+                raise ValueError("text_encoder='clip' needs the CLIP text Transformer's hidden "
+                                 f"states: pass text_hidden [B, L, {c.hidden_width}] and "
+                                 "text_mask [B, L].")
+            if text_hidden.ndim != 3 or text_hidden.shape[0] != b or \
+                    text_hidden.shape[-1] != c.hidden_width:
+                raise ValueError(f"text_hidden must be [B={b}, L, {c.hidden_width}], got "
+                                 f"{text_hidden.shape}.")
+            hidden = self.text_norm(self.text_to_context(text_hidden))
+            mask = (jnp.ones(hidden.shape[:2], bool) if text_mask is None
+                    else jnp.asarray(text_mask, bool))
+            if mask.shape != hidden.shape[:2]:
+                raise ValueError(f"text_mask must be [B, L] = {hidden.shape[:2]}, got {mask.shape}.")
+            if drop_text is not None:
+                mask = mask & ~jnp.asarray(drop_text, bool)[:, None]
+            context = jnp.concatenate([context, hidden.astype(context.dtype)], axis=1)
+            keep = jnp.concatenate([keep, mask], axis=1)
+        return emb_add, context, keep
+
+    def __call__(self, x_t: Array, t: Array, image_embed: Array, text_embed: Array | None = None,
+                 text_hidden: Array | None = None, text_mask: Array | None = None, *,
+                 text_tokens: Array | None = None, drop_image: Array | None = None,
+                 drop_text: Array | None = None, deterministic: bool = True,
+                 rng: Array | None = None) -> Array:
+        emb_add, context, keep = self.conditioning(
+            image_embed, text_embed, text_hidden, text_mask, text_tokens=text_tokens,
+            drop_image=drop_image, drop_text=drop_text)
+        return self.unet(x_t, t, emb_add=emb_add, context=context, context_mask=keep,
+                         deterministic=deterministic, rng=rng)
+
+
+def guided_decoder_fn(decoder: Decoder, image_embed: Array, text_embed: Array | None = None,
+                      text_hidden: Array | None = None, text_mask: Array | None = None, *,
+                      text_tokens: Array | None = None, guidance_scale: float = 1.0,
+                      uncond: dict | None = None):
+    """A ``model_fn(x, t)`` for the samplers of ``unclip_jax.diffusion``, with classifier-free
+    guidance when ``guidance_scale != 1``.
+
+    The unconditional rows use the learned null z_i and drop the caption (z_t zeroed, text
+    masked out), as in training. ``uncond`` may instead give the unconditional text inputs
+    explicitly (dict with text_embed / text_hidden / text_mask, e.g. CLIP's outputs for the
+    empty caption, as Karlo's pipeline does); z_i is still the null embedding there.
+    """
+    cond = dict(text_embed=text_embed, text_hidden=text_hidden, text_mask=text_mask,
+                text_tokens=text_tokens)
+
+    if guidance_scale == 1.0:
+        return lambda x, t: decoder(x, t, image_embed, **cond)
+
+    from unclip_jax.diffusion import guided_model_fn
+    b = image_embed.shape[0]
+    cat = lambda a, u: None if a is None else jnp.concatenate([a, a if u is None else u], axis=0)
+    u = uncond or {}
+    both = {k: cat(v, u.get(k)) for k, v in cond.items()}
+    drop_image = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+    drop_text = None if uncond else drop_image
+
+    def doubled(x2, t2):
+        return decoder(x2, t2, cat(image_embed, None), **both, drop_image=drop_image,
+                       drop_text=drop_text)
+
+    return guided_model_fn(doubled, guidance_scale,
+                           learned_variance=decoder.config.learned_variance)
+
+
+def abstract_decoder(config: DecoderConfig) -> Decoder:
+    """The decoder's structure with ShapeDtypeStruct leaves (no memory allocated)."""
+    return abstract_init(lambda: Decoder(config, nnx.Rngs(0)))

@@ -1,0 +1,97 @@
+"""The diffusion upsamplers (64 -> 256, 256 -> 1024): ADM UNets with convolutions only.
+
+The low-resolution image, already resized to the target size (bicubic) and degraded in
+training, is concatenated to the noisy image on the channel axis; nothing else conditions the
+model (no text, no CLIP embedding, no guidance). With no attention the network is fully
+convolutional, so it is trained on random crops a quarter of the target size and run at full
+size (GroupNorm statistics over a larger image are the only difference).
+
+    sr = SuperRes(SuperResConfig(...), rngs=nnx.Rngs(0))
+    out = sr(x_t [B, H, W, 3], t [B], low_res [B, H, W, 3])   # [B, H, W, out_channels]
+
+``out_channels`` 6 means epsilon + learned variance range (the paper's 700M / 300M models are
+trained with a plain loss; Karlo's released upsampler predicts epsilon only, 3 channels).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unclip_jax.models.layers import abstract_init, count_params  # noqa: F401 (re-exported)
+from unclip_jax.models.unet_blocks import UNet, UNetConfig
+
+__all__ = ["SuperRes", "SuperResConfig", "abstract_super_res", "count_params", "resize_low_res"]
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperResConfig:
+    """An upsampler UNet. ``image_channels`` is the channel count of x_t and of the low-res image
+    (the UNet sees twice that)."""
+
+    image_channels: int = 3
+    out_channels: int = 3
+    channels: int = 64
+    channel_mult: tuple = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    groups: int = 32
+    norm_eps: float = 1e-5
+    scale_shift: bool = True
+    resblock_updown: bool = True
+    dropout: float = 0.0
+    time_embed_dim: int | None = None
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    remat: bool = False
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(
+            in_channels=2 * self.image_channels, out_channels=self.out_channels,
+            channels=self.channels, channel_mult=tuple(self.channel_mult),
+            num_res_blocks=self.num_res_blocks, attention_levels=(), mid_attention=False,
+            context_dim=None, time_embed_dim=self.time_embed_dim, groups=self.groups,
+            norm_eps=self.norm_eps, scale_shift=self.scale_shift,
+            resblock_updown=self.resblock_updown, dropout=self.dropout,
+            flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
+            param_dtype=self.param_dtype, remat=self.remat)
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.out_channels == 2 * self.image_channels
+
+
+class SuperRes(nnx.Module):
+    """``sr(x_t, t, low_res, deterministic=True, rng=None)``: see the module docstring."""
+
+    def __init__(self, config: SuperResConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.unet = UNet(config.unet_config(), rngs)
+
+    def __call__(self, x_t: Array, t: Array, low_res: Array, deterministic: bool = True,
+                 rng: Array | None = None) -> Array:
+        if x_t.shape != low_res.shape:
+            raise ValueError(
+                f"low_res must already be at the target size: x_t has shape {x_t.shape}, low_res "
+                f"{low_res.shape}. Resize it first, e.g. with unclip_jax.models.upsampler.resize_low_res.")
+        x = jnp.concatenate([x_t, low_res.astype(x_t.dtype)], axis=-1)
+        return self.unet(x, t, deterministic=deterministic, rng=rng)
+
+
+def resize_low_res(low_res: Array, size: int | tuple[int, int]) -> Array:
+    """Bicubic resize of NHWC images to ``size`` (Keys cubic, antialiased when shrinking)."""
+    if isinstance(size, int):
+        size = (size, size)
+    b, _, _, c = low_res.shape
+    return jax.image.resize(low_res.astype(jnp.float32), (b, size[0], size[1], c), method="cubic")
+
+
+def abstract_super_res(config: SuperResConfig) -> SuperRes:
+    """The model's structure with ShapeDtypeStruct leaves (no memory): for counts and loading."""
+    return abstract_init(lambda: SuperRes(config, nnx.Rngs(0)))
