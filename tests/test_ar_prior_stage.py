@@ -1,4 +1,6 @@
 """The AR prior's training stage: it learns a known caption -> z_i map; Table 3's optimizer."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,8 @@ from unclip_jax.train.ar_prior_stage import (
     build_train_step,
     fit_prior_quantizer,
     make_loss_fn,
-    make_optimizer,
 )
+from unclip_jax.train.optimizer import TABLE3, make_optimizer
 from unclip_jax.train.step import split_model
 
 TASK = make_prior_task()  # 16 concepts, 32-dim embeddings, 8-token captions
@@ -40,7 +42,7 @@ def cosine(a, b):
 
 def test_prior_learns_the_synthetic_task_and_beats_the_unconditional_baseline():
     model = fitted_model()
-    step, state, graphdef, rest = build_train_step(model, make_optimizer(3e-3), ema_decay=None)
+    step, state, graphdef, rest = build_train_step(model, make_optimizer(dataclasses.replace(TABLE3["ar_prior"], learning_rate=3e-3)), ema_decay=None)
     step = jax.jit(step, donate_argnums=0)
     rng = np.random.default_rng(1)
     losses = []
@@ -97,7 +99,7 @@ def test_loss_drops_text_and_leaves_the_fit_alone():
     assert float(metrics0["text_dropped"]) == 0.0
     assert 0.0 <= float(metrics0["accuracy"]) <= 1.0
 
-    _, state, _, _ = build_train_step(model, make_optimizer(1e-3))
+    _, state, _, _ = build_train_step(model, make_optimizer(dataclasses.replace(TABLE3["ar_prior"], learning_rate=1e-3)))
     assert state.ema is not None  # EMA on by default (0.999, Table 3)
     with pytest.raises(ValueError, match="missing"):
         make_loss_fn()(model, {"image_embed": batch["image_embed"]}, jax.random.key(0))
@@ -107,7 +109,7 @@ def test_loss_drops_text_and_leaves_the_fit_alone():
 
 def test_optimizer_is_table3_adamw():
     lr, b1, b2, eps, wd = 1.6e-4, 0.9, 0.91, 1e-10, 4e-2
-    tx = make_optimizer()
+    tx = make_optimizer(TABLE3["ar_prior"])
     params = {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([1.0, -1.0])}
     grads = [{"kernel": jnp.full((2, 2), g), "bias": jnp.full((2,), g)} for g in (1e-9, -3e-9)]
     state = tx.init(params)

@@ -14,6 +14,7 @@ from unclip_jax.evaluate.prior_metrics import evaluate_prior
 from unclip_jax.models.diffusion_prior import DiffusionPrior, TextConditioning, get_preset
 from unclip_jax.models.prior_sampling import PriorSamplingConfig, sample_prior_jit
 from unclip_jax.train import diffusion_prior_stage as stage
+from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("image_embed", "text_embed", "text_hidden", "text_mask")
@@ -35,7 +36,7 @@ def trained():
     model = DiffusionPrior(cfg, rngs=nnx.Rngs(c.seed))
     stage_cfg, opt_cfg = stage.from_config(c)
     train_step, state, graphdef, rest = stage.make_train_step(
-        model, stage_cfg, stage.make_optimizer(opt_cfg), ema_decay=None)
+        model, stage_cfg, make_optimizer(opt_cfg), ema_decay=None)
     train_step = jax.jit(train_step, donate_argnums=0)
     rng, key = np.random.default_rng(0), jax.random.key(0)
     losses = []
@@ -117,11 +118,11 @@ def test_loss_drops_text_for_guidance():
 
 
 def test_optimizer_is_table3_adamw_decaying_matrices_only():
-    cfg = stage.OptimizerConfig()
+    cfg = TABLE3["diffusion_prior"]
     assert (cfg.learning_rate, cfg.b2, cfg.eps, cfg.weight_decay) == (1.1e-4, 0.96, 1e-6, 6.0e-2)
     model = _plain_model(dropout=0.1)
-    tx = stage.make_optimizer(stage.OptimizerConfig(lr_schedule="constant", learning_rate=0.1,
-                                                    weight_decay=0.5))
+    tx = make_optimizer(OptimizerConfig(lr_schedule="constant", learning_rate=0.1,
+                                        weight_decay=0.5))
     params = nnx.state(model, nnx.Param)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)

@@ -15,7 +15,7 @@ The stage, in order of use:
    training z_i once, before training, and stored in the model's buffers (so every checkpoint of
    the model carries them). The trainer must checkpoint the whole ``nnx.state(model)`` (params and
    ``rest``), not the params alone.
-2. ``tx = make_optimizer(...)``: AdamW with Table 3's settings (beta1 0.9, beta2 0.91, eps 1e-10,
+2. ``tx = make_optimizer(TABLE3["ar_prior"])`` (unclip_jax.train.optimizer): AdamW, Table 3 (beta2 0.91, eps 1e-10,
    decoupled weight decay 4e-2 on matrices, lr 1.6e-4).
 3. ``train_step, state, graphdef, rest = build_train_step(model, tx)``: the pure
    ``train_step(state, batch, rng) -> (state, metrics)`` of :func:`unclip_jax.train.step.
@@ -38,6 +38,7 @@ from flax import nnx
 
 from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.pca_quantizer import QuantizerFit, fit_quantizer
+from unclip_jax.train.optimizer import TABLE3, make_optimizer
 from unclip_jax.train.step import TrainState, init_train_state, make_train_step, split_model
 
 BATCH_KEYS = ("text_hidden", "text_mask", "text_embed", "image_embed")
@@ -93,22 +94,6 @@ def make_loss_fn(text_drop_prob: float = 0.1):
 loss_fn = make_loss_fn()
 
 
-def _decay_mask(params):
-    """Weight decay on matrices (kernels, embedding tables), not on biases / LayerNorms."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(learning_rate: float | optax.Schedule = 1.6e-4, b1: float = 0.9,
-                   b2: float = 0.91, eps: float = 1e-10, weight_decay: float = 4e-2,
-                   grad_clip_norm: float | None = None) -> optax.GradientTransformation:
-    """AdamW with Table 3's AR-prior settings (lr 1.6e-4, beta2 0.91, eps 1e-10, wd 4e-2)."""
-    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                     mask=_decay_mask)
-    if grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
-    return tx
-
-
 def build_train_step(model: ARPrior, tx: optax.GradientTransformation | None = None,
                      ema_decay: float | None = 0.999, text_drop_prob: float = 0.1
                      ) -> tuple[Callable, TrainState, nnx.GraphDef, nnx.State]:
@@ -118,7 +103,7 @@ def build_train_step(model: ARPrior, tx: optax.GradientTransformation | None = N
     ``nnx.merge(graphdef, state.params, rest)`` (or ``state.ema``) gives the trained model back.
     """
     model.quantizer.require_fitted()
-    tx = tx or make_optimizer()
+    tx = tx or make_optimizer(TABLE3["ar_prior"])
     graphdef, params, rest = split_model(model)
     step = make_train_step(graphdef, rest, make_loss_fn(text_drop_prob), tx,
                            ema_decay=ema_decay)

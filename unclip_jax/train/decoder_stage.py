@@ -37,6 +37,7 @@ from unclip_jax import diffusion
 from unclip_jax.models.decoder import Decoder
 from unclip_jax.models.upsampler import SuperRes, resize_low_res
 from unclip_jax.train import step as step_lib
+from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +58,6 @@ class UpsamplerStageConfig:
     prediction_type: str = "epsilon"  # or 'v_prediction'
     learned_variance: bool = False
     crop_size: int | None = None      # None: no crop (train at full size)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW (Table 3: decoder and upsamplers lr 1.2e-4 / 1.0e-4, beta2 0.999, eps 1e-8, no
-    weight decay), linear warmup then constant, optional global-norm clipping."""
-    learning_rate: float = 1.2e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip_norm: float | None = None
-
-
-def make_optimizer(cfg: OptimizerConfig = OptimizerConfig()) -> optax.GradientTransformation:
-    lr = (optax.constant_schedule(cfg.learning_rate) if cfg.warmup_steps == 0 else
-          optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps))
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
-    if cfg.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-    return adamw
 
 
 def _require(batch: dict, keys: list[str], what: str) -> None:
@@ -137,7 +114,7 @@ def make_decoder_train_step(model: Decoder, stage: DecoderStageConfig = DecoderS
                             tx: optax.GradientTransformation | None = None,
                             ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest); train_step is pure and not jitted."""
-    tx = make_optimizer() if tx is None else tx
+    tx = make_optimizer(TABLE3["decoder"]) if tx is None else tx
     graphdef, params, rest = step_lib.split_model(model)
     train_step = step_lib.make_train_step(graphdef, rest, make_decoder_loss_fn(stage), tx,
                                           ema_decay)
@@ -198,7 +175,7 @@ def make_upsampler_train_step(model: SuperRes,
                               tx: optax.GradientTransformation | None = None,
                               ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest); train_step is pure and not jitted."""
-    tx = make_optimizer() if tx is None else tx
+    tx = make_optimizer(TABLE3["upsampler_256"]) if tx is None else tx
     graphdef, params, rest = step_lib.split_model(model)
     train_step = step_lib.make_train_step(graphdef, rest, make_upsampler_loss_fn(stage), tx,
                                           ema_decay)
@@ -210,12 +187,6 @@ def make_upsampler_train_step(model: SuperRes,
 # From the config files
 # --------------------------------------------------------------------------------------------
 
-def _optimizer_from(o: Any) -> OptimizerConfig:
-    return OptimizerConfig(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-                           grad_clip_norm=o.grad_clip_norm or None)
-
-
 def decoder_from_config(c: Any) -> tuple[DecoderStageConfig, OptimizerConfig]:
     """Stage and optimizer settings from a ``configs/decoder.py`` ConfigDict."""
     d = c.diffusion
@@ -223,7 +194,7 @@ def decoder_from_config(c: Any) -> tuple[DecoderStageConfig, OptimizerConfig]:
                                prediction_type=d.prediction_type,
                                learned_variance=d.learned_variance, vlb_weight=d.vlb_weight,
                                image_drop_prob=d.image_drop_prob, text_drop_prob=d.text_drop_prob)
-    return stage, _optimizer_from(c.optimizer)
+    return stage, from_config_dict(c.optimizer)
 
 
 def upsampler_from_config(c: Any) -> tuple[UpsamplerStageConfig, OptimizerConfig]:
@@ -233,7 +204,7 @@ def upsampler_from_config(c: Any) -> tuple[UpsamplerStageConfig, OptimizerConfig
                                  prediction_type=d.prediction_type,
                                  learned_variance=d.learned_variance,
                                  crop_size=int(round(c.image_size * c.crop_fraction)))
-    return stage, _optimizer_from(c.optimizer)
+    return stage, from_config_dict(c.optimizer)
 
 
 def merged(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State) -> nnx.Module:

@@ -32,6 +32,7 @@ from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, Text
                                                drop_text_conditioning)
 from unclip_jax.models.prior_sampling import PriorSamplingConfig
 from unclip_jax.train import step as step_lib
+from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
 
 NULL_KEYS = ("null_text_embed", "null_text_hidden", "null_text_mask")
 
@@ -41,42 +42,6 @@ class PriorStageConfig:
     num_train_steps: int = 1000
     schedule: str = "cosine"
     cond_drop_prob: float = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with warmup then cosine decay; the defaults are Table 3's diffusion prior."""
-    learning_rate: float = 1.1e-4
-    b1: float = 0.9
-    b2: float = 0.96
-    eps: float = 1e-6
-    weight_decay: float = 6.0e-2
-    warmup_steps: int = 0
-    total_steps: int = 600_000
-    grad_clip_norm: float | None = None
-    lr_schedule: str = "cosine"      # 'cosine' (after warmup, to 0 at total_steps) | 'constant'
-
-
-def make_optimizer(cfg: OptimizerConfig = OptimizerConfig()) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay on the Linear kernels only (not on biases, norms,
-    position tables, the prd token or the learned null)."""
-    if cfg.lr_schedule == "constant":
-        lr = optax.constant_schedule(cfg.learning_rate) if cfg.warmup_steps == 0 else \
-            optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-    elif cfg.lr_schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
-                                                max(cfg.total_steps, cfg.warmup_steps + 1))
-    else:
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}.")
-    def decay_mask(params):  # Linear kernels only: no biases, norms, position tables or nulls
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "'kernel'" in jax.tree_util.keystr(path), params)
-
-    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
-    if cfg.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-    return adamw
 
 
 def _check_batch(model: DiffusionPrior, batch: dict) -> None:
@@ -130,7 +95,7 @@ def make_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageC
     (:func:`unclip_jax.train.step.make_train_step`), not yet jitted. Rebuild the model from a
     state with ``nnx.merge(graphdef, state.params, rest)`` (``state.ema`` for the EMA weights).
     """
-    tx = make_optimizer() if tx is None else tx
+    tx = make_optimizer(TABLE3["diffusion_prior"]) if tx is None else tx
     graphdef, params, rest = step_lib.split_model(model)
     train_step = step_lib.make_train_step(graphdef, rest, make_loss_fn(stage), tx, ema_decay)
     state = step_lib.init_train_state(params, tx, ema=ema_decay is not None)
@@ -142,12 +107,7 @@ def from_config(c: Any) -> tuple[PriorStageConfig, OptimizerConfig]:
     stage = PriorStageConfig(num_train_steps=c.diffusion.num_train_steps,
                              schedule=c.diffusion.schedule,
                              cond_drop_prob=c.diffusion.cond_drop_prob)
-    o = c.optimizer
-    opt = OptimizerConfig(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
-                          weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-                          total_steps=c.total_steps, grad_clip_norm=o.grad_clip_norm or None,
-                          lr_schedule=o.lr_schedule)
-    return stage, opt
+    return stage, from_config_dict(c.optimizer, total_steps=c.total_steps)
 
 
 def model_config(c: Any) -> PriorConfig:
