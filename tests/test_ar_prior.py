@@ -187,7 +187,7 @@ def test_bad_input_is_refused_clearly(setup):
         model(tokens, dot, te[:, :5], th, tm)
     with pytest.raises(ValueError, match="multiple of heads"):
         ARPriorConfig(width=100, heads=3)
-    with pytest.raises(ValueError, match="Unknown AR prior preset"):
+    with pytest.raises(ValueError, match="Unknown ARPriorConfig preset"):
         get_preset("huge")
     with pytest.raises(ValueError, match="num_candidates"):
         sample(model, te, th, tm, jax.random.key(0), num_candidates=0)

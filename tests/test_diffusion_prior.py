@@ -9,38 +9,17 @@ import pytest
 import torch
 from flax import nnx
 
+from torch_reference import KARLO_LIKE_PRIOR, random_prior
 from unclip_jax.convert.diffusers_prior import load_prior
 from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, TextConditioning,
                                                count_params, get_preset)
 from unclip_jax.torch_weights import CheckpointError, CheckpointMismatchError
 
-KARLO_LIKE = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
-                  num_embeddings=6, additional_embeddings=4, added_emb_type="prd",
-                  encoder_hid_proj_type="linear")
+KARLO_LIKE = KARLO_LIKE_PRIOR
 LAYER_NORMED = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
                     num_embeddings=6, additional_embeddings=3, norm_in_type="layer",
                     embedding_proj_norm_type="layer", added_emb_type=None,
                     time_embed_act_fn="gelu", embedding_proj_dim=10, time_embed_dim=20)
-
-
-def _random_prior(seed=0, **config):
-    """A diffusers PriorTransformer with EVERY parameter random (norms, biases, positions, prd
-    token, clip_mean / clip_std included: diffusers initialises several to zero)."""
-    from diffusers import PriorTransformer
-    torch.manual_seed(seed)
-    model = PriorTransformer(**config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name == "clip_std":
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            else:
-                fan_in = p.shape[-1] if p.ndim > 1 else 1
-                p.copy_(0.5 * noise / fan_in ** 0.25)
-    return model
 
 
 def _inputs(batch, length, width, cond_dim, seed=0):
@@ -57,7 +36,7 @@ def _inputs(batch, length, width, cond_dim, seed=0):
 
 @pytest.mark.parametrize("config", [KARLO_LIKE, LAYER_NORMED], ids=["karlo_like", "layer_norms"])
 def test_parity_with_diffusers_prior_transformer(tmp_path, config):
-    ref_model = _random_prior(**config)
+    ref_model = random_prior(**config)
     ref_model.save_pretrained(tmp_path)
     ours = load_prior(tmp_path)
     d = config["embedding_dim"]
@@ -89,7 +68,7 @@ def test_parity_with_diffusers_prior_transformer(tmp_path, config):
 
 
 def test_load_prior_from_pipeline_folder_and_errors(tmp_path):
-    ref = _random_prior(**KARLO_LIKE)
+    ref = random_prior(**KARLO_LIKE)
     ref.save_pretrained(tmp_path / "pipe" / "prior")
     model = load_prior(tmp_path / "pipe")  # a pipeline folder: its prior/ subfolder
     assert model.config.num_layers == 2 and model.config.embed_norm == "mean_std"

@@ -111,11 +111,11 @@ def test_unclip_sampler_matches_diffusers_karlo_loop(tmp_path, monkeypatch):
     import diffusers.schedulers.scheduling_unclip as unclip_module
     import torch
     from diffusers import UnCLIPScheduler
-    from test_diffusion_prior import KARLO_LIKE, _random_prior
+    from torch_reference import KARLO_LIKE_PRIOR as KARLO_LIKE, random_prior
 
     from unclip_jax.convert.diffusers_prior import load_prior
 
-    ref = _random_prior(seed=3, **KARLO_LIKE)
+    ref = random_prior(seed=3, **KARLO_LIKE)
     ref.save_pretrained(tmp_path)
     ours = load_prior(tmp_path)
     b, length, d, steps, scale = 2, KARLO_LIKE["num_embeddings"], KARLO_LIKE["embedding_dim"], 5, 4.0

@@ -10,20 +10,11 @@ import pytest
 import torch
 from flax import nnx
 
+from torch_reference import randomize
 from unclip_jax.convert.diffusers_unet import load_super_res
 from unclip_jax.models.upsampler import (SuperRes, SuperResConfig, abstract_super_res,
                                          count_params, resize_low_res)
 from unclip_jax.torch_weights import CheckpointError, CheckpointMismatchError
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random, including GroupNorm scales / biases and zero-initialised convs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            offset = 1.0 if (p.ndim == 1 and "norm" in name and name.endswith("weight")) else 0.0
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5 / fan_in ** 0.5 + offset)
 
 
 def karlo_super_res(folder, seed, **kw):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.config import dtype_problems, from_preset
 from unclip_jax.models import layers
 from unclip_jax.models.layers import abstract_init, logical
 from unclip_jax.models.layers import count_params as count_module_params
@@ -86,11 +87,7 @@ class CLIPConfig:
         if not 0 <= self.eos_token_id < self.vocab_size:
             problems.append(f"eos_token_id ({self.eos_token_id}) must be a token id below "
                             f"vocab_size ({self.vocab_size})")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                problems.append(f"{name} must name a dtype, got {getattr(self, name)!r}")
+        problems += dtype_problems(self)
         if problems:
             raise ValueError("Invalid CLIPConfig: " + "; ".join(problems) + ".")
 
@@ -150,14 +147,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str, **overrides: Any) -> CLIPConfig:
     """The :class:`CLIPConfig` of a named preset, with any fields replaced by ``overrides``."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown CLIP preset {name!r}. Known presets: {', '.join(PRESETS)}.")
-    fields = {f.name for f in dataclasses.fields(CLIPConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"Unknown CLIPConfig field(s) {unknown} in overrides for preset {name!r}. "
-                         f"Valid fields: {', '.join(sorted(fields))}.")
-    return CLIPConfig(**{**PRESETS[name], **overrides})
+    return from_preset(CLIPConfig, PRESETS, name, **overrides)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.config import dtype_problems, from_preset
 from unclip_jax.models import layers
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.models.pca_quantizer import PCAQuantizer
@@ -81,11 +82,7 @@ class ARPriorConfig:
             problems.append(f"text_context must be at least 1, got {self.text_context}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                problems.append(f"{name} must name a dtype, got {getattr(self, name)!r}")
+        problems += dtype_problems(self)
         if problems:
             raise ValueError("Invalid ARPriorConfig: " + "; ".join(problems) + ".")
 
@@ -118,14 +115,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str, **overrides: Any) -> ARPriorConfig:
     """The :class:`ARPriorConfig` of a named preset with some fields replaced."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown AR prior preset {name!r}. Known presets: {', '.join(PRESETS)}.")
-    fields = {f.name for f in dataclasses.fields(ARPriorConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"Unknown ARPriorConfig field(s) {unknown}. Valid fields: "
-                         f"{', '.join(sorted(fields))}.")
-    return ARPriorConfig(**{**PRESETS[name], **overrides})
+    return from_preset(ARPriorConfig, PRESETS, name, **overrides)
 
 
 def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: ARPriorConfig,

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.config import dtype_problems, from_preset
 from unclip_jax.models import layers
 from unclip_jax.models.layers import abstract_init
 
@@ -99,11 +100,7 @@ class PriorConfig:
                             f"({self.token_width}) must equal num_heads * head_dim ({self.width})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                problems.append(f"{name} must name a dtype, got {getattr(self, name)!r}")
+        problems += dtype_problems(self)
         if problems:
             raise ValueError("Invalid PriorConfig: " + "; ".join(problems) + ".")
 
@@ -153,14 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_preset(name: str, **overrides: Any) -> PriorConfig:
     """The :class:`PriorConfig` of a named preset with some fields replaced."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown prior preset {name!r}. Known presets: {', '.join(PRESETS)}.")
-    fields = {f.name for f in dataclasses.fields(PriorConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"Unknown PriorConfig field(s) {unknown}. Valid fields: "
-                         f"{', '.join(sorted(fields))}.")
-    return PriorConfig(**{**PRESETS[name], **overrides})
+    return from_preset(PriorConfig, PRESETS, name, **overrides)
 
 
 # --------------------------------------------------------------------------------------------
