@@ -160,7 +160,6 @@ def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: CLIPConfig, rngs
                         param_dtype=cfg.params_dtype, rngs=rngs, bias=bias)
 
 
-
 def _param(init, shape: tuple, axes: tuple, cfg: CLIPConfig, rngs: nnx.Rngs) -> nnx.Param:
     return layers.param(init, shape, axes, cfg.params_dtype, rngs)
 

@@ -124,7 +124,6 @@ def _dense(n_in: int, n_out: int, axes: tuple, std: float, cfg: ARPriorConfig,
                         param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
 
-
 def _param(init, shape: tuple, axes: tuple, cfg: ARPriorConfig, rngs: nnx.Rngs) -> nnx.Param:
     return layers.param(init, shape, axes, jnp.dtype(cfg.param_dtype), rngs)
 

@@ -163,7 +163,6 @@ def _dense(n_in: int, n_out: int, axes: tuple, cfg: PriorConfig, rngs: nnx.Rngs,
                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
 
 
-
 def _param(init, shape: tuple, axes: tuple, cfg: PriorConfig, rngs: nnx.Rngs) -> nnx.Param:
     return layers.param(init, shape, axes, cfg.params_dtype, rngs)
 
