@@ -85,6 +85,21 @@ def test_loader_refusals(tmp_path):
         load_super_res(tmp_path)
 
 
+def test_resize_low_res_matches_torch_bicubic():
+    """The conditioning resize is torch's bicubic, as diffusers' UnCLIPPipeline upsamples."""
+    rng = np.random.default_rng(0)
+    for shape, size in [((2, 16, 16, 3), 64), ((5, 12, 3), (20, 48))]:
+        low = rng.uniform(-1, 1, shape).astype(np.float32)
+        out = np.asarray(resize_low_res(low, size))
+        t = torch.from_numpy(low if low.ndim == 4 else low[None]).permute(0, 3, 1, 2)
+        hw = (size, size) if isinstance(size, int) else size
+        ref = torch.nn.functional.interpolate(t, size=hw, mode="bicubic", align_corners=False)
+        ref = ref.permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(out, ref if low.ndim == 4 else ref[0], atol=1e-5)
+    clipped = np.asarray(resize_low_res(np.sign(low), 64, clip=True))
+    assert clipped.min() >= -1 and clipped.max() <= 1
+
+
 def test_resize_low_res_and_shape_errors():
     config = SuperResConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, groups=4)
     low = jnp.ones((1, 8, 8, 3)) * 0.5

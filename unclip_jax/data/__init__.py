@@ -3,9 +3,8 @@
 Modules
   degradations.py          corruptions of the upsamplers' low-resolution conditioning image:
                            `blur_downsample` (first upsampler: Gaussian blur, kernel 3, sigma 0.6),
-                           `degrade` (dispatch on a config string), `upsample_condition` (JAX,
-                           bicubic up to the target size, the upsampler's conditioning input),
-                           and the building blocks (kernels, filtering, noise, JPEG)
+                           `degrade` (dispatch on a config string), and the building blocks
+                           (kernels, filtering, noise, JPEG)
   bsr.py                   the BSR degradation of BSRGAN for the second upsampler: `bsr_degrade`,
                            `bsr_steps` (each named step, for inspection); TensorFlow ops with a
                            stateless seed, usable inside tf.data.Dataset.map

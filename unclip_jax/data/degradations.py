@@ -20,8 +20,8 @@ element index) is reproducible and resumable. Give each element its own seed, e.
     ds = ds.map(lambda x, i: bsr_degrade(x, 64, tf.stack([base_seed, i])))
 
 The bicubic upsampling of the degraded image back to the target size (the upsampler's
-conditioning input) is `upsample_condition`, a JAX function meant for the device: the host sends
-the small image, the device enlarges it (same kernel as torch's / diffusers' bicubic, a = -0.75).
+conditioning input) is `unclip_jax.models.upsampler.resize_low_res`, a JAX function meant for the
+device: the host sends the small image, the device enlarges it (torch's / diffusers' bicubic).
 
 Images: one image [H, W, C] or a batch [B, H, W, C] (NHWC), either float (taken to be in
 [-1, 1], the models' range) or uint8 ([0, 255]). Every function returns the dtype and range it was
@@ -33,7 +33,6 @@ Public API
   bsr_degrade(image, low_res, seed, **probabilities)          (bsr.py)
   bsr_steps(image, low_res, seed, **probabilities)            (bsr.py) each named step
   degrade(image, low_res, kind='blur'|'bsr'|'none', seed=None, **kw)
-  upsample_condition(low, size, clip=False)                   JAX, bicubic a=-0.75
 Building blocks (TensorFlow, float32 in [0, 1], used by the chain and handy in tests)
   gaussian_kernel(size, sigma, shift=0.0, max_size=None)
   anisotropic_gaussian_kernel(size, theta, l1, l2, max_size=None)
@@ -337,57 +336,9 @@ def degrade(image, low_res, kind: str = "blur", seed=None, **kwargs) -> tf.Tenso
     raise ValueError(f"degradation kind must be 'blur', 'bsr' or 'none', got {kind!r}.")
 
 
-# ----------------------------------------------------------------------------- conditioning input
-
-def _cubic_matrix(n_in: int, n_out: int, a: float) -> np.ndarray:
-    """[n_out, n_in] weights of 1-D cubic convolution resampling with half-pixel centres and
-    replicated edges (torch.nn.functional.interpolate(mode='bicubic', align_corners=False))."""
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
-    for o in range(n_out):
-        src = (o + 0.5) * scale - 0.5
-        i0 = math.floor(src)
-        t = src - i0
-        for off in (-1, 0, 1, 2):
-            x = abs(t - off)
-            if x <= 1:
-                w = ((a + 2) * x - (a + 3)) * x * x + 1
-            elif x < 2:
-                w = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-            else:
-                w = 0.0
-            m[o, min(max(i0 + off, 0), n_in - 1)] += w
-    return m.astype(np.float32)
-
-
-def upsample_condition(low, size, clip: bool = False, a: float = -0.75):
-    """Bicubic resize of the low-resolution image to the upsampler's size (JAX, jit-able).
-
-    low: [H, W, C] or [B, H, W, C] (any float range, e.g. [-1, 1]); size: int or (h, w).
-    The kernel is torch's bicubic (a = -0.75, half-pixel centres, edges replicated), the resize
-    Karlo / diffusers' UnCLIPPipeline applies to the decoder's output before the super-res
-    UNet, so trained weights see the same input in both. `clip` clamps to [-1, 1] (bicubic
-    overshoots a little at edges; diffusers does not clamp).
-    """
-    import jax.numpy as jnp
-
-    if getattr(low, "ndim", None) not in (3, 4):
-        raise ValueError(f"upsample_condition: expected [H, W, C] or [B, H, W, C], got shape "
-                         f"{getattr(low, 'shape', None)}.")
-    h, w = _size_pair(size, "size")
-    low = jnp.asarray(low)
-    mh = jnp.asarray(_cubic_matrix(low.shape[-3], h, a))
-    mw = jnp.asarray(_cubic_matrix(low.shape[-2], w, a))
-    out = jnp.einsum("oh,...hwc->...owc", mh, low.astype(jnp.float32))
-    out = jnp.einsum("pw,...owc->...opc", mw, out)
-    if clip:
-        out = jnp.clip(out, -1.0, 1.0)
-    return out.astype(low.dtype)
-
-
 __all__ = [
     "RESIZE_METHODS", "NOISE_KINDS",
-    "blur_downsample", "degrade", "upsample_condition",
+    "blur_downsample", "degrade",
     "gaussian_kernel", "anisotropic_gaussian_kernel", "filter2d", "resize", "gaussian_noise",
     "poisson_noise", "jpeg", "high_frequency_energy", "psnr", "to_unit", "from_unit", "as_seed",
 ]
