@@ -12,7 +12,8 @@ def test_batch_shapes_masks_and_known_answer():
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()
         assert tokens[n - 1] == task.eot_id and (tokens[n:] == 0).all()
-        assert 1 + c in tokens[:n - 1]
+        concept_token = 1 + c
+        assert concept_token in tokens[:n - 1]
     np.testing.assert_allclose(np.linalg.norm(b["image_embed"], axis=1), 1.0, rtol=1e-5)
     own = np.sum(b["image_embed"] * task.image_dirs[b["concept"]], 1)
     other = np.sum(b["image_embed"] * task.image_dirs[(b["concept"] + 1) % 8], 1)

@@ -52,3 +52,14 @@ def test_rng_is_folded_with_the_step():
         seen.append(float(metrics["draw"]))
     assert len(set(seen)) == 3
     assert state.ema is None
+
+
+def test_build_train_step_returns_what_every_stage_returns():
+    from unclip_jax.train.step import build_train_step
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.1)
+    step, state, graphdef, rest = build_train_step(
+        model, lambda m, b, r: (jnp.sum(m(b) ** 2), {}), tx, ema_decay=0.5)
+    state, _ = jax.jit(step)(state, jnp.ones((3, 2)), jax.random.key(0))
+    assert int(state.step) == 1 and state.ema is not None
+    assert nnx.merge(graphdef, state.params, rest).kernel.shape == (2, 1)

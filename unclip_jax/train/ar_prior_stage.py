@@ -39,7 +39,8 @@ from flax import nnx
 from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.pca_quantizer import QuantizerFit, fit_quantizer
 from unclip_jax.train.optimizer import TABLE3, make_optimizer
-from unclip_jax.train.step import TrainState, init_train_state, make_train_step, split_model
+from unclip_jax.train import step as step_lib
+from unclip_jax.train.step import TrainState
 
 BATCH_KEYS = ("text_hidden", "text_mask", "text_embed", "image_embed")
 
@@ -104,7 +105,4 @@ def build_train_step(model: ARPrior, tx: optax.GradientTransformation | None = N
     """
     model.quantizer.require_fitted()
     tx = tx or make_optimizer(TABLE3["ar_prior"])
-    graphdef, params, rest = split_model(model)
-    step = make_train_step(graphdef, rest, make_loss_fn(text_drop_prob), tx,
-                           ema_decay=ema_decay)
-    return step, init_train_state(params, tx, ema=ema_decay is not None), graphdef, rest
+    return step_lib.build_train_step(model, make_loss_fn(text_drop_prob), tx, ema_decay)

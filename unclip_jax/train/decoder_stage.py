@@ -115,11 +115,7 @@ def make_decoder_train_step(model: Decoder, stage: DecoderStageConfig = DecoderS
                             ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest); train_step is pure and not jitted."""
     tx = make_optimizer(TABLE3["decoder"]) if tx is None else tx
-    graphdef, params, rest = step_lib.split_model(model)
-    train_step = step_lib.make_train_step(graphdef, rest, make_decoder_loss_fn(stage), tx,
-                                          ema_decay)
-    return train_step, step_lib.init_train_state(params, tx, ema=ema_decay is not None), \
-        graphdef, rest
+    return step_lib.build_train_step(model, make_decoder_loss_fn(stage), tx, ema_decay)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,11 +172,7 @@ def make_upsampler_train_step(model: SuperRes,
                               ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest); train_step is pure and not jitted."""
     tx = make_optimizer(TABLE3["upsampler_256"]) if tx is None else tx
-    graphdef, params, rest = step_lib.split_model(model)
-    train_step = step_lib.make_train_step(graphdef, rest, make_upsampler_loss_fn(stage), tx,
-                                          ema_decay)
-    return train_step, step_lib.init_train_state(params, tx, ema=ema_decay is not None), \
-        graphdef, rest
+    return step_lib.build_train_step(model, make_upsampler_loss_fn(stage), tx, ema_decay)
 
 
 # --------------------------------------------------------------------------------------------

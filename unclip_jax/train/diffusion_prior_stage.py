@@ -96,10 +96,7 @@ def make_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageC
     state with ``nnx.merge(graphdef, state.params, rest)`` (``state.ema`` for the EMA weights).
     """
     tx = make_optimizer(TABLE3["diffusion_prior"]) if tx is None else tx
-    graphdef, params, rest = step_lib.split_model(model)
-    train_step = step_lib.make_train_step(graphdef, rest, make_loss_fn(stage), tx, ema_decay)
-    state = step_lib.init_train_state(params, tx, ema=ema_decay is not None)
-    return train_step, state, graphdef, rest
+    return step_lib.build_train_step(model, make_loss_fn(stage), tx, ema_decay)
 
 
 def from_config(c: Any) -> tuple[PriorStageConfig, OptimizerConfig]:

@@ -67,3 +67,14 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn,
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
     return train_step
+
+
+def build_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
+                     ema_decay: float | None = None):
+    """(train_step, initial TrainState, graphdef, rest) for ``model``: what every stage returns.
+
+    ``nnx.merge(graphdef, state.params, rest)`` (or ``state.ema``) gives the trained model back.
+    """
+    graphdef, params, rest = split_model(model)
+    train_step = make_train_step(graphdef, rest, loss_fn, tx, ema_decay)
+    return train_step, init_train_state(params, tx, ema=ema_decay is not None), graphdef, rest
