@@ -14,6 +14,7 @@ that a user can fix are printed as one line, without a traceback, and exit with 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Sequence
@@ -28,8 +29,9 @@ DEMO_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message tells the user what to fix (no traceback needed)."""
     from unclip_jax.clip.tokenizer import CaptionError
+    from unclip_jax.errors import UserError
     from unclip_jax.torch_weights import CheckpointError
-    return (config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
+    return (UserError, config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
 
 
 def _cmd_config(args, overrides) -> int:
@@ -152,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="Print a config with its overrides applied.")
     p.add_argument("--config", required=True, help="Config file[:arg], e.g. configs/clip.py:size=tiny.")
     p.set_defaults(func=_cmd_config)
+
+    from unclip_jax.commands import COMMANDS
+    for name in COMMANDS:
+        importlib.import_module(f"unclip_jax.commands.{name}").add_parser(sub)
     return parser
 
 
