@@ -9,6 +9,14 @@ Modules
                            `bsr_steps` (each named step, for inspection); TensorFlow ops with a
                            stateless seed, usable inside tf.data.Dataset.map
   synthetic_embeddings.py  a caption -> image-embedding task with a known answer (testing priors)
+  input_pipeline.py        the trainer's input: `make_input(cfg, global_batch_size=, seed=, ...)`
+                           -> `Input` (per-process NumPy batches, `.position`, `.counts()`),
+                           `default_input_config()`; exact resume from a batch position
+  readers.py               raw (key, image bytes, caption) records from webdataset tar shards,
+                           TFRecords, tfds datasets and image folders; per-host sharding;
+                           damage becomes counted markers, never an exception
+  images.py                decoding to RGB (greyscale / RGBA / CMYK / 16-bit conversions,
+                           flagged), square crop + antialiased resize to [-1, 1]
 
 Submodules are imported explicitly (`from unclip_jax.data import degradations`), so that
 importing the package does not import TensorFlow.

@@ -1,0 +1,138 @@
+"""Images per second of the tf.data input pipeline (unclip_jax.data.input_pipeline) on this machine.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--batches 20] [--batch-size 32]
+
+Data, generated in a temporary folder (nothing downloaded):
+  shapes128  Shapes-like 128 x 128 PNGs (flat coloured circles / squares / triangles on grey,
+             as DESIGN.md section 5), 512 records in 4 webdataset tar shards
+  jpeg512    512 x 512 JPEGs (quality 90; smooth gradients with shapes and mild noise, so the
+             codec does real work), 256 records in 4 shards
+For each, the full pipeline as the trainer runs it (repeat, shuffle buffer, decode, CLIP
+tokenization with context 77, centre crop, antialiased bicubic resize) at image_size 64 and 256,
+and at 256 also with a 64 px 'blur' low_res (first upsampler's input). The first batches (graph
+tracing, shuffle-buffer fill) are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: machine report, command, tables)
+
+import numpy as np  # noqa: E402
+
+COLOURS = [(220, 30, 30), (30, 160, 50), (30, 70, 220), (235, 200, 20), (150, 50, 190),
+           (20, 190, 200)]
+
+
+def _shapes_image(rng, size: int):
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size, size), (240, 240, 240))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(1, 3)):
+        side = size * (0.2 if rng.random() < 0.5 else 0.4)
+        cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+        box = [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse(box, fill=colour)
+        elif kind == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+    return img
+
+
+def _photo_like(rng, size: int):
+    from PIL import Image
+    y, x = np.mgrid[:size, :size] / size
+    base = np.stack([np.sin(6 * x + rng.uniform(0, 6)), np.cos(5 * y + rng.uniform(0, 6)),
+                     np.sin(4 * (x + y) + rng.uniform(0, 6))], -1) * 80 + 128
+    noise = rng.normal(0, 12, base.shape)
+    arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    img.paste(_shapes_image(rng, size // 2), (size // 4, size // 4))
+    return img
+
+
+def write_dataset(folder: str, make, n: int, shards: int, fmt: str, **save_kw) -> int:
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    total = 0
+    ext = "png" if fmt == "PNG" else "jpg"
+    for s in range(shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(n // shards):
+                buf = io.BytesIO()
+                make(rng).save(buf, fmt, **save_kw)
+                key = f"{s:05d}{i:04d}"
+                for name, data in ((f"{key}.{ext}", buf.getvalue()),
+                                   (f"{key}.txt", f"a large red circle at the top left {i}"
+                                    .encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                    total += len(data)
+    return total
+
+
+def measure(paths: str, image_size: int, low_res: int, batches: int, batch_size: int):
+    from unclip_jax.data.input_pipeline import make_input
+    cfg = dict(kind="webdataset", paths=[paths], image_size=image_size, context_length=77,
+               low_res_size=low_res, shuffle_buffer=256, repeat=True)
+    inp = make_input(cfg, global_batch_size=batch_size, seed=0, process_index=0,
+                     process_count=1)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        next(inp)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(inp)
+    dt = time.perf_counter() - t0
+    return batches * batch_size / dt, warm
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", type=int, default=20, help="timed batches per row")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import PIL
+    import tensorflow as tf
+    common.preamble("tf.data input pipeline throughput (webdataset shards, one process)", notes=[
+        f"tensorflow {tf.__version__}, pillow {PIL.__version__}; tf.data uses every core "
+        f"(AUTOTUNE); batch {args.batch_size}, {args.batches} timed batches after 3 untimed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {
+            "shapes128 (PNG)": (os.path.join(tmp, "shapes"),
+                                lambda rng: _shapes_image(rng, 128), 512, "PNG", {}),
+            "jpeg512 (JPEG q90)": (os.path.join(tmp, "jpeg"),
+                                   lambda rng: _photo_like(rng, 512), 256, "JPEG",
+                                   {"quality": 90}),
+        }
+        rows = []
+        for name, (folder, make, n, fmt, kw) in sets.items():
+            size = write_dataset(folder, make, n, 4, fmt, **kw)
+            print(f"{name}: {n} records, {size / n / 1024:.1f} KiB per image on average",
+                  flush=True)
+            for image_size, low_res in ((64, 0), (256, 0), (256, 64)):
+                rate, warm = measure(os.path.join(folder, "*.tar"), image_size, low_res,
+                                     args.batches, args.batch_size)
+                rows.append([name, image_size, low_res or "-", rate, warm])
+                print(f"  image_size {image_size} low_res {low_res or '-'}: {rate:.1f} images/s "
+                      f"(first 3 batches {warm:.1f} s)", flush=True)
+        print()
+        print(common.table(["data", "image_size", "low_res", "images/s", "warm-up s"], rows))
+
+
+if __name__ == "__main__":
+    main()

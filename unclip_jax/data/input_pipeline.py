@@ -1,0 +1,438 @@
+"""The trainer's input: ``make_input(cfg, global_batch_size=, seed=, ...) -> Input``.
+
+``Input`` is an iterator of this process's batches, dicts of NumPy arrays (b = global batch /
+process count rows):
+
+  'image'        float32 [b, S, S, 3] in [-1, 1]
+  'caption'      object [b] of str (stripped)
+  'key'          object [b] of str (the record's key in its shard / folder / tfds split)
+  'text_tokens'  int32 [b, L], 'text_mask' bool [b, L]     when context_length > 0 (CLIP BPE)
+  'low_res'      float32 [b, s, s, 3] in [-1, 1]           when low_res_size > 0
+(kind 'embeddings' yields whatever unclip_jax.data.precompute.read_embeddings records hold.)
+
+The pipeline (tf.data, deterministic given the seed):
+
+  reader (readers.py: per-host file split, seeded file order, repeat)
+  -> shuffle buffer of raw encoded records (seeded)  -> enumerate: each record's index i
+  -> decode (images.decode_rgb; undecodable bytes raise here) -> ignore_errors
+  -> validate + tokenize (reason code, conversion flags)
+  -> scan: running counts by reason (undecodable = gaps in i), attached to every element
+  -> filter (keep good records)  -> [skip start_batch * b records when resuming]
+  -> crop + resize + degrade (random crop / BSR seeded by fold_in(seed, process, i))
+  -> batch(b) -> prefetch
+
+Counts travel *with the data*: every element carries the running totals up to itself, so
+``Input.counts()`` is exact for the batches consumed so far (prefetching does not leak into it)
+and a resumed Input reports what an uninterrupted one would. Names: 'read' (records seen),
+'kept' (passed validation), skip reasons 'undecodable', 'empty_caption', 'too_small',
+'caption_too_long' (only with long_caption='skip'), and the readers' 'truncated_shard',
+'unreadable_file', 'missing_caption', 'missing_image', 'bad_record'; conversions (records
+kept) 'converted_rgba', 'converted_greyscale', 'converted_cmyk', 'converted_16bit',
+'caption_truncated'; and, once a finite (repeat=False) input is exhausted,
+'dropped_remainder' (kept records that did not fill a last batch). A damaged shard counts
+'truncated_shard' once; the records it lost cannot be counted.
+
+Resuming. ``make_input(..., start_batch=p)`` rebuilds the same deterministic pipeline and
+skips the first p * b kept records right after the filter, so they are read, shuffled, decoded
+and validated again but not resized, degraded or batched; the batches then match an
+uninterrupted iterator's from position p exactly (tested). Cost: decoding p * b images (about
+what producing them cost minus resizing and degradation; for Shapes-size PNGs roughly 2,000
+images/s per core). tf.data iterator checkpointing is not used because Python-backed stages
+(tar / TFRecord parsing, tokenization) cannot be saved in it.
+
+Captions. Empty after stripping (or with no tokens): skipped as 'empty_caption'. Longer than the
+context (more than context_length - 2 BPE tokens) or than max_caption_chars (when > 0):
+long_caption='truncate' (default) keeps the record, truncates the tokens (and the caption string
+to max_caption_chars) and counts 'caption_truncated'; 'skip' drops it as 'caption_too_long'.
+Only the first 16 * context_length characters are tokenized (a longer caption is truncated
+anyway), which keeps a pathological caption from stalling the tokenizer.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from unclip_jax.errors import UserError
+
+KINDS = ("webdataset", "tfrecord", "tfds", "folder", "embeddings")
+DEGRADATIONS = ("blur", "bsr", "none")
+LONG_CAPTION = ("truncate", "skip")
+
+SKIP_REASONS = ("undecodable", "empty_caption", "too_small", "caption_too_long",
+                "truncated_shard", "unreadable_file", "missing_caption", "missing_image",
+                "bad_record")
+CONVERSIONS = ("converted_greyscale", "converted_rgba", "converted_cmyk", "converted_16bit",
+               "caption_truncated")
+COUNTERS = ("read", "kept") + SKIP_REASONS + CONVERSIONS
+_END = "end_of_data"  # the sentinel after the last record of a finite input (not counted)
+
+
+class InputConfigError(UserError, ValueError):
+    """An input config or batch size that cannot be used as given."""
+
+
+def default_input_config():
+    """Every field of the input config, with its default (a ml_collections.ConfigDict)."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.kind = "webdataset"        # 'webdataset' | 'tfrecord' | 'tfds' | 'folder' | 'embeddings'
+    c.paths = []                 # glob patterns: tar shards, TFRecord files, folders, embeddings
+    c.tfds_name = ""             # kind 'tfds': dataset name, e.g. 'shapes', 'coco_captions'
+    c.tfds_split = "train"
+    c.data_dir = ""              # kind 'tfds': where it is prepared (never downloaded)
+    c.image_feature = "image"    # tfrecord / tfds feature names ('a/b' for nested tfds features)
+    c.caption_feature = "caption"  # coco_captions: 'captions/text'
+    c.key_feature = "key"        # tfrecord: optional key feature
+    c.caption_choice = "random"  # tfds sequence of captions: 'first' | 'random' (seeded)
+    c.image_size = 64            # S: output images are S x S
+    c.crop = "center"            # 'center' | 'random' (of the shorter side's square)
+    c.resize_method = "bicubic"  # 'bicubic' | 'area' | 'bilinear' (all antialiased)
+    c.min_image_size = 0         # skip images whose shorter side is below this (0: keep all)
+    c.context_length = 77        # CLIP tokens per caption; 0 = don't tokenize
+    c.long_caption = "truncate"  # 'truncate' (count caption_truncated) | 'skip'
+    c.max_caption_chars = 0      # > 0: captions longer than this are long too
+    c.low_res_size = 0           # s > 0: add 'low_res' [s, s, 3], degraded from 'image'
+    c.low_res_degradation = "blur"  # 'blur' | 'bsr' | 'none'
+    c.shuffle_buffer = 10_000    # raw encoded records (~50 KB each for web JPEGs: ~0.5 GB)
+    c.repeat = True              # loop forever, reshuffling the file order every epoch
+    c.cycle_length = 8           # files read at once (interleaved record by record)
+    c.prefetch = 2               # batches prepared ahead
+    return c
+
+
+def input_config(**fields):
+    """``default_input_config()`` with ``fields`` set: what a config file's ``input`` section is
+    (every field present, so each can be overridden with ``--config.input.KEY=VALUE``)."""
+    return _as_config(fields)
+
+
+def _as_config(cfg):
+    defaults = default_input_config()
+    items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    for key, value in items.items():
+        if key not in defaults:
+            import difflib
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise InputConfigError(f"Unknown input config key '{key}'.{hint} Valid keys: "
+                                   f"{', '.join(sorted(defaults))}.")
+        try:
+            defaults[key] = list(value) if key == "paths" and not isinstance(value, str) \
+                else ([value] if key == "paths" else value)
+        except TypeError as e:
+            raise InputConfigError(f"Input config key '{key}' has the wrong type: {e}") from None
+    return defaults
+
+
+def _check(cfg, global_batch_size: int, process_count: int) -> int:
+    def need(ok, msg):
+        if not ok:
+            raise InputConfigError(msg)
+    need(cfg.kind in KINDS, f"input kind must be one of {KINDS}, got {cfg.kind!r}.")
+    need(global_batch_size > 0 and global_batch_size % process_count == 0,
+         f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
+         f"processes ({process_count}). Change the batch size.")
+    if cfg.kind == "tfds":
+        need(bool(cfg.tfds_name), "kind 'tfds' needs tfds_name (e.g. 'shapes') and data_dir.")
+    else:
+        need(len(cfg.paths) > 0, f"kind '{cfg.kind}' needs paths: a list of glob patterns.")
+    need(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}.")
+    need(cfg.crop in ("center", "random"), f"crop must be 'center' or 'random', got {cfg.crop!r}.")
+    need(cfg.resize_method in ("bicubic", "area", "bilinear"),
+         f"resize_method must be 'bicubic', 'area' or 'bilinear', got {cfg.resize_method!r}.")
+    need(cfg.context_length == 0 or cfg.context_length >= 3,
+         f"context_length must be 0 (no tokens) or at least 3, got {cfg.context_length}.")
+    need(cfg.long_caption in LONG_CAPTION,
+         f"long_caption must be one of {LONG_CAPTION}, got {cfg.long_caption!r}.")
+    need(cfg.low_res_size >= 0 and cfg.low_res_degradation in DEGRADATIONS,
+         f"low_res_size must be >= 0 and low_res_degradation one of {DEGRADATIONS}, got "
+         f"{cfg.low_res_size}, {cfg.low_res_degradation!r}.")
+    if cfg.low_res_size and cfg.low_res_degradation == "bsr":
+        need(cfg.image_size % cfg.low_res_size == 0,
+             f"the BSR degradation needs image_size ({cfg.image_size}) to be a multiple of "
+             f"low_res_size ({cfg.low_res_size}).")
+    return global_batch_size // process_count
+
+
+# ----------------------------------------------------------------------------- the iterator
+
+class Input:
+    """Iterator of per-process batches (dicts of NumPy arrays); see the module docstring."""
+
+    def __init__(self, dataset, *, start_batch: int, batch_size: int, counted: bool):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self._position = int(start_batch)
+        self._batch_size = batch_size
+        self._counted = counted
+        self._counts = {name: 0 for name in COUNTERS} if counted else {"read": 0, "kept": 0}
+        self._done = False
+
+    @property
+    def position(self) -> int:
+        """Batches produced since the very start (start_batch + batches yielded)."""
+        return self._position
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch on this process."""
+        return self._batch_size
+
+    @property
+    def dataset(self):
+        """The underlying tf.data.Dataset (batches, with the private '_counts' / '_end')."""
+        return self._dataset
+
+    def counts(self) -> dict[str, int]:
+        """Records read, kept, skipped and converted by reason, up to the last batch yielded."""
+        return dict(self._counts)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._done:
+            raise StopIteration
+        try:
+            element = next(self._iterator)
+        except StopIteration:
+            self._done = True
+            raise
+        batch = {k: v.numpy() for k, v in element.items()}
+        if not self._counted:
+            self._counts["read"] += len(next(iter(batch.values())))
+            self._counts["kept"] = self._counts["read"]
+            self._position += 1
+            return batch
+        counts = batch.pop("_counts")
+        end = batch.pop("_end")
+        self._counts.update({name: int(v) for name, v in zip(COUNTERS, counts[-1])})
+        real = ~end
+        if real.sum() < self._batch_size:  # the last, partial batch of a finite input
+            self._counts["dropped_remainder"] = int(real.sum())
+            self._done = True
+            raise StopIteration
+        for name in ("caption", "key"):
+            batch[name] = np.array([s.decode("utf-8", "replace") for s in batch[name]], object)
+        self._position += 1
+        return batch
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def _raw_dataset(cfg, seed, process_index, process_count):
+    from unclip_jax.data import readers
+
+    common = dict(seed=seed, process_index=process_index, process_count=process_count,
+                  repeat=cfg.repeat)
+    if cfg.kind == "webdataset":
+        return readers.read_webdataset(cfg.paths, cycle_length=cfg.cycle_length, **common)
+    if cfg.kind == "tfrecord":
+        return readers.read_tfrecord(cfg.paths, image_feature=cfg.image_feature,
+                                     caption_feature=cfg.caption_feature,
+                                     key_feature=cfg.key_feature,
+                                     cycle_length=cfg.cycle_length, **common)
+    if cfg.kind == "folder":
+        return readers.read_folder(cfg.paths, **common)
+    return readers.read_tfds(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.data_dir or None,
+                             image_feature=cfg.image_feature,
+                             caption_feature=cfg.caption_feature,
+                             caption_choice=cfg.caption_choice, **common)
+
+
+def _tokenize_fn(cfg):
+    """A NumPy function caption bytes -> (ids [L], mask [L], long, empty) for tf.numpy_function."""
+    length = cfg.context_length
+    max_chars = cfg.max_caption_chars
+    if length:
+        from unclip_jax.clip.tokenizer import get_tokenizer
+        tok = get_tokenizer()
+        room = length - 2
+        cut = 16 * length
+
+    def fn(caption: bytes):
+        text = caption.decode("utf-8", "replace").strip()
+        long = bool(max_chars and len(text) > max_chars)
+        ids = np.full((max(length, 1),), 0, np.int32)
+        mask = np.zeros((max(length, 1),), bool)
+        empty = not text
+        if length and text:
+            tokens = tok.encode(text[:cut])
+            empty = not tokens
+            long = long or len(tokens) > room or len(text) > cut
+            row = [tok.sot_id, *tokens[:room], tok.eot_id]
+            ids[:] = tok.pad_id
+            ids[:len(row)] = row
+            mask[:len(row)] = True
+        return ids, mask, np.bool_(long), np.bool_(empty)
+    return fn
+
+
+def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: int,
+           start_batch: int):
+    import tensorflow as tf
+
+    from unclip_jax.data import degradations, images
+
+    ds = _raw_dataset(cfg, seed, process_index, process_count)
+    if cfg.shuffle_buffer > 1:
+        shuffle_seed = (int(seed) * 1_000_003 + process_index) % (2 ** 31 - 1)
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if not cfg.repeat:  # a sentinel after the last record carries the final counts out
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(
+            {"key": tf.constant(b""), "image_bytes": tf.constant(b""),
+             "caption": tf.constant(b""), "error": tf.constant(_END.encode())}))
+    ds = ds.enumerate()
+
+    # 1. decode: the only stage allowed to fail (undecodable bytes); failures are dropped by
+    #    ignore_errors and counted as gaps in the index.
+    def decode(index, rec):
+        bad = tf.not_equal(rec["error"], b"")
+        image, flags = tf.cond(
+            bad, lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
+            lambda: images.decode_rgb(rec["image_bytes"]))
+        return {"index": index, "image": image, "flags": flags, "caption": rec["caption"],
+                "key": rec["key"], "error": rec["error"]}
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+
+    # 2. validate and tokenize.
+    tokenize = _tokenize_fn(cfg)
+    reason_names = tf.constant(("",) + SKIP_REASONS + (_END,))
+    code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_END,))}
+    length = max(cfg.context_length, 1)
+    min_size = int(cfg.min_image_size)
+    skip_long = cfg.long_caption == "skip"
+
+    def validate(el):
+        ids, mask, long, empty = tf.numpy_function(
+            tokenize, [el["caption"]], [tf.int32, tf.bool, tf.bool, tf.bool], stateful=False)
+        ids, mask = tf.ensure_shape(ids, [length]), tf.ensure_shape(mask, [length])
+        long, empty = tf.ensure_shape(long, []), tf.ensure_shape(empty, [])
+        reader_code = tf.argmax(tf.cast(tf.equal(reason_names, el["error"]), tf.int32),
+                                output_type=tf.int32)
+        shape = tf.shape(el["image"])
+        small = tf.minimum(shape[0], shape[1]) < min_size
+        code = tf.case([
+            (reader_code > 0, lambda: reader_code),
+            (empty, lambda: tf.constant(code_of["empty_caption"])),
+            (small, lambda: tf.constant(code_of["too_small"])),
+            (tf.logical_and(long, skip_long), lambda: tf.constant(code_of["caption_too_long"])),
+        ], default=lambda: tf.constant(0))
+        flags = el["flags"] + tf.where(long, images.FLAG_CAPTION_TRUNCATED, 0)
+        caption = tf.strings.strip(el["caption"])
+        if cfg.max_caption_chars:
+            caption = tf.strings.substr(caption, 0, cfg.max_caption_chars, unit="UTF8_CHAR")
+        out = dict(el, caption=caption, code=code, flags=flags, ids=ids, mask=mask)
+        del out["error"]
+        return out
+    ds = ds.map(validate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    # 3. running counts (exact per element), then keep the good records (and the sentinel).
+    n_counters = len(COUNTERS)
+    col = {name: i for i, name in enumerate(COUNTERS)}
+    reason_cols = [col[name] for name in SKIP_REASONS]
+    flag_cols = [(bit, col[name]) for bit, name in images.FLAG_NAMES.items()]
+
+    def count(state, el):
+        last, totals = state
+        gap = el["index"] - last - 1           # records the decoder could not decode
+        code = el["code"]
+        is_end = tf.equal(code, code_of[_END])
+        is_marker = tf.logical_or(is_end, tf.equal(code, code_of["truncated_shard"]))
+        ok = tf.equal(code, 0)
+        delta = tf.zeros([n_counters], tf.int64)
+        updates = [(col["read"], gap + tf.cast(tf.where(is_marker, 0, 1), tf.int64)),
+                   (col["kept"], tf.where(ok, 1, 0)),
+                   (col["undecodable"], gap)]
+        for i, c in enumerate(reason_cols):
+            updates.append((c, tf.where(tf.equal(code, i + 1), 1, 0)))
+        for bit, c in flag_cols:
+            has = tf.bitwise.bitwise_and(el["flags"], bit) > 0
+            updates.append((c, tf.where(tf.logical_and(ok, has), 1, 0)))
+        idx = tf.constant([[i] for i, _ in updates])
+        vals = tf.stack([tf.cast(v, tf.int64) for _, v in updates])
+        totals = totals + tf.tensor_scatter_nd_add(delta, idx, vals)
+        return (el["index"], totals), dict(el, counts=totals, end=is_end)
+    ds = ds.scan((tf.constant(-1, tf.int64), tf.zeros([n_counters], tf.int64)), count)
+    ds = ds.filter(lambda el: tf.logical_or(tf.equal(el["code"], 0), el["end"]))
+    if start_batch:
+        ds = ds.skip(int(start_batch) * local_batch)
+
+    # 4. the training view.
+    base = tf.random.experimental.stateless_fold_in(tf.constant([int(seed), 0], tf.int64),
+                                                    process_index)
+
+    def view(el):
+        s = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(base, el["index"]), 2)
+        image = images.square_crop_resize(el["image"], cfg.image_size, cfg.crop, seed=s[0],
+                                          method=cfg.resize_method)
+        out = {"image": image, "caption": el["caption"], "key": el["key"],
+               "_counts": el["counts"], "_end": el["end"]}
+        if cfg.context_length:
+            out["text_tokens"], out["text_mask"] = el["ids"], el["mask"]
+        if cfg.low_res_size:
+            low = degradations.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
+                                       seed=s[1])
+            out["low_res"] = tf.ensure_shape(low, [cfg.low_res_size, cfg.low_res_size, 3])
+        return out
+    ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=bool(cfg.repeat))
+    ds = ds.prefetch(cfg.prefetch)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch):
+    import tensorflow as tf
+
+    from unclip_jax.data.precompute import read_embeddings
+
+    ds = read_embeddings(cfg.paths)
+    if process_count > 1:
+        ds = ds.shard(process_count, process_index)
+    if cfg.repeat:
+        ds = ds.repeat()
+    if cfg.shuffle_buffer > 1:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=(int(seed) * 1_000_003 + process_index)
+                        % (2 ** 31 - 1), reshuffle_each_iteration=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if start_batch:
+        ds = ds.skip(int(start_batch))
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.prefetch(cfg.prefetch).with_options(options)
+
+
+def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: int | None = None,
+               process_count: int | None = None, start_batch: int = 0) -> Input:
+    """This process's batches of the input described by ``cfg`` (see default_input_config()).
+
+    Args:
+      cfg: an input ConfigDict or dict (unset fields take default_input_config()'s values).
+      global_batch_size: rows per step over all processes; each process gets
+        global_batch_size // process_count (must divide exactly).
+      seed: fixes file order, shuffle, random crops, caption choice and degradations.
+      process_index, process_count: default jax.process_index() / jax.process_count().
+      start_batch: resume at this position (the iterator's ``position`` when saved).
+    """
+    from unclip_jax.data.readers import process_defaults
+
+    cfg = _as_config(cfg)
+    process_index, process_count = process_defaults(process_index, process_count)
+    local_batch = _check(cfg, int(global_batch_size), process_count)
+    if start_batch < 0:
+        raise InputConfigError(f"start_batch must be >= 0, got {start_batch}.")
+    if cfg.kind == "embeddings":
+        ds = _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch)
+        return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=False)
+    ds = _build(cfg, local_batch, seed, process_index, process_count, start_batch)
+    return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=True)
+
+
+__all__ = ["COUNTERS", "Input", "InputConfigError", "KINDS", "default_input_config",
+           "make_input"]

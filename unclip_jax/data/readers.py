@@ -1,0 +1,476 @@
+"""Readers of image-caption data: webdataset tar shards, TFRecords, tfds datasets, image folders.
+
+Every reader returns a ``tf.data.Dataset`` of *raw records*, dicts of scalar ``tf.string``:
+
+  'key'          an identifier of the record (the webdataset key, the file path, the tfds id)
+  'image_bytes'  the encoded image file (JPEG / PNG / WebP / GIF / BMP), not decoded here
+  'caption'      the caption text, UTF-8
+  'error'        b'' for a good record; otherwise the reason this element is not a usable
+                 record (READER_ERRORS), e.g. b'truncated_shard' for the marker a damaged tar
+                 emits after its last good record. Markers carry empty bytes; the input
+                 pipeline counts them by reason and drops them. Readers never raise on bad
+                 data: damage becomes a marker, so that nothing is lost silently.
+
+Per-host sharding. ``process_index`` / ``process_count`` (default ``jax.process_index()`` /
+``jax.process_count()``) split the *files*: process i reads files i, i + n, i + 2n, ... of the
+sorted list, so the processes read disjoint sets whose union is everything. With fewer files
+than processes every process reads all files (in the same seeded order) and keeps every n-th
+record instead. tfds datasets are split with ``tfds.even_splits`` (contiguous example ranges).
+Note that file-level splitting gives processes as many records as their files hold, which need
+not be equal; with ``repeat=True`` (training) the streams are infinite, so this never stalls.
+
+Order. Each process shuffles the order of its own files with ``seed`` (reshuffled every epoch
+when ``repeat``, deterministically) and interleaves ``cycle_length`` files record by record; the
+record-level shuffle buffer lives in input_pipeline.py. Everything is deterministic given the
+seed (``tf.data.Options().deterministic = True``).
+
+Tar and TFRecord files are parsed in Python (``tarfile``; a 20-line TFRecord framing reader +
+``tf.train.Example`` protobuf parsing) inside ``tf.data.Dataset.from_generator``, one generator
+per file, because that is the only way to survive damage: TensorFlow's own TFRecord reader
+raises on a truncated file, and the ``webdataset`` package is not a dependency. TFRecord CRCs
+are not verified (a damaged length field is still caught by the size checks).
+
+Public API
+  read_webdataset(patterns, *, seed, process_index, process_count, repeat, cycle_length)
+  read_tfrecord(patterns, *, image_feature, caption_feature, key_feature, seed, ...)
+  read_tfds(name, *, split, data_dir, image_feature, caption_feature, caption_choice, seed, ...)
+  read_folder(patterns, *, seed, ...)
+  iter_tar_records(path), iter_tfrecord_records(path, ...), read_folder_record(path, root)
+                           the per-file Python generators (handy for inspecting a shard)
+  resolve_files(patterns), split_for_process(files, process_index, process_count)
+  RAW_SIGNATURE, READER_ERRORS, IMAGE_EXTENSIONS, ReaderError
+"""
+from __future__ import annotations
+
+import os
+import struct
+import tarfile
+from typing import Iterator, Sequence
+
+import tensorflow as tf
+
+from unclip_jax.errors import UserError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+CAPTION_EXTENSIONS = ("txt",)
+READER_ERRORS = ("truncated_shard", "unreadable_file", "missing_caption", "missing_image",
+                 "bad_record")
+"""Reasons a reader emits in 'error' (markers are counted by the pipeline under these names)."""
+
+RAW_SIGNATURE = {k: tf.TensorSpec((), tf.string)
+                 for k in ("key", "image_bytes", "caption", "error")}
+
+
+class ReaderError(UserError, ValueError):
+    """Input files that cannot be used as given (no file matches, bad feature names, ...)."""
+
+
+def _record(key=b"", image=b"", caption=b"", error=b"") -> dict:
+    as_bytes = lambda v: v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    return {"key": as_bytes(key), "image_bytes": as_bytes(image), "caption": as_bytes(caption),
+            "error": as_bytes(error)}
+
+
+def _marker(error: str, key="") -> dict:
+    return _record(key=key, error=error)
+
+
+# ----------------------------------------------------------------------------- files, sharding
+
+def resolve_files(patterns: str | Sequence[str], what: str = "files") -> list[str]:
+    """Sorted, de-duplicated files matching the glob ``patterns`` (one or a list)."""
+    if isinstance(patterns, (str, bytes)):
+        patterns = [patterns]
+    patterns = [os.fspath(p) for p in patterns]
+    if not patterns:
+        raise ReaderError(f"No input {what} given: set the input config's 'paths' to a list of "
+                          "glob patterns, e.g. ['/data/shards/*.tar'].")
+    files = set()
+    for pattern in patterns:
+        files.update(tf.io.gfile.glob(pattern))
+    if not files:
+        raise ReaderError(f"No {what} match {patterns}. Check the paths (globs are expanded "
+                          "with tf.io.gfile.glob) or the working directory.")
+    return sorted(files)
+
+
+def process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fill in ``jax.process_index()`` / ``jax.process_count()`` and check the pair."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = int(process_index), int(process_count)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ReaderError(f"process_index must be in [0, process_count), got process_index="
+                          f"{process_index}, process_count={process_count}.")
+    return process_index, process_count
+
+
+def split_for_process(files: Sequence[str], process_index: int,
+                      process_count: int) -> tuple[list[str], bool]:
+    """This process's files and whether records must be sharded instead (fewer files than
+    processes: every process reads all files and keeps every ``process_count``-th record)."""
+    files = list(files)
+    if len(files) >= process_count:
+        return files[process_index::process_count], False
+    return files, process_count > 1
+
+
+def _file_order(files: Sequence[str], seed: int, repeat: bool, shuffle: bool) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
+    if shuffle and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=int(seed), reshuffle_each_iteration=True)
+    return ds.repeat() if repeat else ds
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def _from_files(files, make_dataset, *, seed, process_index, process_count, repeat,
+                cycle_length, shuffle_files=True) -> tf.data.Dataset:
+    process_index, process_count = process_defaults(process_index, process_count)
+    mine, shard_records = split_for_process(files, process_index, process_count)
+    ds = _file_order(mine, seed, repeat, shuffle_files)
+    ds = ds.interleave(make_dataset, cycle_length=max(1, min(cycle_length, len(mine))),
+                       block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shard_records:
+        ds = ds.shard(process_count, process_index)
+    return _options(ds)
+
+
+def _generator_dataset(generator):
+    def make(path):
+        return tf.data.Dataset.from_generator(generator, args=(path,),
+                                              output_signature=RAW_SIGNATURE)
+    return make
+
+
+def _as_str(path) -> str:
+    return path.decode("utf-8") if isinstance(path, bytes) else str(path)
+
+
+# ----------------------------------------------------------------------------- webdataset tars
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    directory, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+def _group_record(key: str, group: dict) -> dict:
+    image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
+    caption = next((group[e] for e in CAPTION_EXTENSIONS if e in group), None)
+    if image is None:
+        return _marker("missing_image", key)
+    if caption is None:
+        return _marker("missing_caption", key)
+    return _record(key, image, caption)
+
+
+def _has_end_of_archive(f, offset: int) -> bool:
+    """Whether an uncompressed tar has its end-of-archive zero block at ``offset``."""
+    f.seek(offset)
+    block = f.read(512)
+    return len(block) == 512 and not block.strip(b"\0")
+
+
+def iter_tar_records(path) -> Iterator[dict]:
+    """Raw records of one webdataset tar shard (members KEY.ext grouped by KEY, in order).
+
+    Groups need an image (IMAGE_EXTENSIONS) and a caption (.txt); other members (.json, ...)
+    are ignored. On damage (a truncated or corrupt archive, a read error) the generator yields
+    the complete groups before it, then one ``truncated_shard`` marker, and stops.
+    """
+    path = _as_str(path)
+    key, group = None, {}
+    try:
+        tf.io.gfile.stat(path)  # GFile opens lazily: find a missing file here
+        f = tf.io.gfile.GFile(path, "rb")
+    except Exception:  # noqa: BLE001 - any failure to open is reported, never raised
+        yield _marker("unreadable_file", path)
+        return
+    with f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    member_key, ext = _split_member(member.name)
+                    if member_key != key:
+                        if key is not None:
+                            yield _group_record(key, group)
+                        key, group = member_key, {}
+                    group[ext] = tar.extractfile(member).read()
+                end_offset = tar.offset
+                compressed = tar.fileobj is not f
+            if key is not None:
+                yield _group_record(key, group)
+                key = None
+            # tarfile stops silently when a file is cut exactly between members: an
+            # uncompressed archive must end with a zero block.
+            if not compressed and not _has_end_of_archive(f, end_offset):
+                yield _marker("truncated_shard", path)
+        except Exception:  # noqa: BLE001 - tarfile.ReadError, EOFError, zlib.error, OSError...
+            if key is not None and any(e in group for e in IMAGE_EXTENSIONS) and \
+                    any(e in group for e in CAPTION_EXTENSIONS):
+                yield _group_record(key, group)  # the damage came after a complete record
+            yield _marker("truncated_shard", path)
+
+
+def read_webdataset(patterns, *, seed: int = 0, process_index: int | None = None,
+                    process_count: int | None = None, repeat: bool = False,
+                    cycle_length: int = 8, shuffle_files: bool = True) -> tf.data.Dataset:
+    """Raw records of webdataset tar shards (img2dataset's layout: KEY.jpg + KEY.txt [+ .json])."""
+    files = resolve_files(patterns, "tar shards")
+    return _from_files(files, _generator_dataset(iter_tar_records), seed=seed,
+                       process_index=process_index, process_count=process_count, repeat=repeat,
+                       cycle_length=cycle_length, shuffle_files=shuffle_files)
+
+
+# ----------------------------------------------------------------------------- TFRecords
+
+def _iter_tfrecord_payloads(f, size: int) -> Iterator[bytes | None]:
+    """Payloads of a TFRecord file (uint64 length, uint32 crc, data, uint32 crc); None marks
+    damage (the file is truncated or a length is impossible), after which it stops."""
+    while True:
+        header = f.read(12)
+        if not header:
+            return
+        if len(header) < 12:
+            yield None
+            return
+        (length,) = struct.unpack("<Q", header[:8])
+        if length > size - f.tell():
+            yield None
+            return
+        data = f.read(length)
+        footer = f.read(4)
+        if len(data) < length or len(footer) < 4:
+            yield None
+            return
+        yield data
+
+
+def _bytes_feature(example, name: str):
+    if name not in example.features.feature:
+        return None
+    values = example.features.feature[name].bytes_list.value
+    return values[0] if values else None
+
+
+def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: str = "caption",
+                          key_feature: str = "key") -> Iterator[dict]:
+    """Raw records of one TFRecord file of ``tf.train.Example`` protos (bytes features).
+
+    A record whose proto does not parse is a ``bad_record`` marker, one without the image or
+    caption feature a ``missing_image`` / ``missing_caption`` marker; a truncated file ends
+    with a ``truncated_shard`` marker. Keys: the ``key_feature`` if present, else PATH:INDEX.
+    """
+    path = _as_str(path)
+    image_feature, caption_feature, key_feature = (_as_str(x) for x in
+                                                   (image_feature, caption_feature, key_feature))
+    try:
+        size = tf.io.gfile.stat(path).length
+        f = tf.io.gfile.GFile(path, "rb")
+    except Exception:  # noqa: BLE001
+        yield _marker("unreadable_file", path)
+        return
+    with f:
+        for index, payload in enumerate(_iter_tfrecord_payloads(f, size)):
+            if payload is None:
+                yield _marker("truncated_shard", path)
+                return
+            key = f"{path}:{index}"
+            try:
+                example = tf.train.Example.FromString(payload)
+            except Exception:  # noqa: BLE001 - google.protobuf.message.DecodeError
+                yield _marker("bad_record", key)
+                continue
+            key = _bytes_feature(example, key_feature) or key
+            image = _bytes_feature(example, image_feature)
+            caption = _bytes_feature(example, caption_feature)
+            if image is None:
+                yield _marker("missing_image", key)
+            elif caption is None:
+                yield _marker("missing_caption", key)
+            else:
+                yield _record(key, image, caption)
+
+
+def read_tfrecord(patterns, *, image_feature: str = "image", caption_feature: str = "caption",
+                  key_feature: str = "key", seed: int = 0, process_index: int | None = None,
+                  process_count: int | None = None, repeat: bool = False,
+                  cycle_length: int = 8, shuffle_files: bool = True) -> tf.data.Dataset:
+    """Raw records of TFRecord files of tf.train.Example (encoded image bytes + caption bytes)."""
+    files = resolve_files(patterns, "TFRecord files")
+    names = (image_feature, caption_feature, key_feature)
+
+    def make(path):
+        return tf.data.Dataset.from_generator(iter_tfrecord_records, args=(path, *names),
+                                              output_signature=RAW_SIGNATURE)
+    return _from_files(files, make, seed=seed, process_index=process_index,
+                       process_count=process_count, repeat=repeat, cycle_length=cycle_length,
+                       shuffle_files=shuffle_files)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _folder_images(patterns) -> list[tuple[str, str]]:
+    """(image path, root) for every image under the directories / image files ``patterns``."""
+    if isinstance(patterns, (str, bytes)):
+        patterns = [patterns]
+    found = []
+    for match in resolve_files(patterns, "image folders"):
+        if tf.io.gfile.isdir(match):
+            for directory, _, names in tf.io.gfile.walk(match):
+                for name in names:
+                    if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+                        found.append((os.path.join(directory, name), match))
+        elif match.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+            found.append((match, os.path.dirname(match)))
+    if not found:
+        raise ReaderError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {patterns}. "
+                          "The folder reader wants IMG.png + IMG.txt side by side.")
+    return sorted(set(found))
+
+
+def read_folder_record(path, root) -> dict:
+    """The raw record of one image file and its caption file (same name, .txt)."""
+    path, root = _as_str(path), _as_str(root)
+    key = os.path.splitext(os.path.relpath(path, root))[0]
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            image = f.read()
+    except Exception:  # noqa: BLE001
+        return _marker("unreadable_file", key)
+    caption_path = os.path.splitext(path)[0] + ".txt"
+    try:
+        with tf.io.gfile.GFile(caption_path, "rb") as f:
+            caption = f.read()
+    except Exception:  # noqa: BLE001 - NotFoundError and friends
+        return _marker("missing_caption", key)
+    return _record(key, image, caption)
+
+
+def read_folder(patterns, *, seed: int = 0, process_index: int | None = None,
+                process_count: int | None = None, repeat: bool = False,
+                shuffle_files: bool = True) -> tf.data.Dataset:
+    """Raw records of image files with caption files beside them (IMG.png + IMG.txt), found
+    recursively under the directories matched by ``patterns``. Sharded by image file."""
+    pairs = _folder_images(patterns)
+    process_index, process_count = process_defaults(process_index, process_count)
+    mine, shard_records = split_for_process(pairs, process_index, process_count)
+    paths = tf.constant([p for p, _ in mine])
+    roots = tf.constant([r for _, r in mine])
+    ds = tf.data.Dataset.from_tensor_slices((paths, roots))
+    if shuffle_files and len(mine) > 1:
+        ds = ds.shuffle(len(mine), seed=int(seed), reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    if shard_records:
+        ds = ds.shard(process_count, process_index)
+
+    def read(path, root):
+        def py(p, r):
+            rec = read_folder_record(p, r)
+            return tuple(rec[k] for k in RAW_SIGNATURE)
+        out = tf.numpy_function(py, [path, root], [tf.string] * 4, stateful=False)
+        return {k: tf.ensure_shape(v, ()) for k, v in zip(RAW_SIGNATURE, out)}
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds)
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def _feature(example, name: str):
+    value = example
+    for part in name.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            have = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise ReaderError(f"The tfds dataset has no feature '{name}' (at '{part}': have "
+                              f"{have}). Set image_feature / caption_feature in the input config.")
+        value = value[part]
+    return value
+
+
+def read_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
+              image_feature: str = "image", caption_feature: str = "caption",
+              caption_choice: str = "random", seed: int = 0, process_index: int | None = None,
+              process_count: int | None = None, repeat: bool = False,
+              shuffle_files: bool = True) -> tf.data.Dataset:
+    """Raw records of a prepared tfds dataset read from ``data_dir`` (never downloads).
+
+    ``caption_feature`` may be a path into nested features ('captions/text' for
+    coco_captions); when it holds a sequence of captions, ``caption_choice`` picks one per
+    example: 'first', or 'random' (seeded by (seed, position in the stream), so each epoch may
+    pick another). Images are read still encoded (tfds.decode.SkipDecoding).
+    """
+    import tensorflow_datasets as tfds
+
+    if caption_choice not in ("first", "random"):
+        raise ReaderError(f"caption_choice must be 'first' or 'random', got {caption_choice!r}.")
+    if name == "shapes":
+        try:  # registers the builder class; without it tfds reads the prepared files anyway
+            import unclip_jax.data.shapes_builder  # noqa: F401
+        except ImportError:
+            pass
+    process_index, process_count = process_defaults(process_index, process_count)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends
+        raise ReaderError(f"tfds dataset '{name}' not found in data_dir={data_dir!r}: {e}. "
+                          "Prepare it there first (tfds build / download_and_prepare); the "
+                          "input pipeline never downloads.") from None
+    if split not in builder.info.splits and "[" not in split:
+        raise ReaderError(f"tfds dataset '{name}' has no split '{split}' (have "
+                          f"{sorted(builder.info.splits)}). Set tfds_split in the input config.")
+    if process_count > 1:
+        split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    top_image = image_feature.split("/")[0]
+    read_config = tfds.ReadConfig(add_tfds_id=True, shuffle_seed=int(seed),
+                                  shuffle_reshuffle_each_iteration=True)
+    try:
+        ds = builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                read_config=read_config,
+                                decoders={top_image: tfds.decode.SkipDecoding()})
+    except Exception as e:  # noqa: BLE001 - AssertionError "not prepared" and friends
+        raise ReaderError(f"tfds dataset '{name}' (split {split}) cannot be read from "
+                          f"data_dir={data_dir!r}: {e}. Prepare it there first; the input "
+                          "pipeline never downloads.") from None
+    if repeat:
+        ds = ds.repeat()
+    caption_spec = _feature(ds.element_spec, caption_feature)
+    _feature(ds.element_spec, image_feature)
+    if caption_spec.dtype != tf.string:
+        raise ReaderError(f"tfds feature '{caption_feature}' is {caption_spec.dtype.name}, not "
+                          "text. Set caption_feature to a Text feature.")
+    sequence = caption_spec.shape.rank == 1
+
+    def to_raw(index, ex):
+        caption = _feature(ex, caption_feature)
+        if sequence:
+            n = tf.shape(caption, out_type=tf.int64)[0]
+            if caption_choice == "first":
+                pick = tf.constant(0, tf.int64)
+            else:
+                s = tf.random.experimental.stateless_fold_in(
+                    tf.constant([int(seed), 7], tf.int64), index)
+                pick = tf.random.stateless_uniform((), s, 0, tf.maximum(n, 1), tf.int64)
+            caption = tf.cond(n > 0, lambda: tf.gather(caption, tf.minimum(pick, n - 1)),
+                              lambda: tf.constant(""))
+        return {"key": ex["tfds_id"], "image_bytes": _feature(ex, image_feature),
+                "caption": caption, "error": tf.constant(b"")}
+    ds = ds.enumerate().map(to_raw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _options(ds)
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "RAW_SIGNATURE", "READER_ERRORS", "ReaderError", "iter_tar_records",
+    "iter_tfrecord_records", "process_defaults", "read_folder", "read_folder_record",
+    "read_tfds", "read_tfrecord", "read_webdataset", "resolve_files", "split_for_process",
+]
