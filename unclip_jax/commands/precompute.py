@@ -1,0 +1,97 @@
+"""``unclip-jax precompute``: CLIP embeddings of a dataset, written once as TFRecord shards."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "Pre-compute CLIP text/image embeddings of a dataset into TFRecord shards."
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "precompute", help=HELP,
+        description=HELP + " Writes embeds-NNNNN-of-NNNNN.tfrecord files and manifest.json to "
+        "--out; read them with unclip_jax.data.precompute.read_embeddings(OUT).")
+    p.add_argument("--clip", required=True, metavar="DIR",
+                   help="Hugging Face CLIPModel folder (config.json + model.safetensors).")
+    p.add_argument("--out", required=True, metavar="DIR", help="Empty folder for the shards.")
+    p.add_argument("--input", required=True, metavar="SPEC",
+                   help="'shapes:SPLIT' (Shapes generated on the fly from --seed; needs --num), "
+                   "'tfds:NAME:SPLIT' (a built TFDS dataset with 'image' and 'caption' features, "
+                   "from --data-dir), or 'config' (unclip_jax.data.input_pipeline.make_input over "
+                   "--config's input settings; needs --num).")
+    p.add_argument("--config", help="Config file[:arg] for --input config (its 'input' field, "
+                   "else 'data', else the whole config, goes to make_input).")
+    p.add_argument("--data-dir", metavar="DIR", help="TFDS data folder for --input tfds:...")
+    p.add_argument("--num", type=int, help="Number of examples (default: the whole split).")
+    p.add_argument("--seed", type=int, default=0, help="Shapes / reader seed (default: 0).")
+    p.add_argument("--batch-size", type=int, default=64, help="Encoder batch (default: 64).")
+    p.add_argument("--hidden", action="store_true", help="Also store the text hidden states.")
+    p.add_argument("--hidden-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--image-size", type=int, help="Also store the images (PNG) at this size.")
+    p.add_argument("--examples-per-shard", type=int, default=10_000)
+    p.set_defaults(func=run)
+    return p
+
+
+def _input_batches(args, overrides):
+    from unclip_jax.data import precompute as pc
+    from unclip_jax.errors import UserError
+    kind, _, rest = args.input.partition(":")
+    if kind == "shapes":
+        split = rest or "train"
+        if not args.num:
+            raise UserError("--input shapes:SPLIT generates examples on the fly: give their "
+                            "number with --num N.")
+        return pc.shapes_batches(args.seed, split, args.num, args.batch_size)
+    if kind == "tfds":
+        name, _, split = rest.rpartition(":")
+        if not name or not split or not args.data_dir:
+            raise UserError("--input tfds:NAME:SPLIT needs a dataset name, a split and "
+                            "--data-dir, e.g. --input tfds:shapes/tiny:train --data-dir DIR.")
+        import tensorflow_datasets as tfds
+        if name.split("/")[0] == "shapes":
+            from unclip_jax.data import shapes_builder  # noqa: F401  (registers "shapes")
+        ds = tfds.load(name, split=split, data_dir=args.data_dir, download=False)
+        ds = ds.map(lambda ex: {"image": ex["image"], "caption": ex["caption"]})
+        return tfds.as_numpy(ds.batch(args.batch_size))
+    if kind == "config":
+        if not args.config or not args.num:
+            raise UserError("--input config needs --config FILE[:arg] and --num N (readers for "
+                            "training repeat forever).")
+        try:
+            from unclip_jax.data.input_pipeline import make_input
+        except ImportError as e:
+            raise UserError(f"--input config needs unclip_jax.data.input_pipeline.make_input, "
+                            f"which cannot be imported here ({e}); use --input shapes:SPLIT or "
+                            "tfds:NAME:SPLIT.") from None
+        from unclip_jax import config as config_lib
+        cfg = config_lib.load_config(args.config, overrides)
+        data_cfg = next((cfg[k] for k in ("input", "data") if k in cfg), cfg)
+        return make_input(data_cfg, global_batch_size=args.batch_size, seed=args.seed,
+                          process_index=0, process_count=1)
+    raise UserError(f"Unknown --input {args.input!r}; use shapes:SPLIT, tfds:NAME:SPLIT or config.")
+
+
+def run(args, overrides) -> int:
+    from unclip_jax.errors import UserError
+    if overrides and not args.config:
+        raise UserError("--config.* overrides need --config (they apply to --input config).")
+    import os
+
+    from unclip_jax import clip
+    from unclip_jax.data import precompute as pc
+    batches = _input_batches(args, overrides)
+    if not os.path.isdir(args.clip):
+        raise FileNotFoundError(f"--clip {args.clip!r} is not a folder; pass a Hugging Face "
+                                "CLIPModel folder (config.json + model.safetensors).")
+    model = clip.from_pretrained(args.clip)
+    manifest = pc.precompute(
+        model, batches, args.out, batch_size=args.batch_size, with_hidden=args.hidden,
+        hidden_dtype=args.hidden_dtype, image_size=args.image_size,
+        examples_per_shard=args.examples_per_shard, max_examples=args.num,
+        clip_source=os.path.abspath(args.clip))
+    report = pc.validate_shards(args.out)
+    print(f"wrote {manifest['count']} examples in {len(manifest['files'])} shards to {args.out} "
+          f"({manifest['seconds']} s); fields {manifest['fields']}; validated: {report['good']} "
+          f"good, {report['bad']} bad")
+    return 0 if report["bad"] == 0 else 1
