@@ -3,7 +3,8 @@
 Commands:
   unclip-jax config --config configs/ar_prior.py:size=paper       print the resolved config
   unclip-jax train  --config configs/ar_prior.py:size=paper --workdir runs/ar_prior
-      (the trainer arrives with the data/trainer issue; `train` is not a command yet)
+  unclip-jax train  --config configs/ar_prior.py:runlocal --workdir runs/ar_prior_tiny
+      (rerun the same command to resume; the quantiser is fitted before step 0 and saved)
 
 Sizes are the presets of `unclip_jax.models.ar_prior.PRESETS`:
   paper  Table 3's latent decoder: 384 positions (63 caption + z_t + dot + 319 z_i tokens),
@@ -26,6 +27,7 @@ about 0.06 for the unconditional model (tests/test_ar_prior_stage.py).
 import ml_collections
 
 from unclip_jax.config import parse_arg
+from unclip_jax.data.input_pipeline import input_config
 from unclip_jax.models.ar_prior import PRESETS
 
 
@@ -62,4 +64,20 @@ def get_config(arg=None):
     c.sample = ml_collections.ConfigDict(dict(
         guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0, num_candidates=2))
     c.log_every = 50 if local else 100
+    if local:
+        c.input = ml_collections.ConfigDict(dict(
+            kind="synthetic_prior", num_concepts=16, dim=PRESETS[size]["embed_dim"],
+            text_width=PRESETS[size]["text_width"], context_length=PRESETS[size]["text_context"],
+            task_seed=0))
+    else:  # precomputed CLIP embeddings (unclip_jax.data.input_pipeline)
+        c.input = input_config(kind="embeddings", context_length=0)  # --config.input.paths=DIR
+    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
+        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
+        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=100 if arg.runlocal else 10_000, keep=3, async_save=False))
+    c.eval_every = 0 if arg.runlocal else 10_000
+    c.optimizer.accum_steps = 1
     return c

@@ -3,7 +3,7 @@
 Commands:
   unclip-jax config --config configs/clip.py:size=ViT-L/14     print the resolved config
   unclip-jax train  --config configs/clip.py:size=small --workdir runs/clip_small
-      (the trainer arrives with the data/trainer issue; `train` is not a command yet)
+      (rerun the same command to resume)
 
 Sizes are the presets of `unclip_jax.clip.model.PRESETS`: tiny, small (the Shapes demo's CLIP),
 ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14-336 (OpenAI) and ViT-H/14 (open_clip, LAION-2B). Any
@@ -20,6 +20,7 @@ import ml_collections
 
 from unclip_jax.clip.model import get_preset
 from unclip_jax.config import parse_arg
+from unclip_jax.data.input_pipeline import input_config
 
 
 def get_config(arg=None):
@@ -42,4 +43,15 @@ def get_config(arg=None):
         grad_clip_norm=1.0))
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=2 if arg.runlocal else 2000))
     c.log_every = 1 if arg.runlocal else 50
+    c.input = input_config(  # --config.input.paths='["shards/*.tar"]' (or kind=tfds ...)
+        kind="webdataset", image_size=c.model.image_size, context_length=c.model.context_length)
+    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
+        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
+        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=10 if arg.runlocal else 5_000, keep=3, async_save=False))
+    c.eval_every = 0 if arg.runlocal else 0
+    c.optimizer.accum_steps = 1
     return c

@@ -3,8 +3,7 @@
 Commands:
   unclip-jax config --config configs/decoder.py:size=karlo      print the resolved config
   unclip-jax train  --config configs/decoder.py:size=paper --workdir runs/decoder
-      (the trainer arrives with the data/trainer issue; `train` is not a command yet, and
-      unclip_jax.train.decoder_stage holds the loss and the train_step it will drive)
+      (rerun the same command to resume; sample grids go to WORKDIR/samples/)
 
 Sizes (the `model` fields are unclip_jax.models.decoder.DecoderConfig):
   paper  Table 3: ADM UNet 512 channels, 3 res blocks, mult 1,2,3,4, heads of 64 channels at
@@ -29,6 +28,7 @@ loss of a tiny model falls when it overfits a fixed batch (tests/test_decoder_st
 import ml_collections
 
 from unclip_jax.config import parse_arg
+from unclip_jax.data.input_pipeline import input_config
 
 _COMMON = dict(image_size=64, image_channels=3, out_channels=6, channel_mult=(1, 2, 3, 4),
                num_res_blocks=3, attention_levels=(1, 2, 3), mid_attention=True, head_dim=64,
@@ -71,4 +71,15 @@ def get_config(arg=None):
         warmup_steps=0 if arg.runlocal else 10_000, grad_clip_norm=1.0))
     c.ema_decay = 0.0 if arg.runlocal else 0.9999
     c.log_every = 1 if arg.runlocal else 500
+    c.input = input_config(  # --config.input.paths=DIR (unclip-jax precompute output)
+        kind="embeddings", image_size=c.model.image_size, context_length=0)
+    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
+        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
+        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=10 if arg.runlocal else 10_000, keep=3, async_save=False))
+    c.eval_every = 10 if arg.runlocal else 10_000
+    c.optimizer.accum_steps = 1
     return c

@@ -3,8 +3,8 @@
 Commands:
   unclip-jax config --config configs/diffusion_prior.py:size=karlo     print the resolved config
   unclip-jax train  --config configs/diffusion_prior.py:size=paper --workdir runs/prior
-      (the trainer arrives with the data/trainer issue; `train` is not a command yet, and
-      unclip_jax.train.diffusion_prior_stage holds the loss and the train_step it will drive)
+  unclip-jax train  --config configs/diffusion_prior.py:runlocal --workdir runs/prior_tiny
+      (rerun the same command to resume; launch/README.md for pods and clusters)
 
 Sizes (unclip_jax.models.diffusion_prior.PRESETS):
   paper  Table 3: ViT-H/16 embeddings (1024), 2048 wide, 24 layers, 32 heads x 64, 256 text
@@ -27,6 +27,7 @@ import dataclasses
 import ml_collections
 
 from unclip_jax.config import parse_arg
+from unclip_jax.data.input_pipeline import input_config
 from unclip_jax.models.diffusion_prior import get_preset
 from unclip_jax.models.prior_sampling import PriorSamplingConfig
 
@@ -63,4 +64,19 @@ def get_config(arg=None):
         c.data = ml_collections.ConfigDict(dict(name="synthetic_embeddings", num_concepts=8,
                                                 dim=32, text_width=32, context_length=8))
     c.log_every = 50 if arg.runlocal else 500
+    if size == "tiny":
+        c.input = ml_collections.ConfigDict(dict(
+            kind="synthetic_prior", num_concepts=8, dim=32, text_width=32, context_length=8,
+            task_seed=0))
+    else:  # precomputed CLIP embeddings (unclip_jax.data.input_pipeline)
+        c.input = input_config(kind="embeddings", context_length=0)  # --config.input.paths=DIR
+    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
+        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
+        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=100 if arg.runlocal else 10_000, keep=3, async_save=False))
+    c.eval_every = 200 if arg.runlocal else 10_000
+    c.optimizer.accum_steps = 1
     return c

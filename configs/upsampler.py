@@ -3,8 +3,7 @@
 Commands:
   unclip-jax config --config configs/upsampler.py:size=paper_256     print the resolved config
   unclip-jax train  --config configs/upsampler.py:size=paper_1024 --workdir runs/sr1024
-      (the trainer arrives with the data/trainer issue; `train` is not a command yet, and
-      unclip_jax.train.decoder_stage holds the loss and the train_step it will drive)
+      (rerun the same command to resume; sample grids go to WORKDIR/samples/)
 
 Sizes (the `model` fields are unclip_jax.models.upsampler.SuperResConfig):
   paper_256   Table 3, 64 -> 256: 320 channels, 3 res blocks, mult 1,2,3,4, no attention,
@@ -28,6 +27,7 @@ runs at 32x32 with a loss close to its crop loss (tests/test_decoder_stage.py pr
 import ml_collections
 
 from unclip_jax.config import parse_arg
+from unclip_jax.data.input_pipeline import input_config
 
 _COMMON = dict(image_channels=3, out_channels=3, groups=32, norm_eps=1e-5, scale_shift=True,
                resblock_updown=True, time_embed_dim=None, flip_sin_to_cos=True, freq_shift=0.0,
@@ -78,4 +78,16 @@ def get_config(arg=None):
         warmup_steps=0 if arg.runlocal else 10_000, grad_clip_norm=1.0))
     c.ema_decay = 0.0 if arg.runlocal else 0.9999
     c.log_every = 1 if arg.runlocal else 500
+    c.input = input_config(  # --config.input.paths='["shards/*.tar"]' (or kind=tfds ...)
+        kind="webdataset", image_size=target, low_res_size=low, context_length=0,
+        low_res_degradation=degradation)
+    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
+        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
+        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=10 if arg.runlocal else 10_000, keep=3, async_save=False))
+    c.eval_every = 10 if arg.runlocal else 10_000
+    c.optimizer.accum_steps = 1
     return c

@@ -1,0 +1,37 @@
+"""Training stage of CLIP from scratch: the symmetric contrastive loss (Radford et al. 2021).
+
+A batch holds ``image`` [B, H, W, 3] in [-1, 1] (the input pipeline's convention), ``text_tokens``
+[B, L] int and ``text_mask`` [B, L] bool. Images are mapped to CLIP's normalisation (OpenAI
+mean/std) inside the step; the loss is :func:`unclip_jax.clip.loss.contrastive_loss` over the
+GLOBAL batch (under ``jit`` with a sharded batch the arrays are global, so every other row of
+every device is a negative). Metrics: both retrieval accuracies and the logit scale.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from unclip_jax.clip.loss import contrastive_loss
+from unclip_jax.clip.preprocess import OPENAI_MEAN, OPENAI_STD
+
+BATCH_KEYS = ("image", "text_tokens", "text_mask")
+
+
+def to_clip_pixels(image):
+    """[-1, 1] images -> CLIP-normalised pixels."""
+    x = (jnp.asarray(image, jnp.float32) + 1.0) * 0.5
+    return (x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
+
+
+def make_loss_fn():
+    """``loss_fn(clip_model, batch, rng) -> (loss, metrics)`` for the shared train step."""
+
+    def loss_fn(model, batch, rng):
+        del rng  # CLIP trains without dropout
+        out = model(jnp.asarray(batch["text_tokens"]), to_clip_pixels(batch["image"]),
+                    attention_mask=jnp.asarray(batch["text_mask"]))
+        loss, metrics = contrastive_loss(out["text_embeds"], out["image_embeds"],
+                                         out["logit_scale"])
+        metrics.pop("loss")
+        return loss, metrics
+
+    return loss_fn

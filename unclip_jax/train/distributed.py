@@ -1,0 +1,104 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` from flags or the environment.
+
+Where each setting comes from, first match wins:
+
+  coordinator address   --coordinator-address, $JAX_COORDINATOR_ADDRESS, else (under SLURM)
+                        the first host of $SLURM_STEP_NODELIST / $SLURM_JOB_NODELIST with port
+                        $JAX_COORDINATOR_PORT (default 12345)
+  number of processes   --num-processes, $JAX_NUM_PROCESSES, $SLURM_NTASKS, else 1
+  this process's id     --process-id, $JAX_PROCESS_ID, $SLURM_PROCID, else 0
+
+With one process nothing is initialised. On CPU (tests, ``launch/local.py``) the cross-process
+collectives use gloo, which must be chosen before JAX creates its backend. TPU pods need no
+flags: with ``JAX_AUTO_DISTRIBUTED=1`` (launch/tpu_pod.sh sets it) ``jax.distributed.initialize()``
+finds everything itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from unclip_jax.errors import UserError
+
+
+class DistributedError(UserError, ValueError):
+    """Inconsistent multi-process settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    coordinator_address: str | None
+    num_processes: int
+    process_id: int
+    local_device_ids: tuple[int, ...] | None = None
+    auto: bool = False       # let jax find everything (TPU pods, supported clusters)
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,007],cpu01' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _int(value, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"{what} must be an integer, got {value!r}.") from None
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, local_device_ids: str | None = None,
+            env: dict | None = None) -> ProcessSettings:
+    """The settings for this process (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    if env.get("JAX_AUTO_DISTRIBUTED") == "1" and num_processes is None:
+        return ProcessSettings(None, 0, 0, auto=True)   # TPU pods: jax finds everything
+    n = num_processes if num_processes is not None else (
+        env.get("JAX_NUM_PROCESSES") or env.get("SLURM_NTASKS") or 1)
+    n = _int(n, "The number of processes")
+    pid = process_id if process_id is not None else (
+        env.get("JAX_PROCESS_ID") or env.get("SLURM_PROCID") or 0)
+    pid = _int(pid, "The process id")
+    addr = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if not addr and n > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if nodelist:
+            addr = f"{_first_host(nodelist)}:{env.get('JAX_COORDINATOR_PORT', '12345')}"
+    ids = None
+    if local_device_ids:
+        ids = tuple(_int(i, "--local-device-ids") for i in str(local_device_ids).split(",") if i)
+    if n < 1 or not 0 <= pid < n:
+        raise DistributedError(f"Process id {pid} is not in [0, {n}): pass --process-id between "
+                               "0 and --num-processes - 1.")
+    if n > 1 and not addr:
+        raise DistributedError(f"{n} processes need a coordinator: pass --coordinator-address "
+                               "HOST:PORT (the same for every process) or set "
+                               "JAX_COORDINATOR_ADDRESS.")
+    return ProcessSettings(addr, n, pid, ids)
+
+
+def initialize(settings: ProcessSettings) -> None:
+    """Start the distributed runtime when there is more than one process. Call it before any
+    other JAX call (it must precede backend creation)."""
+    import jax
+    if settings.auto:
+        jax.distributed.initialize()
+        return
+    if settings.num_processes <= 1:
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    if "cpu" in platforms.split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=settings.coordinator_address,
+                               num_processes=settings.num_processes,
+                               process_id=settings.process_id,
+                               local_device_ids=list(settings.local_device_ids)
+                               if settings.local_device_ids else None)
