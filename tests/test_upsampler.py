@@ -86,14 +86,16 @@ def test_loader_refusals(tmp_path):
 
 
 def test_resize_low_res_matches_torch_bicubic():
-    """The conditioning resize is torch's bicubic, as diffusers' UnCLIPPipeline upsamples."""
+    """The conditioning resize is torch's antialiased bicubic, as diffusers' UnCLIPPipeline
+    upsamples (``F.interpolate(..., mode='bicubic', antialias=True)``)."""
     rng = np.random.default_rng(0)
     for shape, size in [((2, 16, 16, 3), 64), ((5, 12, 3), (20, 48))]:
         low = rng.uniform(-1, 1, shape).astype(np.float32)
         out = np.asarray(resize_low_res(low, size))
         t = torch.from_numpy(low if low.ndim == 4 else low[None]).permute(0, 3, 1, 2)
         hw = (size, size) if isinstance(size, int) else size
-        ref = torch.nn.functional.interpolate(t, size=hw, mode="bicubic", align_corners=False)
+        ref = torch.nn.functional.interpolate(t, size=hw, mode="bicubic", align_corners=False,
+                                              antialias=True)
         ref = ref.permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(out, ref if low.ndim == 4 else ref[0], atol=1e-5)
     clipped = np.asarray(resize_low_res(np.sign(low), 64, clip=True))

@@ -15,12 +15,10 @@ trained with a plain loss; Karlo's released upsampler predicts epsilon only, 3 c
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from unclip_jax.models.layers import abstract_init, count_params  # noqa: F401 (re-exported)
@@ -86,47 +84,23 @@ class SuperRes(nnx.Module):
         return self.unet(x, t, deterministic=deterministic, rng=rng)
 
 
-def _cubic_matrix(n_in: int, n_out: int, a: float) -> np.ndarray:
-    """[n_out, n_in] weights of 1-D cubic convolution resampling with half-pixel centres and
-    replicated edges (torch.nn.functional.interpolate(mode='bicubic', align_corners=False))."""
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
-    for o in range(n_out):
-        src = (o + 0.5) * scale - 0.5
-        i0 = math.floor(src)
-        frac = src - i0
-        for off in (-1, 0, 1, 2):
-            x = abs(frac - off)
-            if x <= 1:
-                w = ((a + 2) * x - (a + 3)) * x * x + 1
-            elif x < 2:
-                w = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-            else:
-                w = 0.0
-            m[o, min(max(i0 + off, 0), n_in - 1)] += w
-    return m.astype(np.float32)
-
-
-def resize_low_res(low_res: Array, size: int | tuple[int, int], clip: bool = False,
-                   a: float = -0.75) -> Array:
+def resize_low_res(low_res: Array, size: int | tuple[int, int], clip: bool = False) -> Array:
     """Bicubic upsampling of the low-resolution image to the upsampler's size (jit-able).
 
     ``low_res``: [H, W, C] or [B, H, W, C], any float range; ``size``: int or (h, w). The kernel
-    is torch's bicubic (a = -0.75, half-pixel centres, edges replicated), the resize Karlo /
-    diffusers' UnCLIPPipeline applies to the decoder's output before its super-res UNet, so
-    imported weights see the input they were trained on. ``clip`` clamps to [-1, 1] (bicubic
-    overshoots a little at edges; diffusers does not clamp). Meant for upsampling: shrinking
-    with it aliases.
+    is torch's ``interpolate(mode='bicubic', antialias=True)`` (Keys a = -0.5, half-pixel
+    centres, weights renormalised at the borders), which is what diffusers' UnCLIPPipeline
+    applies to the decoder's output before its super-res UNet, so imported weights see the
+    input they were trained on; ``jax.image.resize``'s 'bicubic' is that kernel. Training and
+    sampling both use this function. ``clip`` clamps to [-1, 1] (bicubic overshoots a little at
+    edges; diffusers does not clamp).
     """
     if getattr(low_res, "ndim", None) not in (3, 4):
         raise ValueError(f"resize_low_res: expected [H, W, C] or [B, H, W, C], got shape "
                          f"{getattr(low_res, 'shape', None)}.")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    low_res = jnp.asarray(low_res)
-    mh = jnp.asarray(_cubic_matrix(low_res.shape[-3], h, a))
-    mw = jnp.asarray(_cubic_matrix(low_res.shape[-2], w, a))
-    out = jnp.einsum("oh,...hwc->...owc", mh, low_res.astype(jnp.float32))
-    out = jnp.einsum("pw,...owc->...opc", mw, out)
+    low_res = jnp.asarray(low_res, jnp.float32)
+    out = jax.image.resize(low_res, low_res.shape[:-3] + (h, w, low_res.shape[-1]), "bicubic")
     return jnp.clip(out, -1.0, 1.0) if clip else out
 
 
