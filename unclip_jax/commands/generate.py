@@ -1,0 +1,106 @@
+"""``unclip-jax generate``: text -> images with an unclip-jax pipeline folder.
+
+    unclip-jax generate --checkpoint DIR --prompt "a red circle at the top left" \
+        --num-images 4 --seed 0 --out out/generate
+
+Writes one PNG per image (``{prompt index}_{image index}.png``) and ``grid.png`` (one row per
+prompt). Stage settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
+defaults) and can be overridden with the flags below. Without ``--checkpoint`` the bundled Shapes
+model is used once it ships with the package; until then the command says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from unclip_jax.errors import UserError
+
+BUNDLED_SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "assets", "shapes_pipeline")
+
+
+class GenerateError(UserError, ValueError):
+    """A generate flag that cannot be used as given."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="Generate images from captions with a pipeline folder.",
+        description="Caption -> CLIP text encoding -> prior -> decoder -> upsamplers. Writes one "
+        "PNG per image and grid.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="An unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained or "
+                   "`unclip-jax convert`). Default: the bundled Shapes model (not shipped yet).")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", required=True,
+                   help="A caption (repeat the flag for several).")
+    p.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
+    p.add_argument("--seed", type=int, default=0, help="Same seed, same images.")
+    p.add_argument("--out", default="out/generate", help="Output folder.")
+    p.add_argument("--prior", choices=("diffusion", "ar", "none"), default="diffusion",
+                   help="Which prior makes z_i ('none': the decoder conditioned on z_t, the "
+                   "paper's no-prior baseline).")
+    p.add_argument("--prior-steps", type=int, help="Prior sampling steps (manifest default).")
+    p.add_argument("--prior-guidance", type=float, help="Prior guidance scale.")
+    p.add_argument("--best-of", type=int, help="Prior candidates per image (keep the best by "
+                   "z_i . z_t).")
+    p.add_argument("--decoder-steps", type=int, help="Decoder sampling steps.")
+    p.add_argument("--decoder-guidance", type=float, help="Decoder guidance scale.")
+    p.add_argument("--decoder-sampler", choices=("unclip", "ddpm", "ddim", "dpm++"),
+                   help="Decoder sampler.")
+    p.add_argument("--super-res-steps", type=int, help="Upsampler steps.")
+    p.add_argument("--upsample", type=int, help="How many upsampling stages to run "
+                   "(default: all the folder has).")
+    p.set_defaults(func=run)
+
+
+def resolve_checkpoint(path: str | None) -> str:
+    if path:
+        return path
+    if os.path.isfile(os.path.join(BUNDLED_SHAPES, "unclip.json")):
+        return BUNDLED_SHAPES
+    raise GenerateError("No --checkpoint given, and the bundled Shapes model is not part of this "
+                        "release yet; pass --checkpoint DIR, a pipeline folder written by "
+                        "UnCLIPPipeline.save_pretrained or `unclip-jax convert`.")
+
+
+def _grid(images, rows: int):
+    n, h, w, c = images.shape
+    cols = n // rows
+    return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def run(args, overrides) -> int:
+    prompts = list(args.prompt)
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise GenerateError(f"--prompt number {empty[0] + 1} is empty; give every --prompt a "
+                            "caption.")
+    if args.num_images < 1:
+        raise GenerateError(f"--num-images must be at least 1, got {args.num_images}.")
+    path = resolve_checkpoint(args.checkpoint)
+
+    import time
+
+    from PIL import Image
+
+    from unclip_jax.pipeline import UnCLIPPipeline
+    start = time.time()
+    pipe = UnCLIPPipeline.from_pretrained(path)
+    pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    images = pipe.generate(
+        prompts, num_images=args.num_images, seed=args.seed, prior=args.prior,
+        upsample=args.upsample,
+        prior_settings=pick(steps=args.prior_steps, guidance_scale=args.prior_guidance,
+                            best_of=args.best_of) if args.prior == "diffusion" else
+        pick(guidance_scale=args.prior_guidance, best_of=args.best_of),
+        decoder_settings=pick(steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
+                              sampler=args.decoder_sampler),
+        super_res_settings=pick(steps=args.super_res_steps))
+    os.makedirs(args.out, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
+    Image.fromarray(_grid(images, len(prompts))).save(os.path.join(args.out, "grid.png"))
+    print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} and grid.png to "
+          f"{args.out} in {time.time() - start:.1f}s")
+    return 0

@@ -1,0 +1,324 @@
+"""Convert a diffusers ``UnCLIPPipeline`` folder (Karlo) into an unclip-jax pipeline folder.
+
+    convert_diffusers_pipeline(src, dst, allow_pickle=False, dtype=None) -> report
+
+The source is what ``UnCLIPPipeline.save_pretrained`` writes (or a download of
+kakaobrain/karlo-v1-alpha):
+
+    model_index.json
+    prior/            PriorTransformer                      -> 'prior' (DiffusionPrior)
+    text_encoder/     transformers CLIPTextModelWithProjection -> 'text_encoder' (CLIPText)
+                      (a full CLIPModel there, with its vision tower, -> 'clip' (CLIP))
+    tokenizer/        CLIPTokenizer: must be CLIP's BPE vocabulary (checked against ours when
+                      vocab.json is present); its model_max_length and pad token are kept
+    text_proj/ + decoder/   UnCLIPTextProjModel + UNet2DConditionModel -> 'decoder' (Decoder)
+    super_res_first/, super_res_last/   UNet2DModel -> 'super_res_first' / 'super_res_last'
+    prior_scheduler/, decoder_scheduler/, super_res_scheduler/   UnCLIPScheduler configs
+                      -> the manifest's sampling defaults (variance, clipping, prediction type)
+
+Weights are read from safetensors only. A component with only pickled weights (``*.bin``) is
+refused unless ``allow_pickle=True``; then it is read with ``torch.load(weights_only=True)``
+(tensors only, no code) and staged as safetensors before the usual loader reads it. fp16
+variant files (``*.fp16.safetensors``) are used when the plain file is absent. Every tensor is
+accounted for: a missing, unexpected or misshapen tensor in any component stops the conversion
+with a list of their names (nothing is written). Components are converted one at a time and freed,
+so peak memory is about one component; the output folder appears only when complete.
+
+The text encoder: diffusers ships only CLIP's text tower with its projection, so it is stored as
+class 'CLIPText' under the name 'text_encoder' (parameter names equal the text side of our full
+CLIP); a folder that also holds the vision tower is stored as a full 'CLIP' under 'clip'.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from unclip_jax.errors import UserError
+
+REQUIRED = ("prior", "text_encoder", "tokenizer", "text_proj", "decoder")
+OPTIONAL = ("super_res_first", "super_res_last")
+SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+_STEMS = {"text_encoder": "model"}  # everything else: diffusion_pytorch_model
+# diffusers UnCLIPPipeline.__call__ defaults.
+PIPELINE_CALL_DEFAULTS = dict(prior_steps=25, decoder_steps=25, super_res_steps=7,
+                              prior_guidance_scale=4.0, decoder_guidance_scale=8.0)
+
+
+class ConvertError(UserError, ValueError):
+    """A source folder that cannot be converted; the message says what is wrong and what to do.
+    ``missing`` / ``unexpected`` list tensor names when the cause is a tensor mismatch."""
+
+    def __init__(self, message: str, missing=(), unexpected=()):
+        super().__init__(message)
+        self.missing, self.unexpected = list(missing), list(unexpected)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path} is missing; expected a folder written by diffusers "
+                           "UnCLIPPipeline.save_pretrained.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path} must hold a JSON object.")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: safetensors, fp16 variants, and (only when allowed) pickles staged as safetensors
+# --------------------------------------------------------------------------------------------
+
+def _stage_component(src: str, name: str, stage_root: str, allow_pickle: bool) -> str:
+    """A folder with config.json and STEM.safetensors for component ``name`` (``src`` itself
+    when it already has them; else a staged copy under ``stage_root``)."""
+    folder = os.path.join(src, name)
+    stem = _STEMS.get(name, "diffusion_pytorch_model")
+    files = os.listdir(folder)
+    if f"{stem}.safetensors" in files or f"{stem}.safetensors.index.json" in files:
+        return folder
+    staged = os.path.join(stage_root, name)
+    os.makedirs(staged, exist_ok=True)
+    for f in files:
+        if f.endswith(".json"):
+            shutil.copy(os.path.join(folder, f), staged)
+    variants = sorted(f for f in files if f.startswith(stem + ".") and f.endswith(".safetensors"))
+    if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors
+        os.symlink(os.path.abspath(os.path.join(folder, variants[0])),
+                   os.path.join(staged, f"{stem}.safetensors"))
+        return staged
+    pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if not pickled:
+        raise ConvertError(f"{folder} has no weights ({stem}.safetensors); the folder is "
+                           "incomplete.")
+    if not allow_pickle:
+        raise ConvertError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}), which are not loaded by "
+            "default because unpickling can run code. Re-save the pipeline with safetensors "
+            "(diffusers save_pretrained does by default), or pass --allow-pickle to read them "
+            "with torch.load(weights_only=True).")
+    import numpy as np
+    import torch
+
+    from unclip_jax.export import write_safetensors
+    tensors: dict[str, Any] = {}
+    for f in pickled:
+        try:
+            sd = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (torch raises many kinds)
+            raise ConvertError(f"{os.path.join(folder, f)} cannot be read with "
+                               f"torch.load(weights_only=True): {e}") from None
+        if not isinstance(sd, dict):
+            raise ConvertError(f"{os.path.join(folder, f)} is not a state dict.")
+        for k, v in sd.items():
+            if not torch.is_tensor(v):
+                raise ConvertError(f"{os.path.join(folder, f)}: entry {k!r} is not a tensor.")
+            tensors[k] = np.ascontiguousarray(v.detach().float().numpy())
+    write_safetensors(os.path.join(staged, f"{stem}.safetensors"), tensors)
+    return staged
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+def _as_convert_error(name: str, e: Exception) -> ConvertError:
+    return ConvertError(f"Component {name}/: {e}", getattr(e, "missing", ()),
+                        getattr(e, "unexpected", ()))
+
+
+def load_text_encoder(folder: str, *, dtype: str = "float32"):
+    """A transformers CLIPTextModelWithProjection (or CLIPModel) folder -> (name, module)."""
+    from unclip_jax.clip import hf_import
+    from unclip_jax.export import CLIPTextEncoder
+    from unclip_jax.models.layers import abstract_init
+    from unclip_jax.torch_weights import TensorFiles, load_into, weight_files
+
+    cfg = _read_json(os.path.join(folder, "config.json"))
+    tensors = TensorFiles(weight_files(folder, "model", "transformers save_pretrained"))
+    if cfg.get("model_type") == "clip" or any(n.startswith("vision_model.") for n in tensors.names()):
+        return "clip", hf_import.from_pretrained(folder, dtype=dtype)
+    if cfg.get("model_type") not in (None, "clip_text_model"):
+        raise ConvertError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; "
+                           "expected a CLIP text encoder ('clip_text_model').")
+    vision = {"hidden_act": cfg.get("hidden_act", "quick_gelu"),
+              "layer_norm_eps": cfg.get("layer_norm_eps", 1e-5)}
+    full = {"model_type": "clip", "text_config": cfg, "vision_config": vision,
+            "projection_dim": cfg.get("projection_dim", 512)}
+    config = hf_import.config_from_hf(full, dtype=dtype)
+    table = {p: v for p, v in hf_import.param_map(config).items()
+             if p[0] in ("text", "text_projection")}
+    abstract = abstract_init(lambda: CLIPTextEncoder(config, __import__("flax").nnx.Rngs(0)))
+    module = load_into(abstract, table, tensors, path=folder,
+                       what="CLIP text encoder (with projection) built from its config.json",
+                       ignore=lambda n: n.endswith(hf_import.IGNORED_SUFFIXES),
+                       param_dtype=config.params_dtype)
+    return "text_encoder", module
+
+
+def _tokenizer_settings(folder: str) -> dict:
+    """The manifest's tokenizer section from a CLIPTokenizer folder (vocabulary checked)."""
+    from unclip_jax.clip.tokenizer import Tokenizer
+    cfg = {}
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(path):
+        cfg = _read_json(path)
+    ctx = cfg.get("model_max_length", 77)
+    if not isinstance(ctx, int) or ctx > 10_000:
+        ctx = 77
+    ours = Tokenizer(context_length=ctx)
+    vocab_file = os.path.join(folder, "vocab.json")
+    if os.path.isfile(vocab_file):
+        vocab = _read_json(vocab_file)
+        if vocab != ours.encoder:
+            raise ConvertError(f"{vocab_file} is not CLIP's BPE vocabulary (the one unclip-jax "
+                               "ships); a pipeline with another tokenizer cannot be converted.")
+    pad = cfg.get("pad_token")
+    if isinstance(pad, dict):
+        pad = pad.get("content")
+    pad_id = ours.encoder.get(pad, ours.eot_id) if isinstance(pad, str) else ours.eot_id
+    return {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6", "context_length": ctx,
+            "pad_id": int(pad_id)}
+
+
+def _scheduler_settings(src: str, name: str) -> dict:
+    path = os.path.join(src, name, "scheduler_config.json")
+    cfg = _read_json(path)
+    if cfg.get("_class_name", "UnCLIPScheduler") != "UnCLIPScheduler":
+        raise ConvertError(f"{path}: scheduler {cfg.get('_class_name')!r} is not supported; "
+                           "expected UnCLIPScheduler.")
+    if cfg.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
+        raise ConvertError(f"{path}: beta_schedule {cfg['beta_schedule']!r}; UnCLIPScheduler "
+                           "supports only 'squaredcos_cap_v2'.")
+    clip = cfg.get("clip_sample", True)
+    return dict(schedule="cosine", num_train_steps=int(cfg.get("num_train_timesteps", 1000)),
+                float32_cumprod=True, sampler="unclip",
+                variance=cfg.get("variance_type", "fixed_small_log"),
+                clip_range=float(cfg.get("clip_sample_range", 1.0)) if clip else None,
+                prediction_type=cfg.get("prediction_type", "epsilon"))
+
+
+def _expect_prediction(s: dict, want: str, where: str) -> dict:
+    got = s.pop("prediction_type")
+    if got != want:
+        raise ConvertError(f"{where}: prediction_type {got!r}; the {where.split('_')[0]} stage "
+                           f"of unCLIP predicts {want!r}.")
+    return s
+
+
+def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *,
+                               allow_pickle: bool = False, dtype: str | None = None,
+                               log=None) -> dict[str, Any]:
+    """Convert; returns {'components': {name: {'class', 'params', 'tensors'}}, 'sampling'}.
+
+    ``dtype`` narrows float storage in the output ('float16' / 'bfloat16'; default float32).
+    ``log`` (e.g. print) receives one line per converted component.
+    """
+    from unclip_jax import export
+    from unclip_jax.convert.diffusers import load_decoder, load_prior, load_super_res
+    from unclip_jax.torch_weights import CheckpointError
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.isdir(src):
+        raise ConvertError(f"Source folder {src!r} does not exist; pass a diffusers "
+                           "UnCLIPPipeline folder (UnCLIPPipeline.save_pretrained).")
+    index_path = os.path.join(src, "model_index.json")
+    if os.path.isfile(index_path):
+        cls = _read_json(index_path).get("_class_name")
+        if cls not in (None, "UnCLIPPipeline"):
+            raise ConvertError(f"{index_path} describes a {cls}; expected an UnCLIPPipeline.")
+    missing = [d for d in REQUIRED + SCHEDULERS[:2] if not os.path.isdir(os.path.join(src, d))]
+    if missing:
+        raise ConvertError(f"{src} lacks the subfolder(s) {', '.join(m + '/' for m in missing)}; "
+                           "expected a diffusers UnCLIPPipeline folder.")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ConvertError("--out must differ from the source folder.")
+    present_sr = [d for d in OPTIONAL if os.path.isdir(os.path.join(src, d))]
+
+    # Everything cheap is checked before any weights are read.
+    tokenizer = _tokenizer_settings(os.path.join(src, "tokenizer"))
+    prior_s = _expect_prediction(_scheduler_settings(src, "prior_scheduler"), "sample",
+                                 "prior_scheduler")
+    dec_s = _expect_prediction(_scheduler_settings(src, "decoder_scheduler"), "epsilon",
+                               "decoder_scheduler")
+    d = PIPELINE_CALL_DEFAULTS
+    sampling: dict[str, Any] = {
+        "prior": dict(prior_s, steps=d["prior_steps"], guidance_scale=d["prior_guidance_scale"],
+                      best_of=1, eta=0.0),
+        "decoder": dict(dec_s, steps=d["decoder_steps"],
+                        guidance_scale=d["decoder_guidance_scale"], eta=0.0),
+        "super_res": [],
+    }
+    if present_sr:
+        if not os.path.isdir(os.path.join(src, "super_res_scheduler")):
+            raise ConvertError(f"{src} has {present_sr[0]}/ but no super_res_scheduler/.")
+        sr_s = _expect_prediction(_scheduler_settings(src, "super_res_scheduler"), "epsilon",
+                                  "super_res_scheduler")
+        size = _read_json(os.path.join(src, present_sr[0], "config.json")).get("sample_size")
+        if not isinstance(size, int):
+            raise ConvertError(f"{src}/{present_sr[0]}/config.json needs an int sample_size "
+                               "(the upsampled image size).")
+        sampling["super_res"] = [dict(sr_s, models=present_sr, size=size,
+                                      steps=d["super_res_steps"], eta=0.0)]
+    dec_cfg = _read_json(os.path.join(src, "decoder", "config.json"))
+    dec_size = dec_cfg.get("sample_size", 64)
+
+    report: dict[str, Any] = {"components": {}, "sampling": sampling}
+    stage_root = tempfile.mkdtemp(prefix="unclip-convert-")
+
+    def write(tmp: str) -> None:
+        entries = {}
+
+        def keep(name: str, module) -> None:
+            entries[name] = export.save_component(tmp, name, module, dtype=dtype,
+                                                  update_manifest=False)
+            flat = export.flat_state(module)
+            params = sum(int(v[...].size) for v in flat.values())
+            report["components"][name] = {"class": entries[name]["class"], "params": params,
+                                          "tensors": len(flat)}
+            if log:
+                log(f"  {name}: {entries[name]['class']}, {params:,} values in "
+                    f"{len(flat)} tensors")
+
+        jobs = [("text_encoder", lambda: load_text_encoder(
+                    _stage_component(src, "text_encoder", stage_root, allow_pickle))),
+                ("prior", lambda: ("prior", load_prior(
+                    _stage_component(src, "prior", stage_root, allow_pickle)))),
+                ("decoder", lambda: ("decoder", _load_decoder(src, stage_root, allow_pickle,
+                                                              dec_size, load_decoder)))]
+        jobs += [(n, (lambda n=n: (n, load_super_res(
+            _stage_component(src, n, stage_root, allow_pickle))))) for n in present_sr]
+        for source, job in jobs:
+            try:
+                name, module = job()
+            except (CheckpointError, ConvertError, ValueError) as e:  # config problems too
+                raise _as_convert_error(source, e) from None
+            keep(name, module)
+            del module
+        export.save_manifest(tmp, components=entries, tokenizer=tokenizer, sampling=sampling,
+                             replace=True)
+
+    try:
+        export.save_folder_atomically(dst, write)
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+    return report
+
+
+def _load_decoder(src, stage_root, allow_pickle, size, load_decoder):
+    dec = _stage_component(src, "decoder", stage_root, allow_pickle)
+    proj = _stage_component(src, "text_proj", stage_root, allow_pickle)
+    root = src
+    if dec != os.path.join(src, "decoder") or proj != os.path.join(src, "text_proj"):
+        root = os.path.join(stage_root, "_decoder_root")
+        os.makedirs(root, exist_ok=True)
+        for name, folder in (("decoder", dec), ("text_proj", proj)):
+            link = os.path.join(root, name)
+            if not os.path.exists(link):
+                os.symlink(os.path.abspath(folder), link)
+    return load_decoder(root, image_size=int(size))
