@@ -49,7 +49,7 @@ def get_config(arg=None):
     sampling = dataclasses.asdict(PriorSamplingConfig(
         sampler="ddim", steps=16 if arg.runlocal else 64, num_candidates=2,
         guidance_scale=1.0 if size == "tiny" else 4.0,
-        clamp=10.0 if size == "karlo" else None))
+        clamp=5.0 if size == "karlo" else None))  # Karlo: UnCLIPScheduler clip_sample_range 5
     c.sampling = ml_collections.ConfigDict(sampling)
 
     c.batch_size = 64 if arg.runlocal else 4096
