@@ -88,14 +88,17 @@ def test_convert_then_generate_cli(karlo, tmp_path, capsys):
     assert Image.open(imgs / "grid.png").size == (32, 16)
 
 
-def test_generate_errors_are_one_line(tmp_path, capsys):
+def test_generate_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import unclip_jax.assets
+    monkeypatch.setattr(unclip_jax.assets, "SHAPES", str(tmp_path / "no_bundle"))
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "unclip.json").write_text("{}")
     assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", " "]) == 2
     assert "is empty" in capsys.readouterr().err
     assert cli.main(["generate", "--prompt", "a red circle"]) == 2
     err = capsys.readouterr().err
-    assert "bundled Shapes model" in err and "--checkpoint" in err
+    assert "bundled Shapes model is missing" in err and "--checkpoint" in err
     assert cli.main(["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -15,8 +15,7 @@ import os
 
 from unclip_jax.errors import UserError
 
-BUNDLED_SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "assets", "shapes_pipeline")
+from unclip_jax.assets import SHAPES as BUNDLED_SHAPES, resolve_checkpoint  # noqa: F401
 
 
 class GenerateError(UserError, ValueError):
@@ -52,16 +51,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--upsample", type=int, help="How many upsampling stages to run "
                    "(default: all the folder has).")
     p.set_defaults(func=run)
-
-
-def resolve_checkpoint(path: str | None) -> str:
-    if path:
-        return path
-    if os.path.isfile(os.path.join(BUNDLED_SHAPES, "unclip.json")):
-        return BUNDLED_SHAPES
-    raise GenerateError("No --checkpoint given, and the bundled Shapes model is not part of this "
-                        "release yet; pass --checkpoint DIR, a pipeline folder written by "
-                        "UnCLIPPipeline.save_pretrained or `unclip-jax convert`.")
 
 
 def _grid(images, rows: int):

@@ -1,0 +1,33 @@
+"""Files that ship with the package: the bundled Shapes model (an unclip-jax pipeline folder).
+
+``resolve_checkpoint(path)`` is how every command that loads a pipeline picks its folder: the
+``--checkpoint`` the user gave, else the bundled Shapes model. Kept free of JAX imports, so the
+commands' ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import os
+
+from unclip_jax.errors import UserError
+
+SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes")
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No pipeline folder where one was asked for."""
+
+
+def resolve_checkpoint(path: str | None) -> str:
+    """The pipeline folder to load: ``path`` if given, else the bundled Shapes model."""
+    if path:
+        if not os.path.isfile(os.path.join(path, "unclip.json")):
+            what = "does not exist" if not os.path.exists(path) else "has no unclip.json"
+            raise CheckpointNotFound(
+                f"--checkpoint {path} {what}; pass a pipeline folder written by "
+                "UnCLIPPipeline.save_pretrained, `unclip-jax export` or `unclip-jax convert`.")
+        return path
+    if os.path.isfile(os.path.join(SHAPES, "unclip.json")):
+        return SHAPES
+    raise CheckpointNotFound(
+        f"No --checkpoint given and the bundled Shapes model is missing from {SHAPES} (a broken "
+        "install?); reinstall the package or pass --checkpoint DIR.")
