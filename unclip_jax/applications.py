@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from unclip_jax.errors import UserError
+from unclip_jax.pipeline import decoder_model_fn
 
 MODES = ("fixed", "slerp_latent")
 DEFAULT_STEPS = 50
@@ -193,24 +194,6 @@ def _check_caption(name: str, caption: str) -> str:
 # The decoder's guided model, DDIM inversion and DDIM decoding
 # --------------------------------------------------------------------------------------------
 
-def _decoder_model_fn(model, cfg, zi, z_t, hidden, mask, uncond, scale: float):
-    """The guided decoder ``model_fn(x, t)`` exactly as :meth:`UnCLIPPipeline.decode` builds it:
-    unconditional rows use the learned null z_i and the empty caption's CLIP encoding."""
-    import jax.numpy as jnp
-
-    from unclip_jax.models.decoder import guided_decoder_fn
-    n = zi.shape[0]
-    un = None
-    if scale != 1.0 and cfg.text_encoder == "clip":
-        ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
-        un = dict(text_embed=ue if cfg.use_text_embed else None, text_hidden=uh, text_mask=um)
-    kw = dict(text_embed=z_t if cfg.use_text_embed else None)
-    if cfg.text_encoder == "clip":
-        kw.update(text_hidden=hidden, text_mask=mask)
-    fn = guided_decoder_fn(model, zi, guidance_scale=scale, uncond=un, **kw)
-    return lambda x, t: fn(x, t).astype(jnp.float32)
-
-
 def ddim_timesteps(num_train_steps: int, steps: int) -> np.ndarray:
     """The DDIM grid of the applications: a constant stride from timestep 0 (ADM's 'ddimN',
     diffusers' DDIM 'leading' spacing: 0, 20, ..., 980 for 50 of 1000), which stops short of the
@@ -274,7 +257,7 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     n = x0.shape[0]
     if zi.shape[0] != n:
         raise ApplicationError(f"{n} images but {zi.shape[0]} image embeddings.")
-    scale, refine, cfg = _guidance(pipe, guidance_scale), int(refine_iters), pipe.decoder.config
+    scale, refine = _guidance(pipe, guidance_scale), int(refine_iters)
     clip_kw = _clip_kw(clip_range)
     gd, state = pipe._split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
@@ -283,7 +266,7 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
         from flax import nnx
         with jax.ensure_compile_time_eval():
             schedule = _ddim_schedule(pipe, steps)
-        model_fn = _decoder_model_fn(nnx.merge(gd, state), cfg, zi, *rows, uncond, scale)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
         return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine, **clip_kw)
 
     key = (int(steps), scale, refine, tuple(sorted(clip_kw.items())))
@@ -314,7 +297,7 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
         raise ApplicationError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}.")
     if eta and rng is None:
         rng = jax.random.key(0)
-    scale, cfg = _guidance(pipe, guidance_scale), pipe.decoder.config
+    scale = _guidance(pipe, guidance_scale)
     clip_kw = _clip_kw(clip_range)
     gd, state = pipe._split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
@@ -323,7 +306,7 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
         from flax import nnx
         with jax.ensure_compile_time_eval():
             schedule = _ddim_schedule(pipe, steps)
-        model_fn = _decoder_model_fn(nnx.merge(gd, state), cfg, zi, *rows, uncond, scale)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
         x = diffusion.ddim_sample(model_fn, schedule, x_T, key, eta=eta, **clip_kw)
         return jnp.clip(x, -1.0, 1.0)
 

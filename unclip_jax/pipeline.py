@@ -180,6 +180,26 @@ def _freeze(s: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()))
 
 
+def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float):
+    """The guided decoder ``model_fn(x, t)`` (float32) of :meth:`UnCLIPPipeline.decode`: rows
+    conditioned on z_i and the caption, guided against the learned null z_i with the empty
+    caption's CLIP encoding ``uncond`` = (embed, hidden, mask), each [1, ...]."""
+    import jax.numpy as jnp
+
+    from unclip_jax.models.decoder import guided_decoder_fn
+    cfg = model.config
+    n = zi.shape[0]
+    un = None
+    if scale != 1.0 and cfg.text_encoder == "clip":
+        ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
+        un = dict(text_embed=ue if cfg.use_text_embed else None, text_hidden=uh, text_mask=um)
+    kw = dict(text_embed=z_t if cfg.use_text_embed else None)
+    if cfg.text_encoder == "clip":
+        kw.update(text_hidden=hidden, text_mask=mask)
+    fn = guided_decoder_fn(model, zi, guidance_scale=scale, uncond=un, **kw)
+    return lambda x, t: fn(x, t).astype(jnp.float32)
+
+
 def resize_bicubic(images, size: int | tuple[int, int]):
     """[B, h, w, C] -> [B, H, W, C]: the upsamplers' conditioning resize (torch's antialiased
     bicubic, as diffusers' UnCLIPPipeline), the same function their training uses."""
@@ -457,7 +477,6 @@ class UnCLIPPipeline:
         draws from ``rng``."""
         import jax
         import jax.numpy as jnp
-        from unclip_jax.models.decoder import guided_decoder_fn
         image_embed = jnp.asarray(image_embed, jnp.float32)
         n = image_embed.shape[0]
         p = np.asarray(text.tokens).shape[0]
@@ -481,19 +500,8 @@ class UnCLIPPipeline:
 
         def fn(state, zi, z_t, hidden, mask, x_T, key, noise, uncond):
             from flax import nnx
-            model = nnx.merge(gd, state)
-            n = zi.shape[0]
-            un = None
-            if scale != 1.0 and cfg.text_encoder == "clip":
-                ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
-                un = dict(text_embed=ue if cfg.use_text_embed else None, text_hidden=uh,
-                          text_mask=um)
-            kw = dict(text_embed=z_t if cfg.use_text_embed else None)
-            if cfg.text_encoder == "clip":
-                kw.update(text_hidden=hidden, text_mask=mask)
-            elif cfg.text_encoder == "transformer":
-                kw.update(text_tokens=None, text_mask=mask)
-            model_fn = guided_decoder_fn(model, zi, guidance_scale=scale, uncond=un, **kw)
+            model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond,
+                                        scale)
             x = run_sampler(model_fn, s, x_T, key, noise, prediction_type="epsilon",
                             learned_variance=cfg.learned_variance)
             return jnp.clip(x, -1.0, 1.0)
