@@ -15,7 +15,13 @@ from typing import Any
 import jax
 import optax
 
+from unclip_jax.errors import UserError
+
 SCHEDULES = ("constant", "cosine")
+
+
+class OptimizerConfigError(UserError, ValueError):
+    """Optimizer settings that cannot work together."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +38,13 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}.")
+            raise OptimizerConfigError(f"lr_schedule must be one of {SCHEDULES}, got "
+                                       f"{self.lr_schedule!r}.")
         if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError(f"A cosine schedule needs total_steps ({self.total_steps}) greater "
-                             f"than warmup_steps ({self.warmup_steps}).")
+            raise OptimizerConfigError(
+                f"A cosine schedule needs total_steps ({self.total_steps}) greater than "
+                f"warmup_steps ({self.warmup_steps}); lower --config.optimizer.warmup_steps or "
+                "raise --config.total_steps.")
 
 
 # Table 3 of the paper (all AdamW, beta1 0.9).

@@ -259,7 +259,9 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
             batches = inputs_lib.host_global_batches(
                 config.input, global_batch_size=batch_size, seed=config.seed + 7919,
                 count=stage.prepare_batches(config), keys=batch_keys)
-            model = nnx.merge(graphdef, abstract["params"], jax.device_get(state["rest"]))
+            # writable host copies: prepare() sets buffers (quantiser fit, embedding stats)
+            rest_host = jax.tree.map(np.array, jax.device_get(state["rest"]))
+            model = nnx.merge(graphdef, abstract["params"], rest_host)
             info = stage.prepare(model, config, batches)
             _, _, rest = step_lib.split_model(model)
             state["rest"] = jax.device_put(rest, state_sh["rest"])
