@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -574,27 +574,39 @@ class UnCLIPPipeline:
     def generate(self, prompts: str | Sequence[str], num_images: int = 1, seed: int = 0, *,
                  prior: str = "diffusion", upsample: int | None = None,
                  prior_settings: dict | None = None, decoder_settings: dict | None = None,
-                 super_res_settings: dict | None = None, return_float: bool = False):
+                 super_res_settings: dict | None = None, return_float: bool = False,
+                 progress: Callable[[str, int], None] | None = None):
         """Images for each prompt: uint8 [P * num_images, H, W, 3], prompt-major.
 
         ``upsample``: how many upsampling stages to run (default: all whose models are present).
-        ``*_settings`` override the stage defaults (e.g. ``{'steps': 10}``)."""
+        ``*_settings`` override the stage defaults (e.g. ``{'steps': 10}``). ``progress(stage,
+        total)`` is called as each stage finishes (stage 'prior', 'decoder', 'super_res_<i>';
+        total = the number of stages), e.g. to drive a progress bar."""
         import jax
         if num_images < 1:
             raise PipelineError(f"num_images must be at least 1, got {num_images}.")
         text = self.encode_text(prompts)
         k_prior, k_dec, k_sr = jax.random.split(jax.random.key(int(seed)), 3)
         ps = dict(prior_settings or {})
-        z_i = self.sample_image_embeds(text, k_prior, num_images=num_images, prior=prior, **ps)
-        x = self.decode(z_i, text, k_dec, num_images=num_images, **(decoder_settings or {}))
         available = [i for i, st in enumerate(self.settings["super_res"])
                      if any(m in self.super_res_models for m in st["models"])]
         n_up = len(available) if upsample is None else int(upsample)
         if n_up > len(available):
             raise PipelineError(f"upsample={n_up} but this pipeline has {len(available)} "
                                 "upsampling stage(s) with their models.")
+
+        def done(stage: str, value):
+            if progress is not None:
+                jax.block_until_ready(value)
+                progress(stage, 2 + n_up)
+            return value
+
+        z_i = done("prior", self.sample_image_embeds(text, k_prior, num_images=num_images,
+                                                     prior=prior, **ps))
+        x = done("decoder", self.decode(z_i, text, k_dec, num_images=num_images,
+                                        **(decoder_settings or {})))
         for i, key in zip(available[:n_up], jax.random.split(k_sr, max(n_up, 1))):
-            x = self.upsample(x, key, index=i, **(super_res_settings or {}))
+            x = done(f"super_res_{i}", self.upsample(x, key, index=i, **(super_res_settings or {})))
         if return_float:
             return np.asarray(x)
         return to_uint8(x)

@@ -30,12 +30,14 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained or "
-                   "`unclip-jax convert`). Default: the bundled Shapes model (not shipped yet).")
+                   "`unclip-jax convert`). Default: the bundled Shapes model.")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", required=True,
                    help="A caption (repeat the flag for several).")
     p.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
     p.add_argument("--seed", type=int, default=0, help="Same seed, same images.")
     p.add_argument("--out", default="out/generate", help="Output folder.")
+    p.add_argument("--grid", metavar="FILE", help="Where to write the grid of all images "
+                   "(default: OUT/grid.png).")
     p.add_argument("--prior", choices=("diffusion", "ar", "none"), default="diffusion",
                    help="Which prior makes z_i ('none': the decoder conditioned on z_t, the "
                    "paper's no-prior baseline).")
@@ -77,8 +79,16 @@ def run(args, overrides) -> int:
     start = time.time()
     pipe = UnCLIPPipeline.from_pretrained(path)
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    from tqdm import tqdm
+    bar = tqdm(desc="generate", unit="stage", leave=False)
+
+    def progress(stage, total):
+        bar.total = total
+        bar.set_postfix_str(stage, refresh=False)
+        bar.update(1)
+
     images = pipe.generate(
-        prompts, num_images=args.num_images, seed=args.seed, prior=args.prior,
+        prompts, num_images=args.num_images, seed=args.seed, prior=args.prior, progress=progress,
         upsample=args.upsample,
         prior_settings=pick(steps=args.prior_steps, guidance_scale=args.prior_guidance,
                             best_of=args.best_of) if args.prior == "diffusion" else
@@ -89,7 +99,10 @@ def run(args, overrides) -> int:
     os.makedirs(args.out, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
-    Image.fromarray(_grid(images, len(prompts))).save(os.path.join(args.out, "grid.png"))
-    print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} and grid.png to "
-          f"{args.out} in {time.time() - start:.1f}s")
+    bar.close()
+    grid = args.grid or os.path.join(args.out, "grid.png")
+    os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+    Image.fromarray(_grid(images, len(prompts))).save(grid)
+    print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
+          f"the grid to {grid} in {time.time() - start:.1f}s")
     return 0
