@@ -207,9 +207,11 @@ def _decoder_keys(c):
 def _ddim(model_fn, c, shape, rng, learned_variance):
     from unclip_jax import diffusion
     d = c.diffusion
-    base = diffusion.get_schedule(d.schedule, d.num_train_steps)
     steps = min(int(c.get("sampling", {}).get("steps", 16)), 16)
-    sched = diffusion.respace(base, diffusion.space_timesteps(d.num_train_steps, f"ddim{steps}"))
+    with jax.ensure_compile_time_eval():  # the schedule is host (float64) math, not traced
+        base = diffusion.get_schedule(d.schedule, d.num_train_steps)
+        sched = diffusion.respace(base, diffusion.space_timesteps(d.num_train_steps,
+                                                                  f"ddim{steps}"))
     k1, k2 = jax.random.split(rng)
     x_T = jax.random.normal(k1, shape)
 
