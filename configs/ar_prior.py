@@ -26,7 +26,7 @@ about 0.06 for the unconditional model (tests/test_ar_prior_stage.py).
 """
 import ml_collections
 
-from unclip_jax.config import parse_arg
+from unclip_jax.config import add_trainer_sections, parse_arg
 from unclip_jax.data.input_pipeline import input_config
 from unclip_jax.models.ar_prior import PRESETS
 
@@ -71,13 +71,6 @@ def get_config(arg=None):
             task_seed=0))
     else:  # precomputed CLIP embeddings (unclip_jax.data.input_pipeline)
         c.input = input_config(kind="embeddings", context_length=0)  # --config.input.paths=DIR
-    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
-        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
-        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=100 if arg.runlocal else 10_000, keep=3, async_save=False))
-    c.eval_every = 0 if arg.runlocal else 10_000
-    c.optimizer.accum_steps = 1
+    add_trainer_sections(c, checkpoint_every=100 if arg.runlocal else 10_000,
+                         eval_every=0 if arg.runlocal else 10_000)
     return c

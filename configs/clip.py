@@ -19,7 +19,7 @@ import dataclasses
 import ml_collections
 
 from unclip_jax.clip.model import get_preset
-from unclip_jax.config import parse_arg
+from unclip_jax.config import add_trainer_sections, parse_arg
 from unclip_jax.data.input_pipeline import input_config
 
 
@@ -45,13 +45,6 @@ def get_config(arg=None):
     c.log_every = 1 if arg.runlocal else 50
     c.input = input_config(  # --config.input.paths='["shards/*.tar"]' (or kind=tfds ...)
         kind="webdataset", image_size=c.model.image_size, context_length=c.model.context_length)
-    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
-        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
-        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=10 if arg.runlocal else 5_000, keep=3, async_save=False))
-    c.eval_every = 0 if arg.runlocal else 0
-    c.optimizer.accum_steps = 1
+    add_trainer_sections(c, checkpoint_every=10 if arg.runlocal else 5_000,
+                         eval_every=0 if arg.runlocal else 0)
     return c

@@ -27,7 +27,7 @@ loss of a tiny model falls when it overfits a fixed batch (tests/test_decoder_st
 """
 import ml_collections
 
-from unclip_jax.config import parse_arg
+from unclip_jax.config import add_trainer_sections, parse_arg
 from unclip_jax.data.input_pipeline import input_config
 
 _COMMON = dict(image_size=64, image_channels=3, out_channels=6, channel_mult=(1, 2, 3, 4),
@@ -73,13 +73,6 @@ def get_config(arg=None):
     c.log_every = 1 if arg.runlocal else 500
     c.input = input_config(  # --config.input.paths=DIR (unclip-jax precompute output)
         kind="embeddings", image_size=c.model.image_size, context_length=0)
-    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
-        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
-        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=10 if arg.runlocal else 10_000, keep=3, async_save=False))
-    c.eval_every = 10 if arg.runlocal else 10_000
-    c.optimizer.accum_steps = 1
+    add_trainer_sections(c, checkpoint_every=10 if arg.runlocal else 10_000,
+                         eval_every=10 if arg.runlocal else 10_000)
     return c

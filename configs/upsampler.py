@@ -26,7 +26,7 @@ runs at 32x32 with a loss close to its crop loss (tests/test_decoder_stage.py pr
 """
 import ml_collections
 
-from unclip_jax.config import parse_arg
+from unclip_jax.config import add_trainer_sections, parse_arg
 from unclip_jax.data.input_pipeline import input_config
 
 _COMMON = dict(image_channels=3, out_channels=3, groups=32, norm_eps=1e-5, scale_shift=True,
@@ -81,13 +81,6 @@ def get_config(arg=None):
     c.input = input_config(  # --config.input.paths='["shards/*.tar"]' (or kind=tfds ...)
         kind="webdataset", image_size=target, low_res_size=low, context_length=0,
         low_res_degradation=degradation)
-    # Trainer sections (unclip_jax.train.trainer): mesh, checkpoints, evals, accumulation.
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=1, fsdp=-1, tensor=1,  # -1: the devices the other axes leave
-        rules="embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor",
-        min_shard_bytes=1 << 16))   # smaller leaves stay replicated
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=10 if arg.runlocal else 10_000, keep=3, async_save=False))
-    c.eval_every = 10 if arg.runlocal else 10_000
-    c.optimizer.accum_steps = 1
+    add_trainer_sections(c, checkpoint_every=10 if arg.runlocal else 10_000,
+                         eval_every=10 if arg.runlocal else 10_000)
     return c

@@ -198,6 +198,27 @@ def split_overrides(argv: Sequence[str], prefix: str = "config") -> tuple[list[t
     return overrides, rest
 
 
+# The default logical-axis -> mesh-axis rules (FSDP; see unclip_jax/train/sharding.py).
+DEFAULT_SHARDING_RULES = "embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor"
+
+
+def add_trainer_sections(c: ConfigDict, *, checkpoint_every: int, eval_every: int,
+                         keep: int = 3) -> ConfigDict:
+    """The sections every training config shares (read by unclip_jax.train.trainer): ``mesh``
+    (sizes of the 'data', 'fsdp', 'tensor' axes, -1 = the devices the others leave; the
+    logical-axis rules; leaves under ``min_shard_bytes`` stay replicated), ``checkpoint``,
+    ``eval_every`` and ``optimizer.accum_steps`` (gradient accumulation)."""
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1,
+                                            rules=DEFAULT_SHARDING_RULES,
+                                            min_shard_bytes=1 << 16))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=checkpoint_every, keep=keep,
+                                                  async_save=False))
+    c.eval_every = eval_every
+    if "accum_steps" not in c.optimizer:
+        c.optimizer.accum_steps = 1
+    return c
+
+
 def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Sequence[str] = ()) -> ConfigDict:
     """Load a config file and apply overrides.
 

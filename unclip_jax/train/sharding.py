@@ -34,11 +34,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unclip_jax.config import DEFAULT_SHARDING_RULES
 from unclip_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-DEFAULT_RULES = "embed=fsdp,vocab=fsdp,conv_in=fsdp,mlp=tensor,heads=tensor,conv_out=tensor"
+DEFAULT_RULES = DEFAULT_SHARDING_RULES
 
 
 class MeshError(UserError, ValueError):
