@@ -1,0 +1,50 @@
+"""Tiny random pipeline folders for tests (a helper module, like torch_reference.py: test modules
+import it, never each other)."""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def materialise(make, seed):
+    """A module built abstractly and filled with small random numbers (fast: no init kernels)."""
+    from unclip_jax.models.layers import abstract_init
+    graphdef, state = nnx.split(abstract_init(make))
+    rng = np.random.default_rng(seed)
+    for path, var in state.flat_state():
+        dtype = np.dtype(var.dtype)
+        if not np.issubdtype(dtype, np.floating):
+            var.set_value(jnp.zeros(var.shape, var.dtype))
+        elif str(path[-1]) in ("scale", "clip_std"):
+            var.set_value(jnp.ones(var.shape, var.dtype))
+        else:
+            fan = var.shape[0] if len(var.shape) > 1 else 1
+            var.set_value(jnp.asarray(rng.standard_normal(var.shape) * 0.5 / fan ** 0.5,
+                                      var.dtype))
+    return nnx.merge(graphdef, state)
+
+
+def tiny_pipeline(path, *, ar_prior: bool = False, settings=None) -> str:
+    """Save a random pipeline to ``path``: tiny CLIP (both towers, for the applications), a
+    diffusion prior (and an AR prior), a 32 x 32 decoder (the Shapes judge's smallest size)."""
+    from unclip_jax import clip
+    from unclip_jax.models.ar_prior import ARPrior
+    from unclip_jax.models.ar_prior import get_preset as ar_preset
+    from unclip_jax.models.decoder import Decoder, DecoderConfig
+    from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
+    from unclip_jax.pipeline import UnCLIPPipeline
+    model = materialise(lambda: clip.CLIP(clip.get_preset("tiny"), rngs=nnx.Rngs(0)), 0)
+    prior = materialise(lambda: DiffusionPrior(PriorConfig(
+        embed_dim=64, context_length=77, num_heads=2, head_dim=16, num_layers=1,
+        embed_norm="mean_std"), rngs=nnx.Rngs(0)), 1)
+    ar = None
+    if ar_prior:
+        ar = materialise(lambda: ARPrior(ar_preset("tiny", embed_dim=64, text_width=64,
+                                                   text_context=8, num_components=8),
+                                         rngs=nnx.Rngs(0)), 2)
+        ar.quantizer.fitted[...] = jnp.ones((), jnp.int32)
+    dec = materialise(lambda: Decoder(DecoderConfig(
+        image_size=32, channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(),
+        head_dim=8, groups=4, clip_dim=64, context_dim=16, text_width=64), nnx.Rngs(0)), 3)
+    UnCLIPPipeline(clip=model, prior=prior, ar_prior=ar, decoder=dec,
+                   **({"settings": settings} if settings else {})).save_pretrained(path)
+    return str(path)

@@ -1,0 +1,181 @@
+"""``unclip-jax eval``: caption accuracy of a pipeline on the Shapes test split.
+
+    unclip-jax eval --checkpoint DIR --num-captions 500 --num-images 2 --seed 0 \
+        --table --out out/eval.md
+
+Prints the accuracy summary (one-object and two-object accuracy, each part, attribute binding,
+diversity, images/s), with ``--table`` the paper's comparisons (diffusion prior vs AR prior vs
+none; decoder guidance sweep; decoder sampler x steps), with ``--clip-metrics`` the CLIP score and
+FD-CLIP (the pipeline's own CLIP against the test split's true images), and with
+``--inception FILE`` the FID. ``--out FILE.md`` writes the same as markdown. Without
+``--checkpoint`` the bundled Shapes model (the same folder ``unclip-jax generate`` uses). The work
+is done by :mod:`unclip_jax.evaluate.shapes_eval`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from unclip_jax.errors import UserError
+
+
+class EvalCommandError(UserError, ValueError):
+    """An eval flag that cannot be used as given."""
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+    return parse
+
+
+def _list(name, kind):
+    def parse(text):
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a comma-separated list of {kind.__name__} values, got "
+                f"{text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} needs at least one value")
+        return values
+    return parse
+
+
+def add_parser(subparsers) -> None:
+    from unclip_jax.evaluate import shapes_eval as se  # numpy only: --help stays instant
+    p = subparsers.add_parser(
+        "eval", help="Caption accuracy of a pipeline on the Shapes test split.",
+        description="Generate images for captions of the Shapes TEST split, judge each exactly "
+        "against its caption and print one-object and two-object accuracy, each part, "
+        "attribute binding, layout diversity and speed; --table adds the paper's comparisons.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="An unclip-jax pipeline folder. Default: the bundled Shapes model.")
+    p.add_argument("--num-captions", type=_positive("--num-captions"), default=500,
+                   help="Test captions to evaluate (the first N of the test split).")
+    p.add_argument("--num-images", type=_positive("--num-images"), default=2,
+                   help="Images per caption (diversity needs 2 or more).")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed: same seed, same numbers.")
+    p.add_argument("--data-seed", type=int, default=se.DEFAULT_DATA_SEED,
+                   help="Seed of the Shapes dataset whose test split gives the captions.")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
+                   help="Images per pipeline call.")
+    p.add_argument("--prior", choices=se.PRIORS, default="diffusion",
+                   help="Prior for the summary ('none': the decoder conditioned on z_t).")
+    p.add_argument("--prior-steps", type=int, help="Prior sampling steps (None: the manifest's).")
+    p.add_argument("--prior-guidance", type=float, help="Prior guidance scale.")
+    p.add_argument("--decoder-steps", type=int, help="Decoder sampling steps.")
+    p.add_argument("--decoder-guidance", type=float, help="Decoder guidance scale.")
+    p.add_argument("--decoder-sampler", choices=("unclip",) + se.SAMPLERS,
+                   help="Decoder sampler.")
+    p.add_argument("--upsample", type=int,
+                   help="Upsampling stages to run (None: all the pipeline has).")
+    p.add_argument("--table", action="store_true",
+                   help="Also run the comparison table (prior kinds, decoder guidance sweep, "
+                   "decoder sampler x steps).")
+    p.add_argument("--table-captions", type=_positive("--table-captions"), default=100,
+                   help="Captions per row of the table (the first N of those evaluated).")
+    p.add_argument("--table-priors", type=_list("--table-priors", str), default=se.PRIORS,
+                   help="Priors of the table (those the pipeline has).")
+    p.add_argument("--table-guidance", type=_list("--table-guidance", float),
+                   default=se.GUIDANCE_SCALES, help="Decoder guidance scales of the table.")
+    p.add_argument("--table-samplers", type=_list("--table-samplers", str),
+                   default=se.SAMPLERS, help="Decoder samplers of the table.")
+    p.add_argument("--table-steps", type=_list("--table-steps", int),
+                   default=se.SAMPLER_STEPS, help="Decoder step counts of the table.")
+    p.add_argument("--clip-metrics", action="store_true",
+                   help="Also CLIP score and FD-CLIP (the pipeline's CLIP; needs its image "
+                   "tower) against the test split's true images.")
+    p.add_argument("--inception", metavar="FILE",
+                   help="pytorch-fid Inception weights (.pth or .safetensors): also report FID "
+                   "against the test split's true images.")
+    p.add_argument("--out", metavar="FILE.md", help="Also write the report as markdown.")
+    p.set_defaults(func=run)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+def run(args, overrides) -> int:
+    if overrides:
+        raise EvalCommandError("'eval' takes no --config.* overrides; use its flags "
+                               "(see unclip-jax eval --help).")
+    if args.inception and not os.path.isfile(args.inception):
+        raise EvalCommandError(f"--inception {args.inception} is not a file; pass pytorch-fid's "
+                               "Inception weights (.pth or .safetensors).")
+    if (args.clip_metrics or args.inception) and args.num_captions < 2:
+        raise EvalCommandError("FD-CLIP and FID compare at least 2 generated with 2 true test "
+                               f"images; raise --num-captions (got {args.num_captions}).")
+    bad = [s for s in args.table_samplers if s not in ("unclip", "ddpm", "ddim", "dpm++")]
+    if bad:
+        raise EvalCommandError(f"--table-samplers: unknown sampler(s) {bad}; choose from "
+                               "unclip, ddpm, ddim, dpm++.")
+    bad = [p for p in args.table_priors if p not in ("diffusion", "ar", "none")]
+    if bad:
+        raise EvalCommandError(f"--table-priors: unknown prior(s) {bad}; choose from "
+                               "diffusion, ar, none.")
+    from unclip_jax.assets import resolve_checkpoint
+    path = resolve_checkpoint(args.checkpoint)
+
+    from unclip_jax.commands.apps import load_pipeline
+    from unclip_jax.evaluate import shapes_eval as se
+    pipe = load_pipeline(path)
+    captions = se.test_captions(args.num_captions, args.data_seed)
+    pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    kwargs = dict(prior=args.prior,
+                  prior_settings=pick(steps=args.prior_steps, guidance_scale=args.prior_guidance)
+                  if args.prior == "diffusion" else pick(guidance_scale=args.prior_guidance),
+                  decoder_settings=pick(steps=args.decoder_steps,
+                                        guidance_scale=args.decoder_guidance,
+                                        sampler=args.decoder_sampler),
+                  upsample=args.upsample)
+    reference = inception = None
+    if args.clip_metrics or args.inception:
+        reference, _ = se.test_set(args.num_captions, args.data_seed)
+    if args.inception:
+        from unclip_jax.evaluate.inception import load_inception
+        inception = load_inception(args.inception)
+
+    total = args.num_captions * args.num_images
+    with _progress(total, "eval") as bar:
+        summary = se.caption_accuracy(pipe, captions, seed=args.seed, num_images=args.num_images,
+                                      batch_size=args.batch_size, reference_images=reference,
+                                      clip_metrics=args.clip_metrics, inception=inception,
+                                      progress=bar.update, **kwargs)
+    what = (f"{path}: {args.num_captions} Shapes test captions (data seed {args.data_seed}) x "
+            f"{args.num_images} images, seed {args.seed}, prior {args.prior}")
+    report = ["# Shapes caption accuracy", "", what, "", se.summary_markdown(summary)]
+
+    if args.table:
+        table_caps = captions[:args.table_captions]
+        base = {k: v for k, v in kwargs.items() if k in ("prior", "prior_settings", "upsample")}
+        settings = se.comparison_settings(
+            pipe, priors=args.table_priors, guidance_scales=args.table_guidance,
+            samplers=args.table_samplers, steps=args.table_steps,
+            base=dict(base, decoder_settings=kwargs["decoder_settings"]))
+        with _progress(len(settings) * len(table_caps) * args.num_images, "table") as bar:
+            table = se.comparison_table(pipe, table_caps, seed=args.seed,
+                                        num_images=args.num_images, batch_size=args.batch_size,
+                                        settings=settings, progress=bar.update)
+        report += ["", f"## Comparisons ({len(table_caps)} captions x {args.num_images} images "
+                   "per row)", "", table.markdown()]
+
+    text = "\n".join(report) + "\n"
+    print(text, end="")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    return 0
