@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_pipeline_parity import build_tiny_karlo
+from torch_reference import build_tiny_karlo
 from unclip_jax import cli
 from unclip_jax.convert.diffusers_pipeline import ConvertError, convert_diffusers_pipeline
 from unclip_jax.export import write_safetensors

@@ -9,18 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_pipeline import _materialise, tiny_pipeline
+from pipeline_fixtures import materialise, random_pipeline
 from unclip_jax import export
 from unclip_jax.errors import UserError
 from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
-from unclip_jax.models.layers import abstract_init
 from unclip_jax.torch_weights import TensorFiles
 
 
 def _prior(seed=0):
-    m = _materialise(abstract_init(lambda: DiffusionPrior(PriorConfig(
+    m = materialise(lambda: DiffusionPrior(PriorConfig(
         embed_dim=8, context_length=4, num_heads=2, head_dim=4, num_layers=1,
-        embed_norm="mean_std"), rngs=nnx.Rngs(0))), seed)
+        embed_norm="mean_std"), rngs=nnx.Rngs(0)), seed)
     m.set_embedding_stats(np.arange(8) * 0.1, 1.0 + np.arange(8) * 0.01)
     return m
 
@@ -56,7 +55,7 @@ def test_component_round_trip_with_buffers_and_bf16(tmp_path):
 
 
 def test_whole_pipeline_round_trip(tmp_path):
-    pipe = tiny_pipeline(seed=3)
+    pipe = random_pipeline(seed=3)
     pipe.save_pretrained(tmp_path / "p")
     names = set(json.loads((tmp_path / "p" / "unclip.json").read_text())["components"])
     assert names == {"clip", "prior", "ar_prior", "decoder", "super_res_first"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_data_readers import (encode, image_array, png16_rgb, sample_records, write_shards,
+from data_fixtures import (encode, image_array, png16_rgb, sample_records, write_shards,
                                write_tar)
 from unclip_jax.data import images
 from unclip_jax.data.input_pipeline import (COUNTERS, InputConfigError, default_input_config,

@@ -4,70 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from unclip_jax.pipeline import PipelineError, UnCLIPPipeline
+from pipeline_fixtures import SMALL_SETTINGS, random_pipeline
+from unclip_jax.pipeline import PipelineError
 
 # 4 prompts x 2 images = 8 rows: divisible by the 8 simulated devices, so every test below
 # runs sharded and reuses the functions the first one compiled.
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle", "a cyan circle"]
-SETTINGS = {
-    "prior": {"steps": 3, "guidance_scale": 2.0, "best_of": 2},
-    "decoder": {"steps": 3, "guidance_scale": 3.0},
-    "super_res": [{"models": ["super_res_first"], "size": 16, "steps": 2}],
-}
-
-
-def tiny_pipeline(seed=0, settings=SETTINGS):
-    """CLIP 'tiny' (64-dim), a 1-layer diffusion prior, an AR prior, an 8x8 decoder and a
-    16x16 upsampler, all random."""
-    from unclip_jax.clip.model import CLIP, get_preset
-    from unclip_jax.models.ar_prior import ARPrior
-    from unclip_jax.models.ar_prior import get_preset as ar_preset
-    from unclip_jax.models.decoder import Decoder, DecoderConfig
-    from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
-    from unclip_jax.models.layers import abstract_init
-    from unclip_jax.models.upsampler import SuperRes, SuperResConfig
-
-    def build(make, i):
-        return _materialise(abstract_init(make), seed + i)
-
-    clip = build(lambda: CLIP(get_preset("tiny"), rngs=nnx.Rngs(0)), 0)
-    prior = build(lambda: DiffusionPrior(PriorConfig(
-        embed_dim=64, context_length=77, num_heads=2, head_dim=16, num_layers=1,
-        embed_norm="mean_std"), rngs=nnx.Rngs(0)), 1)
-    ar = build(lambda: ARPrior(ar_preset("tiny", embed_dim=64, text_width=64, text_context=8,
-                                         num_components=8), rngs=nnx.Rngs(0)), 2)
-    ar.quantizer.fitted[...] = jnp.ones((), jnp.int32)  # an all-zero map: shapes only
-    decoder = build(lambda: Decoder(DecoderConfig(
-        image_size=8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-        head_dim=8, groups=4, clip_dim=64, context_dim=32, text_width=64), nnx.Rngs(0)), 3)
-    sr = build(lambda: SuperRes(SuperResConfig(channels=16, channel_mult=(1, 2),
-                                               num_res_blocks=1, groups=4), nnx.Rngs(0)), 4)
-    return UnCLIPPipeline(clip=clip, prior=prior, ar_prior=ar, decoder=decoder,
-                          super_res={"super_res_first": sr}, settings=settings)
-
-
-def _materialise(abstract, seed):
-    """Concrete arrays for an abstract (eval_shape) module, filled by ``_random_fill``."""
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    for path, var in state.flat_state():
-        name = str(path[-1])
-        dtype = np.dtype(var.dtype)
-        if not np.issubdtype(dtype, np.floating):
-            var.set_value(jnp.zeros(var.shape, var.dtype))
-        elif name in ("scale", "clip_std"):
-            var.set_value(jnp.ones(var.shape, var.dtype))
-        else:
-            fan = var.shape[0] if len(var.shape) > 1 else 1
-            var.set_value(jnp.asarray(rng.standard_normal(var.shape) * 0.5 / fan ** 0.5, var.dtype))
-    return nnx.merge(graphdef, state)
+SETTINGS = SMALL_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return tiny_pipeline()
+    return random_pipeline(settings=SETTINGS)
 
 
 def test_generate_shapes_determinism_and_compile_once(pipe):

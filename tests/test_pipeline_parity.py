@@ -11,87 +11,14 @@ that ratio in log space). The parity runs therefore give diffusers' schedulers f
 our pipeline the exact float64 schedule (float32_cumprod=False); everything else, weights and
 noise included, is as shipped. Result: every stage within 1e-4 relative (measured ~1e-6).
 """
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from torch_reference import randomize, random_prior
+from torch_reference import DEC_SIZE, SR_SIZE, D, build_tiny_karlo
 
-D = 32            # CLIP embedding = text width (as ViT-L/14's 768 = 768)
-DEC_SIZE, SR_SIZE = 8, 16
 STEPS = dict(prior=4, decoder=4, super_res=3)
-
-
-def _tokenizer(folder):
-    from transformers import CLIPTokenizer
-
-    from unclip_jax.clip.tokenizer import Tokenizer
-    ours = Tokenizer()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(ours.encoder, f)
-    merges = sorted(ours.merge_rank, key=ours.merge_rank.get)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         model_max_length=77)
-
-
-def build_tiny_karlo(folder, seed=0):
-    """A diffusers UnCLIPPipeline with Karlo's architecture scaled down, saved to ``folder``."""
-    from diffusers import UNet2DConditionModel, UNet2DModel, UnCLIPPipeline, UnCLIPScheduler
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=D,
-        eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)).eval()
-    randomize(text_encoder, seed + 1)
-    prior = random_prior(seed + 2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                         embedding_dim=D, num_embeddings=77, additional_embeddings=4,
-                         added_emb_type="prd", encoder_hid_proj_type="linear")
-    text_proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=D,
-                                    time_embed_dim=64, cross_attention_dim=24).eval()
-    decoder = UNet2DConditionModel(
-        sample_size=DEC_SIZE, in_channels=3, out_channels=6, block_out_channels=(16, 32),
-        layers_per_block=1, attention_head_dim=8, cross_attention_dim=24, norm_num_groups=4,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type="identity",
-        resnet_time_scale_shift="scale_shift").eval()
-    srs = []
-    for i in range(2):  # Karlo: 3 output channels, additive time conditioning
-        srs.append(UNet2DModel(
-            sample_size=SR_SIZE, in_channels=6, out_channels=3, block_out_channels=(16, 32),
-            layers_per_block=1, norm_num_groups=4, add_attention=False,
-            down_block_types=("ResnetDownsampleBlock2D",) * 2,
-            up_block_types=("ResnetUpsampleBlock2D",) * 2,
-            resnet_time_scale_shift="default").eval())
-    for i, m in enumerate([text_proj, decoder] + srs):
-        randomize(m, seed + 10 + i)
-    with torch.no_grad():  # random weights give large outputs: keep x0 estimates mostly inside
-        for m in srs:     # the clip range, so clipping does not hide a wrong mapping
-            m.conv_out.weight.mul_(0.2)
-        decoder.conv_out.weight.mul_(0.2)
-    pipe = UnCLIPPipeline(
-        prior=prior, decoder=decoder, text_encoder=text_encoder,
-        tokenizer=_tokenizer(os.path.join(folder, "_tok")), text_proj=text_proj,
-        super_res_first=srs[0], super_res_last=srs[1],
-        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                        clip_sample=True, clip_sample_range=5.0),
-        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range",
-                                          prediction_type="epsilon", clip_sample=True,
-                                          clip_sample_range=1.0),
-        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log",
-                                            prediction_type="epsilon", clip_sample=True,
-                                            clip_sample_range=1.0))
-    pipe.save_pretrained(folder)
-    return pipe
 
 
 def exact_schedulers(pipe):

@@ -214,7 +214,7 @@ def add_trainer_sections(c: ConfigDict, *, checkpoint_every: int, eval_every: in
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=checkpoint_every, keep=keep,
                                                   async_save=False))
     c.eval_every = eval_every
-    if "accum_steps" not in c.optimizer:
+    if "optimizer" in c and "accum_steps" not in c.optimizer:
         c.optimizer.accum_steps = 1
     return c
 

@@ -179,6 +179,12 @@ def _tuplify(v):
 # Atomic files
 # --------------------------------------------------------------------------------------------
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write through ``write(file)`` to a temp file beside ``path``, then rename over it."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -188,6 +194,7 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -425,6 +432,7 @@ def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], Non
                           "folder; refusing to replace it. Choose an empty or new folder.")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700
         write(tmp)
         if os.path.isdir(folder):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".old", dir=parent)

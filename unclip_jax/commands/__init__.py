@@ -6,4 +6,12 @@ the top (JAX and TensorFlow inside ``run``), so ``unclip-jax --help`` stays inst
 """
 
 COMMANDS: tuple[str, ...] = (
+    "train",
+    "shapes",
+    "precompute",
+    "apps",
+    "generate",
+    "convert",
+    "export",
+    "eval",
 )

@@ -1,0 +1,156 @@
+"""Trainer checkpoint -> a component of an unclip-jax pipeline folder (unclip_jax.export).
+
+    module, config, step = load_trained(workdir, ema=True)       # the stage's NNX model
+    export_workdir(workdir, out, name="decoder", ema=True, dtype="bfloat16")
+
+The trainer's workdir holds the config the run used (checkpoint metadata), so the model is
+rebuilt from it with ``unclip_jax.train.trainer.build_setup`` and the checkpoint restored into
+that abstract state (parameters, or their EMA with ``ema=True``, plus the non-trained buffers:
+the diffusion prior's z_i mean / std, the AR prior's PCA quantiser).
+
+A CLIP run exports as the whole model (name 'clip') or as its text tower alone (name
+'text_encoder', class CLIPText: what a pipeline needs to encode captions), and optionally as a
+Hugging Face ``CLIPModel`` folder (``hf_out``), which ``unclip-jax precompute --clip`` reads.
+
+:data:`SHAPES_SAMPLING` holds the sampling defaults the bundled Shapes pipeline ships with
+(``sampling='shapes'``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from unclip_jax.errors import UserError
+
+
+class TrainedExportError(UserError, ValueError):
+    """A workdir or export request that cannot be turned into a pipeline component."""
+
+
+_SCHED = dict(schedule="cosine", num_train_steps=1000, float32_cumprod=False)
+
+# Sampling defaults of the bundled Shapes pipeline (keys: unclip_jax.pipeline.DEFAULT_SETTINGS).
+# No prior guidance: the prior trained with a learned null conditioning, while the pipeline's
+# unconditional branch is the empty caption's CLIP encoding. The decoder samples ancestrally
+# (Karlo's scheduler with its learned variance): with the short CPU training, DDIM (eta 0) keeps
+# the eps model's high-noise errors as grain, the stochastic sampler washes them out.
+SHAPES_SAMPLING: dict[str, Any] = {
+    "prior": dict(_SCHED, sampler="ddim", steps=16, guidance_scale=1.0,
+                  variance="fixed_small_log", clip_range=None, best_of=2, eta=0.0),
+    "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
+                     best_of=2),
+    "decoder": dict(_SCHED, sampler="unclip", steps=25, guidance_scale=3.0,
+                    variance="learned_range", clip_range=1.0, eta=0.0),
+    "super_res": [dict(_SCHED, models=["sr64"], size=64, sampler="ddim", steps=8,
+                       variance="fixed_small_log", clip_range=1.0, eta=0.0),
+                  dict(_SCHED, models=["sr128"], size=128, sampler="ddim", steps=8,
+                       variance="fixed_small_log", clip_range=1.0, eta=0.0)],
+}
+SAMPLING_PRESETS = {"shapes": SHAPES_SAMPLING}
+
+_CLASS_OF_STAGE = {"clip": "CLIP", "diffusion_prior": "DiffusionPrior", "ar_prior": "ARPrior",
+                   "decoder": "Decoder", "upsampler": "SuperRes"}
+
+
+def _config_from_meta(meta: dict, workdir: str):
+    import ml_collections
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or "stage" not in cfg:
+        raise TrainedExportError(f"The checkpoint in {workdir} carries no training config; it was "
+                                 "not written by `unclip-jax train`.")
+    return ml_collections.ConfigDict(cfg)
+
+
+def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
+    """(module, config, step) of the latest (or ``step``) checkpoint of a trainer workdir.
+
+    ``ema=True`` takes the EMA of the parameters (an error if the run kept none)."""
+    import jax
+    from flax import nnx
+
+    from unclip_jax.train import checkpoint as ckpt
+    from unclip_jax.train.trainer import build_setup
+
+    workdir = os.fspath(workdir)
+    if not os.path.isdir(workdir):
+        raise TrainedExportError(f"--workdir {workdir!r} does not exist; pass the folder given to "
+                                 "`unclip-jax train --workdir`.")
+    manager = ckpt.make_manager(workdir)
+    try:
+        step = ckpt.latest_step(manager) if step is None else step
+        if step is None:
+            raise TrainedExportError(f"{workdir} holds no checkpoint yet; train first (or wait "
+                                     "for the first checkpoint.every_steps).")
+        meta = ckpt.read_meta(manager, step)
+        config = _config_from_meta(meta, workdir)
+        setup = build_setup(config)
+        abstract = setup["abstract"]
+        if ema and "ema" not in abstract:
+            raise TrainedExportError(f"{workdir} was trained without EMA (ema_decay 0); export "
+                                     "without --ema.")
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                              abstract)
+        state, _ = ckpt.restore(manager, step, target)
+    finally:
+        manager.close()
+    params = state["ema"] if ema else state["params"]
+    module = nnx.merge(setup["graphdef"], params, state["rest"])
+    return module, config, int(step)
+
+
+def text_encoder_of(clip_model):
+    """The text tower + text projection of a CLIP (class CLIPText), sharing its variables."""
+    from flax import nnx
+
+    from unclip_jax import export
+    from unclip_jax.models.layers import abstract_init
+    te = abstract_init(lambda: export.CLIPTextEncoder(clip_model.config, nnx.Rngs(0)))
+    te.text = clip_model.text
+    te.text_projection = clip_model.text_projection
+    return te
+
+
+def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = False,
+                   dtype: str | None = None, hf_out: str | None = None,
+                   sampling: str | None = None, context_length: int | None = None) -> dict:
+    """Write the model of ``workdir`` as component ``name`` of the pipeline folder ``out`` (and,
+    for CLIP, optionally as a Hugging Face folder ``hf_out``). Returns a summary dict."""
+    from unclip_jax import export
+
+    module, config, step = load_trained(workdir, ema=ema)
+    summary: dict[str, Any] = {"workdir": workdir, "step": step, "stage": config.stage,
+                               "ema": ema}
+    if config.stage == "clip":
+        if hf_out:
+            from unclip_jax.clip import hf_import
+            os.makedirs(hf_out, exist_ok=True)
+            hf_import.save_pretrained(module, hf_out)
+            summary["hf_out"] = hf_out
+        if name == "text_encoder":
+            module = text_encoder_of(module)
+        elif name != "clip" and out:
+            raise TrainedExportError(f"A CLIP run exports as 'clip' (both towers) or "
+                                     f"'text_encoder' (text tower only), not {name!r}.")
+    elif hf_out:
+        raise TrainedExportError(f"--hf-out writes a CLIP; {workdir} trained stage "
+                                 f"{config.stage!r}.")
+    if out:
+        entry = export.save_component(out, name, module, dtype=dtype)
+        path = os.path.join(out, entry["weights"])
+        summary.update(out=out, name=name, cls=entry["class"], bytes=os.path.getsize(path))
+        extra = {}
+        if sampling is not None:
+            if sampling not in SAMPLING_PRESETS:
+                raise TrainedExportError(f"Unknown sampling preset {sampling!r}; known: "
+                                         f"{', '.join(SAMPLING_PRESETS)}.")
+            extra["sampling"] = SAMPLING_PRESETS[sampling]
+        if config.stage == "clip":
+            ctx = int(context_length or module.config.context_length)
+            from unclip_jax.clip.tokenizer import get_tokenizer
+            extra["tokenizer"] = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
+                                  "context_length": ctx,
+                                  "pad_id": int(get_tokenizer(ctx).pad_id)}
+        if extra:
+            export.save_manifest(out, **extra)
+    return summary
