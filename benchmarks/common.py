@@ -182,17 +182,9 @@ def spread(xs: Sequence[float]) -> str:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs XLA counts for one call of a compiled function (``cost_analysis()['flops']``)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 (some backends have none)
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost:
-        return None
-    flops = cost.get("flops")
-    return float(flops) if flops and flops > 0 else None
+    """FLOPs XLA counts for one call of a compiled function: the trainer's own count."""
+    from unclip_jax.train.metrics import compiled_flops as count
+    return count(compiled)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

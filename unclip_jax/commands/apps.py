@@ -45,7 +45,7 @@ def load_pipeline(path: str):
 # Parsers
 # --------------------------------------------------------------------------------------------
 
-def _positive(name):
+def positive_int(name):
     def parse(text):
         try:
             value = int(text)
@@ -64,7 +64,7 @@ def _common(p, *, ddim: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="Random seed; the same seed gives the same images (default: %(default)s).")
     if ddim:
-        p.add_argument("--steps", type=_positive("--steps"), default=50,
+        p.add_argument("--steps", type=positive_int("--steps"), default=50,
                        help="DDIM steps of the decoder, used for the inversion and for decoding "
                             "(default: %(default)s).")
         p.add_argument("--refine-iters", type=int, default=2,
@@ -91,7 +91,7 @@ def add_parser(subparsers) -> None:
         "input's gist and layout. eta 0 reconstructs the input. Writes variation_NN.png and "
         "variations.png (input, then the variations).")
     p.add_argument("--image", required=True, metavar="PATH", help="The image to vary.")
-    p.add_argument("--num-images", type=_positive("--num-images"), default=4, metavar="N",
+    p.add_argument("--num-images", type=positive_int("--num-images"), default=4, metavar="N",
                    help="Number of variations (default: %(default)s).")
     p.add_argument("--eta", type=float, default=1.0,
                    help="DDIM noise: 0 reconstructs the image, 1 is DDPM-like, larger strays "
@@ -108,7 +108,7 @@ def add_parser(subparsers) -> None:
         "interpolation.png (A, the frames, B).")
     p.add_argument("--image", action="append", default=[], metavar="PATH", required=True,
                    help="An end image; give the flag twice (A, then B).")
-    p.add_argument("--frames", type=_positive("--frames"), default=5, metavar="N",
+    p.add_argument("--frames", type=positive_int("--frames"), default=5, metavar="N",
                    help="Number of frames, both ends included (default: %(default)s).")
     p.add_argument("--mode", choices=("fixed", "slerp_latent"), default="fixed",
                    help="Decoder latent: shared random noise, or slerp of the inverted latents "
@@ -146,7 +146,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--logit-scale", type=float, default=None,
                    help="Softmax temperature multiplier on the cosines (default: CLIP's learned "
                         "value, capped at 100).")
-    p.add_argument("--steps", type=_positive("--steps"), default=None,
+    p.add_argument("--steps", type=positive_int("--steps"), default=None,
                    help="Decoder sampling steps (default: the pipeline's setting).")
     _common(p, ddim=False)
     p.set_defaults(func=run_probe)

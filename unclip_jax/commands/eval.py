@@ -16,23 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from unclip_jax.commands.apps import positive_int
 from unclip_jax.errors import UserError
 
 
 class EvalCommandError(UserError, ValueError):
     """An eval flag that cannot be used as given."""
-
-
-def _positive(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
-        return value
-    return parse
 
 
 def _list(name, kind):
@@ -59,14 +48,14 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder. Default: the bundled Shapes model.")
-    p.add_argument("--num-captions", type=_positive("--num-captions"), default=500,
+    p.add_argument("--num-captions", type=positive_int("--num-captions"), default=500,
                    help="Test captions to evaluate (the first N of the test split).")
-    p.add_argument("--num-images", type=_positive("--num-images"), default=2,
+    p.add_argument("--num-images", type=positive_int("--num-images"), default=2,
                    help="Images per caption (diversity needs 2 or more).")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed: same seed, same numbers.")
     p.add_argument("--data-seed", type=int, default=se.DEFAULT_DATA_SEED,
                    help="Seed of the Shapes dataset whose test split gives the captions.")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=32,
                    help="Images per pipeline call.")
     p.add_argument("--prior", choices=se.PRIORS, default="diffusion",
                    help="Prior for the summary ('none': the decoder conditioned on z_t).")
@@ -81,7 +70,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--table", action="store_true",
                    help="Also run the comparison table (prior kinds, decoder guidance sweep, "
                    "decoder sampler x steps).")
-    p.add_argument("--table-captions", type=_positive("--table-captions"), default=100,
+    p.add_argument("--table-captions", type=positive_int("--table-captions"), default=100,
                    help="Captions per row of the table (the first N of those evaluated).")
     p.add_argument("--table-priors", type=_list("--table-priors", str), default=se.PRIORS,
                    help="Priors of the table (those the pipeline has).")

@@ -15,7 +15,7 @@ import os
 
 from unclip_jax.errors import UserError
 
-from unclip_jax.assets import SHAPES as BUNDLED_SHAPES, resolve_checkpoint  # noqa: F401
+from unclip_jax.assets import resolve_checkpoint
 
 
 class GenerateError(UserError, ValueError):
