@@ -421,20 +421,10 @@ def run_stages(size, batch, steps, stages, repeats, folder, device="cpu", dtype=
 
 def _clip_tokenizer(folder):
     """A transformers CLIPTokenizer with CLIP's BPE vocabulary, written from ours (no download)."""
-    import json
-
     from transformers import CLIPTokenizer
 
     from unclip_jax.clip.tokenizer import Tokenizer
-    ours = Tokenizer()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(ours.encoder, f)
-    merges = sorted(ours.merge_rank, key=ours.merge_rank.get)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         model_max_length=common.TEXT_LEN)
+    return CLIPTokenizer(*Tokenizer().write_vocab_files(folder), model_max_length=common.TEXT_LEN)
 
 
 def diffusers_pipeline(size, folder, text_layers=4):

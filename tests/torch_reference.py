@@ -4,7 +4,6 @@ diffusers and transformers initialise several parameters to zero or one (output 
 norm scales, the prior's prd token, clip_mean / clip_std); a parity test on those defaults would
 not see a wrong mapping of them, so every parameter is replaced here.
 """
-import json
 import os
 
 import torch
@@ -51,18 +50,11 @@ DEC_SIZE, SR_SIZE = 8, 16
 
 
 def _tokenizer(folder):
+    """A transformers CLIPTokenizer with CLIP's BPE vocabulary, written from ours (no download)."""
     from transformers import CLIPTokenizer
 
     from unclip_jax.clip.tokenizer import Tokenizer
-    ours = Tokenizer()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(ours.encoder, f)
-    merges = sorted(ours.merge_rank, key=ours.merge_rank.get)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         model_max_length=77)
+    return CLIPTokenizer(*Tokenizer().write_vocab_files(folder), model_max_length=77)
 
 
 def build_tiny_karlo(folder, seed=0):

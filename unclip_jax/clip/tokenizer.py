@@ -139,6 +139,19 @@ class Tokenizer:
             ids.extend(self.encoder[tok] for tok in self._bpe(piece))
         return ids
 
+    def write_vocab_files(self, folder: str) -> tuple[str, str]:
+        """Write this BPE as ``vocab.json`` + ``merges.txt`` (the files a Hugging Face
+        ``CLIPTokenizer`` reads) into ``folder``; returns their paths."""
+        import json
+        os.makedirs(folder, exist_ok=True)
+        vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+        with open(vocab, "w", encoding="utf-8") as f:
+            json.dump(self.encoder, f)
+        ranked = sorted(self.merge_rank, key=self.merge_rank.get)
+        with open(merges, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in ranked) + "\n")
+        return vocab, merges
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; SOT, EOT and padding are dropped."""
         special = {self.sot_id, self.eot_id, self.pad_id}
