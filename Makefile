@@ -26,10 +26,15 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# Until the bundled Shapes model exists, the demo runs the most meaningful thing the package can
-# already do: the diffusion core sampling a known distribution, and CLIP end to end (see README).
+# Text -> image with the bundled Shapes model (unclip_jax/assets/shapes): one row per prompt.
+DEMO_PROMPTS := --prompt "a large red circle in the center" \
+	--prompt "a small blue square at the top left" \
+	--prompt "a large yellow triangle at the bottom right" \
+	--prompt "a green circle to the left of a purple square" \
+	--prompt "a cyan triangle above a red square"
 demo: install
-	$(VENV)/bin/unclip-jax demo --out out
+	$(VENV)/bin/unclip-jax generate $(DEMO_PROMPTS) --num-images 4 --seed 0 \
+		--out out/demo --grid out/demo_grid.png
 
 test: install-test
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

@@ -7,8 +7,11 @@ decoder's training step at Karlo's size (0.89B parameters, 64x64).
 
 Precision: ours run with bfloat16 compute and float32 parameters (the models' ``dtype``), torch
 under ``torch.autocast(dtype=torch.bfloat16)`` with float32 parameters: the same mixed precision.
-MFU = XLA's FLOP count of our compiled step / median step time / the card's dense bf16 peak
-(H100 SXM and H200: 989 TFLOP/s; H100 PCIe: 756). torch's MFU uses the same FLOP count.
+MFU = the model FLOPs of our step (2 x the multiply-adds of every matrix product and convolution
+in its jaxpr, ``unclip_jax.train.metrics.model_flops``) / median step time / the card's dense
+bf16 peak (H100 SXM and H200: 989 TFLOP/s; H100 PCIe: 756). torch's MFU uses the same FLOP
+count. XLA's count of the compiled GPU program is shown beside it but not used: it leaves out
+the cuBLAS and cuDNN calls (on an H100 it was 7-26x too small).
 Everything else is as in train_step.py and sampling_stages.py (whose functions this calls).
 """
 from __future__ import annotations
@@ -67,15 +70,19 @@ def find_gpu() -> str:
 
 
 def plan(args) -> list[str]:
-    return [
-        f"train step, bf16, {args.train_size} size: decoder batch {args.decoder_batch}, "
-        f"prior batch {args.prior_batch} (ours vs diffusers+torch, examples/s, TFLOP/s, MFU)",
-        f"decoder train step, bf16, Karlo size (0.89B, 64x64), batch {args.mfu_batch}"
-        f"{' with remat' if args.remat else ''}: MFU of ours and of torch",
-        "sampling per stage, bf16, Karlo size, batch "
-        f"{args.sample_batch}, steps 25/25/7, guidance 4/8/-" if not args.skip_sampling else
-        "sampling skipped (--skip-sampling)",
-    ]
+    lines = []
+    if not (args.skip_train or args.skip_mid):
+        lines.append(f"train step, bf16, {args.train_size} size: decoder batch "
+                     f"{args.decoder_batch}, prior batch {args.prior_batch} (ours vs "
+                     "diffusers+torch, examples/s, TFLOP/s, MFU)")
+    if not args.skip_train:
+        lines.append(f"decoder train step, bf16, Karlo size (0.89B, 64x64), batch "
+                     f"{args.mfu_batch}{' with remat' if args.remat else ''}: MFU of ours "
+                     "and of torch")
+    lines.append("sampling per stage, bf16, Karlo size, batch "
+                 f"{args.sample_batch}, steps 25/25/7, guidance 4/8/-"
+                 if not args.skip_sampling else "sampling skipped (--skip-sampling)")
+    return lines
 
 
 def check(args) -> int:
@@ -117,6 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--remat", action="store_true", help="rematerialise blocks (ours only)")
     p.add_argument("--sample-batch", type=int, default=4)
     p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--skip-train", action="store_true",
+                   help="sampling only (no train-step or MFU rows)")
+    p.add_argument("--skip-mid", action="store_true",
+                   help="no mid-size train rows (Karlo's MFU row and sampling only)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, help="override the card's bf16 peak")
     args = p.parse_args(argv)
@@ -139,22 +150,15 @@ def main(argv=None) -> int:
     import train_step as ts
     bf16 = dict(device="cuda", dtype="bfloat16", autocast_dtype=torch.bfloat16,
                 peak_flops=peak)
-    headers = ts.HEADERS + ["ours MFU", "torch MFU"]
-    keys = ts.KEYS + ["ours_mfu", "torch_mfu"]
+    # XLA's GPU count of the compiled step misses cuBLAS / cuDNN calls: count the jaxpr's
+    common.count_model_flops()
+    headers = [h.replace("(XLA)", "(model)") for h in ts.HEADERS] + [
+        "ours MFU", "torch MFU", "GFLOP/step (XLA, compiled)"]
+    keys = ts.KEYS + ["ours_mfu", "torch_mfu", "gflop_compiled"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(ts.run_decoder(args.train_size, args.decoder_batch, args.repeats, 3,
-                                   os.path.join(tmp, "d"), **bf16))
-        rows.append(ts.run_prior(args.train_size, args.prior_batch, args.repeats, 3,
-                                 os.path.join(tmp, "p"), **bf16))
-        print(common.table(headers, [[r.get(k) for k in keys] for r in rows]), flush=True)
-        torch.cuda.empty_cache()
-        karlo = ts.run_decoder("karlo", args.mfu_batch, args.repeats, 3,
-                               os.path.join(tmp, "k"), remat=args.remat, **bf16)
-        karlo["stage"] += " (Karlo 0.89B)"
-        rows.append(karlo)
-        print()
-        print(common.table(headers, [[r.get(k) for k in keys] for r in rows]))
+        if not args.skip_train:
+            train_rows(args, ts, bf16, headers, keys, rows, tmp)
         if not args.skip_sampling:
             torch.cuda.empty_cache()
             import sampling_stages as ss
@@ -165,6 +169,33 @@ def main(argv=None) -> int:
             print()
             print(common.table(ss.HEADERS, srows))
     return 0
+
+
+def _compiled(row: dict) -> dict:
+    """The row with XLA's count of the compiled step (the GPU one, library calls uncounted)."""
+    if common.FLOP_LOG and common.FLOP_LOG[-1][1] is not None:
+        row["gflop_compiled"] = common.FLOP_LOG[-1][1] / 1e9
+    return row
+
+
+def train_rows(args, ts, bf16, headers, keys, rows, tmp) -> None:
+    """The train-step rows (mid size unless --skip-mid, then Karlo's decoder), printed as they
+    come."""
+    import torch
+    if not args.skip_mid:
+        rows.append(_compiled(ts.run_decoder(args.train_size, args.decoder_batch, args.repeats,
+                                             3, os.path.join(tmp, "d"), **bf16)))
+        rows.append(_compiled(ts.run_prior(args.train_size, args.prior_batch, args.repeats, 3,
+                                           os.path.join(tmp, "p"), **bf16)))
+        print(common.table(headers, [[r.get(k) for k in keys] for r in rows]), flush=True)
+        torch.cuda.empty_cache()
+    karlo = ts.run_decoder("karlo", args.mfu_batch, args.repeats, 3,
+                           os.path.join(tmp, "k"), remat=args.remat, **bf16)
+    karlo = _compiled(karlo)
+    karlo["stage"] += " (Karlo 0.89B)"
+    rows.append(karlo)
+    print()
+    print(common.table(headers, [[r.get(k) for k in keys] for r in rows]), flush=True)
 
 
 if __name__ == "__main__":

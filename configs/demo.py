@@ -1,7 +1,8 @@
-"""The demo that `make demo` runs until the bundled Shapes text-to-image model exists.
+"""`unclip-jax demo`: the diffusion samplers and a tiny CLIP, each against a known answer (`make
+demo` generates images with the bundled Shapes model instead).
 
 Command:
-  unclip-jax demo --config configs/demo.py --out out        (what `make demo` runs)
+  unclip-jax demo --config configs/demo.py --out out
   unclip-jax demo --config configs/demo.py:runlocal         (fewer samples and steps, ~1 minute)
 
 Expected (2-core CPU, float32): about 45 s after installation (runlocal: about 20 s).

@@ -57,9 +57,10 @@ SMALL_SETTINGS = {
 }
 
 
-def random_pipeline(seed=0, settings=None):
-    """An in-memory pipeline, all random: CLIP 'tiny' (64-dim), a 1-layer diffusion prior, an AR
-    prior, an 8x8 decoder and a 16x16 upsampler."""
+def random_pipeline(seed=0, settings=None, learned_null=False):
+    """An in-memory pipeline, all random: CLIP 'tiny' (64-dim), a 1-layer diffusion prior (with
+    a learned null conditioning if ``learned_null``), an AR prior, an 8x8 decoder and a 16x16
+    upsampler."""
     from unclip_jax.clip.model import CLIP, get_preset
     from unclip_jax.models.ar_prior import ARPrior
     from unclip_jax.models.ar_prior import get_preset as ar_preset
@@ -71,7 +72,7 @@ def random_pipeline(seed=0, settings=None):
     clip = materialise(lambda: CLIP(get_preset("tiny"), rngs=nnx.Rngs(0)), seed)
     prior = materialise(lambda: DiffusionPrior(PriorConfig(
         embed_dim=64, context_length=77, num_heads=2, head_dim=16, num_layers=1,
-        embed_norm="mean_std"), rngs=nnx.Rngs(0)), seed + 1)
+        embed_norm="mean_std", learned_null=learned_null), rngs=nnx.Rngs(0)), seed + 1)
     ar = materialise(lambda: ARPrior(ar_preset("tiny", embed_dim=64, text_width=64,
                                                text_context=8, num_components=8),
                                      rngs=nnx.Rngs(0)), seed + 2)

@@ -73,3 +73,43 @@ def test_bad_calls_are_refused(pipe):
         pipe.decode(jnp.zeros((8, 64)), text, sampler="euler")
     with pytest.raises(PipelineError, match="Unknown decoder setting"):
         pipe.decode(jnp.zeros((8, 64)), text, stepz=3)
+
+
+def test_upsampler_start_t_keeps_the_low_res_content(pipe):
+    """start_t=None samples from pure noise (a random model returns noise); a low start_t starts
+    from the resized image noised to that level and only refines it, for every sampler."""
+    from unclip_jax.pipeline import _grid, resize_bicubic
+    low = np.random.default_rng(0).uniform(-0.8, 0.8, (8, 8, 8, 3)).astype(np.float32)
+    up = np.asarray(resize_bicubic(low, 16))
+    full = np.asarray(pipe.upsample(low, jax.random.key(0)))
+    assert np.abs(full - up).mean() > 0.2
+    for sampler in ("ddim", "ddpm", "unclip", "dpm++"):
+        s = {"sampler": sampler, "steps": 2, "start_t": 5}
+        grid = _grid({**pipe.settings["super_res"][0], **s})
+        assert grid.max() <= 5 and grid.min() >= 0
+        near = np.asarray(pipe.upsample(low, jax.random.key(0), **s))
+        assert near.shape == (8, 16, 16, 3)
+        assert np.abs(near - up).mean() < 0.1, sampler
+    with pytest.raises(PipelineError, match="start_t must be in"):
+        pipe.upsample(low, start_t=1000)
+
+
+def test_prior_guidance_uses_what_the_prior_trained_with(pipe):
+    """A prior with a learned null is guided against it (the empty caption's encoding is not
+    read); one without (Karlo's) against the empty caption's CLIP encoding."""
+    own = random_pipeline(settings=SETTINGS, learned_null=True)
+    for p, reads_empty_caption in ((own, False), (pipe, True)):
+        text = p.encode_text(PROMPTS)
+        other = text._replace(uncond_embed=np.asarray(text.uncond_embed) + 1.0)
+        a = np.asarray(p.sample_image_embeds(text, jax.random.key(0), guidance_scale=3.0))
+        b = np.asarray(p.sample_image_embeds(other, jax.random.key(0), guidance_scale=3.0))
+        assert np.isfinite(a).all()
+        assert (np.abs(a - b).max() > 1e-3) == reads_empty_caption
+
+
+def test_decoder_output_is_read_as_its_prediction_type(pipe):
+    text = pipe.encode_text(PROMPTS)
+    z = pipe.sample_image_embeds(text, jax.random.key(1), num_images=2)
+    eps = np.asarray(pipe.decode(z, text, jax.random.key(2)))
+    v = np.asarray(pipe.decode(z, text, jax.random.key(2), prediction_type="v_prediction"))
+    assert np.isfinite(v).all() and np.abs(eps - v).mean() > 1e-2

@@ -216,6 +216,7 @@ def test_eval_command(folder, pipe, tmp_path, capsys):
     assert "| prior | none (decoder on z_t) |" in out
     assert "| decoder sampler | ddim 2 steps |" in out
     assert "4 Shapes test captions" in out
+    assert "judged on the decoder's output" in out   # --table-upsample 0 by default
     assert out_md.read_text() in out
 
     rc, out, err = _run(capsys, "eval", "--checkpoint", folder, "--num-captions", 1,

@@ -58,3 +58,36 @@ def _leaves(tree):
 def _params(module):
     from flax import nnx
     return nnx.state(module, nnx.Param)
+
+
+def test_decoder_export_records_its_prediction_type(tmp_path, monkeypatch):
+    """The sampler must read a decoder's output as what it trained to predict: export writes the
+    training config's prediction_type into the manifest (with or without a sampling preset), and
+    a wrong one is refused."""
+    import ml_collections
+    from flax import nnx
+
+    from pipeline_fixtures import materialise
+    from unclip_jax import export
+    from unclip_jax.models.decoder import Decoder, DecoderConfig
+    from unclip_jax.pipeline import PipelineError
+    from unclip_jax.train import export as train_export
+    dec = materialise(lambda: Decoder(DecoderConfig(
+        image_size=8, channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(),
+        head_dim=8, groups=4, clip_dim=64, context_dim=16, text_width=64), nnx.Rngs(0)), 0)
+    cfg = ml_collections.ConfigDict({"stage": "decoder", "diffusion": {
+        "prediction_type": "v_prediction"}})
+    monkeypatch.setattr(train_export, "load_trained", lambda *a, **k: (dec, cfg, 7))
+    for preset, out in (("shapes", tmp_path / "a"), (None, tmp_path / "b")):
+        train_export.export_workdir("run", str(out), "decoder", sampling=preset)
+        sampling = export.read_manifest(out)["sampling"]
+        assert sampling["decoder"]["prediction_type"] == "v_prediction"
+        assert ("super_res" in sampling) == (preset == "shapes")
+    # a later export with the preset (another stage) keeps what the decoder recorded
+    cfg.stage = "upsampler"
+    train_export.export_workdir("run", str(tmp_path / "a"), "sr64", sampling="shapes")
+    sampling = export.read_manifest(tmp_path / "a")["sampling"]
+    assert sampling["decoder"]["prediction_type"] == "v_prediction"
+    from unclip_jax.pipeline import DEFAULT_SETTINGS, _merge_settings
+    with pytest.raises(PipelineError, match="prediction_type must be"):
+        _merge_settings(DEFAULT_SETTINGS, {"decoder": {"prediction_type": "x0"}})

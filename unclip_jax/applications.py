@@ -228,6 +228,11 @@ def _text_rows(pipe, text, n: int):
     return rows, uncond
 
 
+def _prediction_type(pipe) -> str:
+    """What the decoder outputs (besides its variance): 'epsilon', 'v_prediction' or 'sample'."""
+    return pipe.settings["decoder"].get("prediction_type", "epsilon")
+
+
 def _check_decoder(pipe) -> None:
     if pipe.decoder.config.text_encoder == "transformer":
         raise ApplicationError("Decoders with their own text Transformer (text_encoder="
@@ -267,7 +272,8 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
         with jax.ensure_compile_time_eval():
             schedule = _ddim_schedule(pipe, steps)
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
-        return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine, **clip_kw)
+        return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine,
+                                     prediction_type=_prediction_type(pipe), **clip_kw)
 
     key = (int(steps), scale, refine, tuple(sorted(clip_kw.items())))
     return pipe._jit("app_invert", key, fn)(state, pipe._put(x0), pipe._put(zi),
@@ -307,7 +313,8 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
         with jax.ensure_compile_time_eval():
             schedule = _ddim_schedule(pipe, steps)
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
-        x = diffusion.ddim_sample(model_fn, schedule, x_T, key, eta=eta, **clip_kw)
+        x = diffusion.ddim_sample(model_fn, schedule, x_T, key, eta=eta,
+                                  prediction_type=_prediction_type(pipe), **clip_kw)
         return jnp.clip(x, -1.0, 1.0)
 
     key = (int(steps), scale, eta, tuple(sorted(clip_kw.items())))

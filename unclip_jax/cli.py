@@ -1,8 +1,8 @@
 """The ``unclip-jax`` command.
 
 Subcommands (each has ``--help``):
-  demo       what ``make demo`` runs until the bundled Shapes model exists: the diffusion samplers on
-             a distribution with a known answer, and a small CLIP trained contrastively from scratch
+  demo       the diffusion samplers on a distribution with a known answer, and a small CLIP trained
+             contrastively from scratch (``make demo`` runs ``generate`` with the bundled model)
   embed      CLIP embeddings and similarities for captions and images, from a Hugging Face
              ``CLIPModel`` folder
   tokenize   CLIP token ids of captions
@@ -120,9 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config fields can be overridden after --config with --config.KEY=VALUE.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="Run the demo that `make demo` runs (see its --help).",
-                       description="Until the bundled Shapes model exists, this shows what the "
-                       "package can already do: each diffusion sampler draws from a 2-D Gaussian "
+    p = sub.add_parser("demo", help="The samplers and CLIP against known answers (see --help).",
+                       description="Each diffusion sampler draws from a 2-D Gaussian "
                        "mixture through its exact denoiser (so every error is the sampler's), and a "
                        "tiny CLIP learns colour names contrastively from scratch. Writes PNGs.")
     p.add_argument("--config", default=DEMO_CONFIG,

@@ -1,4 +1,5 @@
-"""What ``make demo`` runs until the bundled Shapes text-to-image model exists.
+"""``unclip-jax demo``: a tour of two parts with a known answer (``make demo`` itself generates
+images with the bundled Shapes model).
 
 Two honest checks of what the package can already do, each with numbers and a picture:
 
@@ -293,8 +294,8 @@ def _clip_figure(images, labels, predicted, losses, cell: int = 96) -> Image.Ima
 def run_demo(config, out_dir: str = "out") -> dict:
     """Both parts; returns their statistics."""
     os.makedirs(out_dir, exist_ok=True)
-    print("unclip-jax demo. The bundled Shapes text-to-image model is not built yet; this shows "
-          "what the package can already do: the diffusion samplers and CLIP training.")
+    print("unclip-jax demo: the diffusion samplers on a distribution with a known answer, and "
+          "CLIP trained from scratch (`unclip-jax generate` draws images from captions).")
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s))")
     start = time.perf_counter()
     result = {"samplers": sampler_demo(config, out_dir), "clip": clip_demo(config, out_dir)}

@@ -20,14 +20,18 @@ from the manifest's "sampling" section, overridable per call):
 
 * prior: UnCLIPScheduler steps ('unclip' sampler) over ``linspace`` timesteps, x0 prediction,
   'fixed_small_log' variance, x0 clipped to +-clip_range, guidance 4 against the empty caption's
-  CLIP encoding; ``best_of`` K draws K embeddings per row and keeps the one with the largest dot
-  product with z_t (the paper's K = 2; Karlo's 1);
+  CLIP encoding (a prior trained with a learned null conditioning, as ours are, is guided against
+  that null instead: what its training dropped to); ``best_of`` K draws K embeddings per row
+  and keeps the one with the largest dot product with z_t (the paper's K = 2; Karlo's 1);
 * decoder: the same scheduler with 'learned_range' variance, guidance 8 (the unconditional rows
-  use the learned null z_i and the empty caption), the result clamped to [-1, 1];
+  use the learned null z_i and the empty caption), the result clamped to [-1, 1]; the model's
+  output is eps (Karlo) or what ``prediction_type`` names ('v_prediction' for the Shapes model);
 * super-resolution: the low-res image resized with antialiased bicubic (torch's
   ``interpolate(..., antialias=True)``, a = -0.5), 'fixed_small_log' variance, no guidance; a stage
   listing two models (Karlo's super_res_first / super_res_last) runs the second only at its
-  last step.
+  last step. ``start_t`` (default None: pure noise at the top timestep) starts instead from the
+  resized image noised to timestep ``start_t`` and samples only [0, start_t], which keeps the
+  low-res content (the Shapes bundle's upsamplers use it).
 
 Other samplers: 'ddpm' (respaced ancestral), 'ddim' (eta), 'dpm++' (DPM-Solver++(2M)).
 
@@ -65,10 +69,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
                      best_of=1),
     "decoder": dict(_SCHEDULE, sampler="unclip", steps=25, guidance_scale=8.0,
-                    variance="learned_range", clip_range=1.0, eta=0.0),
+                    variance="learned_range", clip_range=1.0, eta=0.0,
+                    prediction_type="epsilon"),
     "super_res": [dict(_SCHEDULE, models=["super_res_first", "super_res_last"], size=256,
                        sampler="unclip", steps=7, variance="fixed_small_log", clip_range=1.0,
-                       eta=0.0)],
+                       eta=0.0, start_t=None)],
 }
 _STAGE_KEYS = {
     "prior": set(DEFAULT_SETTINGS["prior"]),
@@ -118,9 +123,12 @@ def stage_schedule(s: dict):
 
 
 def _grid(s: dict) -> np.ndarray:
-    """The visited original timesteps, ascending."""
+    """The visited original timesteps, ascending. With ``start_t`` (upsamplers) the grid spans
+    [0, start_t] only: sampling starts from the bicubic-upsampled image noised to that level."""
     from unclip_jax import diffusion
     n, steps, sampler = int(s.get("num_train_steps", 1000)), int(s["steps"]), s["sampler"]
+    if s.get("start_t") is not None:
+        n = int(s["start_t"]) + 1
     spec = {"unclip": f"linspace{steps}", "dpm++": f"dpmsolver{steps}"}.get(sampler, str(steps))
     return np.asarray(diffusion.space_timesteps(n, spec))
 
@@ -173,6 +181,18 @@ def _check_stage(stage: str, s: dict) -> dict:
                                 f"got {s['variance']!r}.")
     if int(s.get("best_of", 1)) < 1:
         raise PipelineError(f"{stage} best_of must be at least 1, got {s['best_of']}.")
+    if s.get("prediction_type", "epsilon") not in ("epsilon", "sample", "v_prediction"):
+        raise PipelineError(f"{stage} prediction_type must be 'epsilon', 'sample' or "
+                            f"'v_prediction' (what the model was trained to predict), got "
+                            f"{s['prediction_type']!r}.")
+    start = s.get("start_t")
+    if start is not None:
+        n = int(s.get("num_train_steps", 1000))
+        lo = max(1, int(s.get("steps", 1)) - 1)
+        if not lo <= int(start) <= n - 1:
+            raise PipelineError(f"{stage} start_t must be in [{lo}, {n - 1}] (at least one "
+                                f"timestep per sampling step), got {start}; None starts from "
+                                "pure noise.")
     return s
 
 
@@ -423,7 +443,9 @@ class UnCLIPPipeline:
             n = z_t.shape[0]
             r = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731
             cond = TextConditioning(r(z_t), r(hidden), r(mask))
-            un = None if scale == 1.0 else TextConditioning(
+            # the unconditional branch is what the prior trained with: its learned null when it
+            # has one (our own priors), else the empty caption's encoding (Karlo's)
+            un = None if scale == 1.0 or model.config.learned_null else TextConditioning(
                 *(jnp.broadcast_to(a, (n * k,) + a.shape[1:]) for a in uncond))
             model_fn = guided_denoiser(model, cond, scale, un)
             x0 = run_sampler(model_fn, s, x_T, key, noise, prediction_type="sample",
@@ -502,7 +524,7 @@ class UnCLIPPipeline:
             from flax import nnx
             model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond,
                                         scale)
-            x = run_sampler(model_fn, s, x_T, key, noise, prediction_type="epsilon",
+            x = run_sampler(model_fn, s, x_T, key, noise, prediction_type=s["prediction_type"],
                             learned_variance=cfg.learned_variance)
             return jnp.clip(x, -1.0, 1.0)
 
@@ -546,13 +568,21 @@ class UnCLIPPipeline:
             x_T = jax.random.normal(key_x, (n, size, size, c), jnp.float32)
         gd1, st1 = self._split(names[0], first)
         gd2, st2 = self._split(names[-1], last) if last is not None else (None, None)
-        t_last = int(_grid(s).min())
+        grid = _grid(s)
+        t_last = int(grid.min())
+        # start_t: begin at the bicubic image noised to the grid's top step (SDEdit-style), so
+        # the low-res content is kept and only detail is sampled; None starts from pure noise
+        partial = s.get("start_t") is not None
+        with jax.ensure_compile_time_eval():
+            acp_top = float(stage_schedule(s).alphas_cumprod[int(grid.max())]) if partial else 1.0
         learned = first.config.learned_variance
 
         def fn(st1, st2, low, x_T, key, noise):
             from flax import nnx
             m1 = nnx.merge(gd1, st1)
             up = resize_bicubic(low, size)
+            if partial:
+                x_T = np.sqrt(acp_top) * up + np.sqrt(1.0 - acp_top) * x_T
             f1 = lambda x, t: m1(x, t, up).astype(jnp.float32)  # noqa: E731
             if st2 is None:
                 model_fn = f1

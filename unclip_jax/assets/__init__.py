@@ -29,6 +29,7 @@ def resolve_checkpoint(path: str | None) -> str:
     if os.path.isfile(os.path.join(SHAPES, "unclip.json")):
         return SHAPES
     raise CheckpointNotFound(
-        f"No --checkpoint given, and the bundled Shapes model is missing from {SHAPES} (this "
-        "release does not ship it yet; configs/shapes.py is its recipe); pass --checkpoint DIR, "
+        f"No --checkpoint given, and the bundled Shapes model is missing from {SHAPES} (an "
+        "install without package data? reinstall, or rebuild it with configs/shapes.py); pass "
+        "--checkpoint DIR, "
         "a pipeline folder from `unclip-jax export`, `unclip-jax convert` or save_pretrained.")

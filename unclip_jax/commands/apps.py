@@ -8,8 +8,7 @@ the inputs, loads the pipeline, shows progress and writes PNGs (one per result p
         --target "an anime drawing of a cat" --thetas 0,0.25,0.5 --out out/td
     unclip-jax probe --image apple.png --label "an apple" --label "an iPod" --out out/probe
 
-Without ``--checkpoint`` the bundled Shapes model is used once it ships with the package; until
-then the commands say so and ask for ``--checkpoint``.
+Without ``--checkpoint`` the bundled Shapes model (``unclip_jax/assets/shapes``) is used.
 """
 from __future__ import annotations
 
@@ -60,7 +59,7 @@ def positive_int(name):
 def _common(p, *, ddim: bool = True) -> None:
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained). Default: the "
-                        "bundled Shapes model (not shipped yet: then this flag is required).")
+                        "bundled Shapes model.")
     p.add_argument("--seed", type=int, default=0,
                    help="Random seed; the same seed gives the same images (default: %(default)s).")
     if ddim:

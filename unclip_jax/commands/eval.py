@@ -70,6 +70,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--table", action="store_true",
                    help="Also run the comparison table (prior kinds, decoder guidance sweep, "
                    "decoder sampler x steps).")
+    p.add_argument("--table-upsample", type=int, default=0,
+                   help="Upsampling stages in the table's rows (0: the rows, which differ only "
+                   "in the prior and the decoder, are judged on the decoder's own output; "
+                   "much faster on a CPU).")
     p.add_argument("--table-captions", type=positive_int("--table-captions"), default=100,
                    help="Captions per row of the table (the first N of those evaluated).")
     p.add_argument("--table-priors", type=_list("--table-priors", str), default=se.PRIORS,
@@ -147,7 +151,8 @@ def run(args, overrides) -> int:
 
     if args.table:
         table_caps = captions[:args.table_captions]
-        base = {k: v for k, v in kwargs.items() if k in ("prior", "prior_settings", "upsample")}
+        base = {k: v for k, v in kwargs.items() if k in ("prior", "prior_settings")}
+        base["upsample"] = args.table_upsample
         settings = se.comparison_settings(
             pipe, priors=args.table_priors, guidance_scales=args.table_guidance,
             samplers=args.table_samplers, steps=args.table_steps,
@@ -156,8 +161,10 @@ def run(args, overrides) -> int:
             table = se.comparison_table(pipe, table_caps, seed=args.seed,
                                         num_images=args.num_images, batch_size=args.batch_size,
                                         settings=settings, progress=bar.update)
+        judged = ("the decoder's output" if args.table_upsample == 0 else
+                  f"after {args.table_upsample} upsampling stage(s)")
         report += ["", f"## Comparisons ({len(table_caps)} captions x {args.num_images} images "
-                   "per row)", "", table.markdown()]
+                   f"per row, judged on {judged})", "", table.markdown()]
 
     text = "\n".join(report) + "\n"
     print(text, end="")

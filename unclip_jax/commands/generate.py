@@ -6,7 +6,7 @@
 Writes one PNG per image (``{prompt index}_{image index}.png``) and ``grid.png`` (one row per
 prompt). Stage settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
 defaults) and can be overridden with the flags below. Without ``--checkpoint`` the bundled Shapes
-model is used once it ships with the package; until then the command says so.
+model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command with it.
 """
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--decoder-sampler", choices=("unclip", "ddpm", "ddim", "dpm++"),
                    help="Decoder sampler.")
     p.add_argument("--super-res-steps", type=int, help="Upsampler steps.")
+    p.add_argument("--super-res-start", type=int, metavar="T",
+                   help="Start each upsampler from its resized input noised to timestep T "
+                   "(keeps the low-res content; the manifest's default, e.g. the Shapes "
+                   "model's) instead of pure noise at T = 999.")
     p.add_argument("--upsample", type=int, help="How many upsampling stages to run "
                    "(default: all the folder has).")
     p.set_defaults(func=run)
@@ -95,7 +99,7 @@ def run(args, overrides) -> int:
         pick(guidance_scale=args.prior_guidance, best_of=args.best_of),
         decoder_settings=pick(steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
                               sampler=args.decoder_sampler),
-        super_res_settings=pick(steps=args.super_res_steps))
+        super_res_settings=pick(steps=args.super_res_steps, start_t=args.super_res_start))
     os.makedirs(args.out, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
@@ -104,5 +108,6 @@ def run(args, overrides) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
     Image.fromarray(_grid(images, len(prompts))).save(grid)
     print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
-          f"the grid to {grid} in {time.time() - start:.1f}s")
+          f"the grid to {grid} in {time.time() - start:.1f}s (compiled: "
+          + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items())) + ")")
     return 0

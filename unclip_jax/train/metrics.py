@@ -5,8 +5,11 @@ Only process 0 writes (``MetricWriter(active=False)`` does nothing elsewhere). S
 per logging step to ``WORKDIR/metrics.jsonl`` (easy to read in tests and notebooks). Images go to
 ``WORKDIR/samples/<tag>_<step>.png`` and to TensorBoard.
 
-:func:`compiled_flops` reads the FLOPs of one compiled step from XLA's cost analysis; under SPMD
-that is the FLOPs of one device's program, so TFLOP/s per device = flops / step time.
+:func:`model_flops` counts the FLOPs of a step's jaxpr (2 x the multiply-adds of its matrix
+products and convolutions; the trainer divides by the devices of the mesh for TFLOP/s per
+device). :func:`compiled_flops` reads XLA's cost analysis of the compiled program instead: close
+on CPU, but on GPU it leaves out the cuBLAS / cuDNN calls (7-26x too small on an H100, see
+benchmarks/GPU_NOTES.md).
 """
 from __future__ import annotations
 
@@ -17,6 +20,43 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+
+
+def model_flops(jaxpr) -> float:
+    """2 x the multiply-adds of every ``dot_general`` and ``conv_general_dilated`` of a (closed)
+    jaxpr, nested jaxprs included (a scan's body times its length, a cond's costliest branch,
+    a while loop's body once): the model FLOPs that MFU counts. Elementwise work, reductions
+    and the optimizer's update are left out (well under 1% of a UNet's step)."""
+    import math
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+            (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+            free = [d for i, d in enumerate(rhs) if i not in set(rc) | set(rb)]
+            total += 2.0 * math.prod(lhs) * math.prod(free)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out = eqn.outvars[0].aval.shape
+            out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
+            dilated = math.prod(eqn.params["lhs_dilation"])  # a strided conv's input grad:
+            total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_feature] / dilated  # 1/d^2
+        values = [x for v in eqn.params.values()
+                  for x in (v if isinstance(v, (list, tuple)) else [v])]
+        subs = [x for x in values  # Jaxpr or ClosedJaxpr (pjit, scan, cond, remat, ...)
+                if hasattr(x, "eqns") or hasattr(getattr(x, "jaxpr", None), "eqns")]
+        if not subs:
+            continue
+        counts = [model_flops(v) for v in subs]
+        if name == "cond":
+            total += max(counts)
+        elif name == "scan":
+            total += eqn.params["length"] * sum(counts)
+        else:
+            total += sum(counts)
+    return total
 
 
 def compiled_flops(compiled) -> float | None:

@@ -50,7 +50,7 @@ from unclip_jax.train import checkpoint as ckpt
 from unclip_jax.train import inputs as inputs_lib
 from unclip_jax.train import sharding as shard_lib
 from unclip_jax.train import step as step_lib
-from unclip_jax.train.metrics import MetricWriter, compiled_flops
+from unclip_jax.train.metrics import MetricWriter, compiled_flops, model_flops
 from unclip_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from unclip_jax.train.stages import ema_decay, get_stage, image_grid, optimizer_config
 
@@ -301,10 +301,12 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
     batch = next_batch()
     t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
-                       out_shardings=(state_sh, replicated),
-                       donate_argnums=0).lower(state, batch, rng).compile()
-    flops = compiled_flops(compiled)
+    traced = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
+                     out_shardings=(state_sh, replicated), donate_argnums=0).trace(state, batch, rng)
+    compiled = traced.lower().compile()
+    # the model's FLOPs (matrix products and convolutions of the global step) per device; XLA's
+    # count of the compiled program misses the library calls on GPU
+    flops = model_flops(traced.jaxpr) / mesh.size or compiled_flops(compiled)
     log(f"compiled in {time.perf_counter() - t0:.1f} s; "
         + (f"{flops / 1e9:.3f} GFLOP per step per device" if flops else "FLOPs unknown"))
 
