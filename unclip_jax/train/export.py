@@ -152,19 +152,20 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
         path = os.path.join(out, entry["weights"])
         summary.update(out=out, name=name, cls=entry["class"], bytes=os.path.getsize(path))
         extra = {}
+        existing = _manifest_sampling(out)   # the folder's sampling section, read once
         if sampling is not None:
             if sampling not in SAMPLING_PRESETS:
                 raise TrainedExportError(f"Unknown sampling preset {sampling!r}; known: "
                                          f"{', '.join(SAMPLING_PRESETS)}.")
             extra["sampling"] = copy.deepcopy(SAMPLING_PRESETS[sampling])
             # a preset never overrides what an exported decoder recorded it predicts
-            kept = _manifest_sampling(out).get("decoder", {}).get("prediction_type")
+            kept = existing.get("decoder", {}).get("prediction_type")
             if kept:
                 extra["sampling"]["decoder"]["prediction_type"] = kept
         if config.stage == "decoder":
             # the sampler must read the model's output as what it was trained to predict
             if "sampling" not in extra:
-                extra["sampling"] = _manifest_sampling(out)
+                extra["sampling"] = existing
             extra["sampling"].setdefault("decoder", {})["prediction_type"] = str(
                 config.diffusion.get("prediction_type", "epsilon"))
         if config.stage == "clip":
