@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,7 +36,6 @@ def to_rgb(image: Any) -> np.ndarray:
 
     Transparency is composited onto a white background, as transformers does.
     """
-    from PIL import Image
     if _is_pil(image):
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
@@ -63,7 +65,6 @@ def to_rgb(image: Any) -> np.ndarray:
 
 def resize_and_crop(rgb: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [S, S, 3]: shorter side to S (PIL bicubic), centre crop."""
-    from PIL import Image
     h, w = rgb.shape[:2]
     if min(h, w) < 1:
         raise ValueError(f"Cannot preprocess an empty image of shape {rgb.shape}.")
@@ -119,8 +120,6 @@ def preprocess_jax(images, image_size: int = 224, value_range: tuple[float, floa
     Shorter side to ``image_size`` (bicubic, antialiased), centre crop, CLIP normalisation.
     Traceable under ``jax.jit``; all images in the batch share one size.
     """
-    import jax
-    import jax.numpy as jnp
     b, h, w, c = images.shape
     if c != 3:
         raise ValueError(f"preprocess_jax expects RGB NHWC images, got shape {images.shape}.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import json
 import os
 from typing import NamedTuple, Sequence
 
@@ -142,7 +143,6 @@ class Tokenizer:
     def write_vocab_files(self, folder: str) -> tuple[str, str]:
         """Write this BPE as ``vocab.json`` + ``merges.txt`` (the files a Hugging Face
         ``CLIPTokenizer`` reads) into ``folder``; returns their paths."""
-        import json
         os.makedirs(folder, exist_ok=True)
         vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         with open(vocab, "w", encoding="utf-8") as f:

@@ -49,10 +49,17 @@ anyway), which keeps a pathological caption from stalling the tokenizer.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Iterator
 
+import ml_collections
 import numpy as np
+import tensorflow as tf
 
+from unclip_jax.clip.tokenizer import get_tokenizer
+from unclip_jax.data import degradations, images, readers
+from unclip_jax.data.precompute import read_embeddings
+from unclip_jax.data.readers import process_defaults
 from unclip_jax.errors import UserError
 
 KINDS = ("webdataset", "tfrecord", "tfds", "folder", "embeddings")
@@ -74,7 +81,6 @@ class InputConfigError(UserError, ValueError):
 
 def default_input_config():
     """Every field of the input config, with its default (a ml_collections.ConfigDict)."""
-    import ml_collections
 
     c = ml_collections.ConfigDict()
     c.kind = "webdataset"        # 'webdataset' | 'tfrecord' | 'tfds' | 'folder' | 'embeddings'
@@ -113,7 +119,6 @@ def _as_config(cfg):
     items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     for key, value in items.items():
         if key not in defaults:
-            import difflib
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise InputConfigError(f"Unknown input config key '{key}'.{hint} Valid keys: "
@@ -223,7 +228,6 @@ class Input:
 # ----------------------------------------------------------------------------- the pipeline
 
 def _raw_dataset(cfg, seed, process_index, process_count):
-    from unclip_jax.data import readers
 
     common = dict(seed=seed, process_index=process_index, process_count=process_count,
                   repeat=cfg.repeat)
@@ -247,7 +251,6 @@ def _tokenize_fn(cfg):
     length = cfg.context_length
     max_chars = cfg.max_caption_chars
     if length:
-        from unclip_jax.clip.tokenizer import get_tokenizer
         tok = get_tokenizer()
         room = length - 2
         cut = 16 * length
@@ -272,9 +275,7 @@ def _tokenize_fn(cfg):
 
 def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: int,
            start_batch: int):
-    import tensorflow as tf
 
-    from unclip_jax.data import degradations, images
 
     ds = _raw_dataset(cfg, seed, process_index, process_count)
     if cfg.shuffle_buffer > 1:
@@ -388,9 +389,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
 
 
 def _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch):
-    import tensorflow as tf
 
-    from unclip_jax.data.precompute import read_embeddings
 
     ds = read_embeddings(cfg.paths)
     if process_count > 1:
@@ -420,7 +419,6 @@ def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: in
       process_index, process_count: default jax.process_index() / jax.process_count().
       start_batch: resume at this position (the iterator's ``position`` when saved).
     """
-    from unclip_jax.data.readers import process_defaults
 
     cfg = _as_config(cfg)
     process_index, process_count = process_defaults(process_index, process_count)

@@ -42,8 +42,15 @@ import os
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
+import jax
 import numpy as np
+import tensorflow as tf
+from flax import nnx
+from PIL import Image
 
+from unclip_jax.clip.preprocess import preprocess_jax
+from unclip_jax.clip.tokenizer import get_tokenizer
+from unclip_jax.data import shapes
 from unclip_jax.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -87,13 +94,11 @@ def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
         k = h // size
         x = images.astype(np.float64).reshape(b, size, k, size, k, 3).mean(axis=(2, 4))
         return np.round(x).astype(np.uint8)
-    from PIL import Image
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BOX))
                      for im in images])
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -112,10 +117,7 @@ def _captions(batch: dict) -> list[str]:
 def make_encoder(model, with_hidden: bool):
     """A jitted ``(tokens [B, L], mask [B, L], images float [-1, 1] [B, H, W, 3]) ->
     (text_embed, hidden or None, image_embed)`` over the model's (frozen) state."""
-    import jax
-    from flax import nnx
 
-    from unclip_jax.clip.preprocess import preprocess_jax
 
     graphdef, state = nnx.split(model)
     image_size = model.config.image_size
@@ -132,7 +134,6 @@ def make_encoder(model, with_hidden: bool):
 
 class _ShardWriter:
     def __init__(self, out_dir: str, examples_per_shard: int):
-        import tensorflow as tf
         self._tf = tf
         self.out_dir = out_dir
         self.per_shard = examples_per_shard
@@ -204,9 +205,7 @@ def precompute(model, batches: Iterable[dict], out_dir: str, *, batch_size: int,
 
     Returns the manifest (also written to ``out_dir/manifest.json``).
     """
-    import tensorflow as tf
 
-    from unclip_jax.clip.tokenizer import get_tokenizer
 
     if batch_size < 1 or examples_per_shard < 1:
         raise PrecomputeError(f"batch_size and examples_per_shard must be positive, got "
@@ -378,7 +377,6 @@ class ReadStats:
     """
 
     def __init__(self):
-        import tensorflow as tf
         self._seen = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._good = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.expected = 0
@@ -409,7 +407,6 @@ class ReadStats:
 
 
 def _parser(manifest: dict, fields: Sequence[str]):
-    import tensorflow as tf
     dims = manifest["dims"]
     length = dims["context_length"]
     spec = {
@@ -471,7 +468,6 @@ def read_embeddings(patterns: str | Sequence[str], *, fields: Sequence[str] | No
     counted in ``stats`` (a :class:`ReadStats`).
     Shards are read in order (deterministic) unless ``num_parallel_reads`` is given.
     """
-    import tensorflow as tf
     files, manifest = _resolve(patterns)
     stored = manifest["fields"]
     fields = list(stored if fields is None else fields)
@@ -510,7 +506,6 @@ def validate_shards(patterns: str | Sequence[str]) -> dict:
     A file whose framing is corrupt (bad length or checksum) counts its unreadable tail as one bad
     record, since TFRecord cannot resynchronise after it.
     """
-    import tensorflow as tf
     files, manifest = _resolve(patterns)
     parse = _parser(manifest, manifest["fields"])
     report = {"good": 0, "bad": 0, "files": {}}
@@ -544,7 +539,6 @@ def shapes_batches(seed: int, split: str, n: int, batch_size: int, start: int = 
                    ) -> Iterator[dict]:
     """Batches ``{"image": uint8 [B, 128, 128, 3], "caption": [B] str}`` of the Shapes dataset,
     generated on the fly (identical to the TFDS build with the same seed)."""
-    from unclip_jax.data import shapes
     for lo in range(start, start + n, batch_size):
         images, scenes = shapes.generate(seed, split, min(batch_size, start + n - lo), start=lo)
         yield {"image": images, "caption": np.asarray([s.caption for s in scenes], dtype=object)}

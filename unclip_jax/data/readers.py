@@ -47,7 +47,9 @@ import struct
 import tarfile
 from typing import Iterator, Sequence
 
+import jax
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from unclip_jax.errors import UserError
 
@@ -97,7 +99,6 @@ def resolve_files(patterns: str | Sequence[str], what: str = "files") -> list[st
 def process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """Fill in ``jax.process_index()`` / ``jax.process_count()`` and check the pair."""
     if process_index is None or process_count is None:
-        import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     process_index, process_count = int(process_index), int(process_count)
@@ -410,7 +411,6 @@ def read_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
     example: 'first', or 'random' (seeded by (seed, position in the stream), so each epoch may
     pick another). Images are read still encoded (tfds.decode.SkipDecoding).
     """
-    import tensorflow_datasets as tfds
 
     if caption_choice not in ("first", "random"):
         raise ReaderError(f"caption_choice must be 'first' or 'random', got {caption_choice!r}.")

@@ -34,8 +34,12 @@ import functools
 import warnings
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from scipy import linalg
 
+from unclip_jax.clip.preprocess import preprocess_jax
 from unclip_jax.errors import UserError
 
 DEFAULT_BATCH = 50
@@ -62,7 +66,6 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
-    from scipy import linalg
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -176,14 +179,11 @@ def _run_batched(fn, images, batch_size: int, where: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _jitted(kind: str):
-    import jax
-    from flax import nnx
 
     def inception_features(graphdef, state, batch):
         return nnx.merge(graphdef, state).features(batch)
 
     def clip_image(graphdef, state, batch, normalize):
-        from unclip_jax.clip.preprocess import preprocess_jax
         model = nnx.merge(graphdef, state)
         pixels = preprocess_jax(batch, model.config.image_size, value_range=(0.0, 255.0))
         emb = model.encode_image(pixels).astype(jax.numpy.float32)
@@ -202,7 +202,6 @@ def _jitted(kind: str):
 
 
 def _split(model):
-    from flax import nnx
     return nnx.split(model)
 
 

@@ -41,7 +41,14 @@ from flax import nnx
 
 from unclip_jax.errors import UserError
 from unclip_jax.models.layers import abstract_init
-from unclip_jax.torch_weights import NameTable, TensorFiles, load_into, path_str, to_theirs
+from unclip_jax.torch_weights import (
+    NameTable,
+    TensorFiles,
+    load_into,
+    path_str,
+    save_safetensors,
+    to_theirs,
+)
 
 Array = jax.Array
 
@@ -429,7 +436,6 @@ def state_dict(model: InceptionV3) -> dict[str, np.ndarray]:
 def convert_pth(pth_path: str, out_path: str) -> None:
     """Re-save pytorch-fid's ``.pth`` as safetensors (needs torch), so later runs need no torch.
     The classifier (``fc.*``) is kept so the file stays a complete copy."""
-    from unclip_jax.torch_weights import save_safetensors
     arrays = {k: np.ascontiguousarray(v) for k, v in read_pth(pth_path).items()
               if not k.endswith(".num_batches_tracked")}
     save_safetensors(arrays, out_path)

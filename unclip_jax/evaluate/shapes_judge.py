@@ -52,9 +52,17 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
-from unclip_jax.data.shapes import (BACKGROUND, COLOURS, SIZES, CaptionParseError, ParsedCaption,
-                                    parse_caption, position_of)
+from unclip_jax.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    SIZES,
+    CaptionParseError,
+    ParsedCaption,
+    parse_caption,
+    position_of,
+)
 from unclip_jax.errors import UserError
 
 __all__ = ["Judgement", "Region", "CaptionParseError", "ImageError", "find_objects", "judge",
@@ -187,7 +195,6 @@ def _classify_shape(fill: float, asym: float) -> str:
 
 def find_objects(image: Any) -> list[Region]:
     """Every object (coloured region larger than a speck) in the image, largest first."""
-    from scipy import ndimage
     image = _as_uint8_rgb(image)
     h, w = image.shape[:2]
     label, alpha = colour_alpha(image)
