@@ -8,21 +8,26 @@ CONSTRAINTS := requirements/constraints.txt
 # 8 simulated CPU devices, as the tests and the CI assume.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 PYTEST_ARGS ?= -n 2 --dist loadfile
+# Extras for `make install` on an accelerator host, e.g. `make install EXTRAS=tpu,train` on every
+# worker of a TPU VM, `make install EXTRAS=cuda12,train` on a CUDA 12 machine (see README, Install).
+EXTRAS ?=
+comma := ,
+STAMP := $(VENV)/.installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 
 .PHONY: install install-test demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(PY) setup.py $(CONSTRAINTS)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e .
+$(STAMP): $(PY) setup.py $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '$(if $(EXTRAS),.[$(EXTRAS)],.)'
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(PY) setup.py $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 install-test: $(VENV)/.installed-test
 

@@ -1,42 +1,61 @@
 """unclip-jax: unCLIP (DALL-E 2) in JAX and Flax NNX.
 
-Install with `make install` (virtual environment + pinned versions), or
-`pip install -c requirements/constraints.txt -e .[test]` inside your own environment.
-The exact pins below are the versions this project is tested with; the full
-transitive set lives in requirements/constraints.txt.
+`install_requires` states compatible ranges, so that `pip install unclip-jax` keeps the jax,
+numpy and Pillow that a Colab runtime, a TPU VM or a CUDA image already has. The exact versions
+this project is tested with live in requirements/constraints.txt, which `make` and CI use:
+
+    pip install -c requirements/constraints.txt -e ".[train,test]"
+
+Extras:
+    train    tf.data, TensorFlow Datasets and TensorBoard's writer: what `unclip-jax train`,
+             `precompute` and the Shapes dataset builder read data with (sampling needs none of it;
+             Colab ships TensorFlow already, so there it needs no extra)
+    tpu      jax[tpu]: libtpu for Cloud TPU VMs
+    cuda12   jax[cuda12]: the CUDA 12 plugin and its pip-installed CUDA libraries
+    cuda13   jax[cuda13]: the same for CUDA 13
+    hub      huggingface_hub, to download released weights (Karlo) by Hub id
+    test     the suite's references (torch CPU, diffusers, transformers) and pytest
 """
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "ml-collections==1.1.0",
-    "einops==0.8.2",
-    "numpy==2.4.6",
-    "scipy==1.17.1",
-    "tensorflow-cpu==2.21.0",
-    "tensorflow-datasets==4.9.10",
-    "transformers==5.24.0",
-    "safetensors==0.8.0",
-    "pillow==13.0.0",
-    "ftfy==6.3.1",
-    "regex==2026.11.19",
-    "tqdm==4.70.1",
-    "absl-py==2.5.1",
-    "tensorboard==2.21.0",
+    "jax>=0.10.0",                 # flax 0.12 needs it; 0.10 and 0.11 are tested
+    "flax>=0.12.8,<0.13",          # the NNX API as used here
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11.0",
+    "ml-collections>=1.0.0",
+    "etils[epath]>=1.9.0",         # one path layer for local and remote (gs://) paths
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "safetensors>=0.4.3",
+    "pillow>=10.0",
+    "ftfy>=6.1",                   # CLIP's caption cleaning, as OpenAI CLIP and Karlo apply it
+    "regex>=2023.0",
+    "tqdm>=4.60",
+]
+
+JAX_EXTRA = "jax[{}]>=0.10.0"
+TRAIN = [
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.4",
+    "tensorboard>=2.16",
 ]
 
 EXTRAS = {
-    # Reference implementations for parity tests. torch is pinned exactly: a looser
-    # range makes pip pull the CUDA build (several GB).
-    "test": [
-        "pytest==9.2.0",
-        "pytest-xdist==3.8.0",
+    "train": TRAIN,
+    "tpu": [JAX_EXTRA.format("tpu")],
+    "cuda12": [JAX_EXTRA.format("cuda12")],
+    "cuda13": [JAX_EXTRA.format("cuda13")],
+    "hub": ["huggingface_hub>=0.24"],
+    # References for the parity tests. torch is pinned exactly: a looser range makes pip pull
+    # the CUDA build (several GB).
+    "test": TRAIN + [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
         "torch==2.13.0",
-        "diffusers==0.42.1",
+        "diffusers>=0.32",
+        "transformers>=4.45",
+        "huggingface_hub>=0.24",
     ],
 }
 
