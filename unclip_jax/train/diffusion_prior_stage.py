@@ -93,8 +93,8 @@ def make_loss_fn(cfg: PriorStageConfig = PriorStageConfig()):
 
 
 def build_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageConfig(),
-                    tx: optax.GradientTransformation | None = None,
-                    ema_decay: float | None = 0.9999):
+                     tx: optax.GradientTransformation | None = None,
+                     ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest) for ``model``.
 
     ``train_step(state, batch, rng) -> (state, metrics)`` is the shared pure step
