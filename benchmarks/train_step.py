@@ -5,13 +5,13 @@ model as diffusers torch modules (torch.optim.AdamW), same weights, same batch, 
     .venv/bin/python benchmarks/train_step.py --only decoder --repeats 10
 
 What each side runs per step:
-  decoder  ours: unclip_jax.train.decoder_stage.make_decoder_train_step with epsilon MSE
+  decoder  ours: unclip_jax.train.decoder_stage.build_train_step with epsilon MSE
            (learned_variance=False, a 3-channel output; Karlo's decoder has 6 output channels,
            which changes the FLOPs by well under 1%), z_i dropped 10% / caption 50% of the time,
            AdamW lr 1.2e-4 (no weight decay, no clipping, no EMA).
            torch: UnCLIPTextProjModel + UNet2DConditionModel (Karlo's layout) on the same
            dropped conditioning, epsilon MSE, torch.optim.AdamW with the same hyper-parameters.
-  prior    ours: unclip_jax.train.diffusion_prior_stage.make_train_step (x0 MSE on mean/std-
+  prior    ours: unclip_jax.train.diffusion_prior_stage.build_train_step (x0 MSE on mean/std-
            normalised z_i, text conditioning replaced by the null one 10% of the time), AdamW
            lr 1.1e-4, beta2 0.96, eps 1e-6, weight decay 6e-2 on kernels only, no EMA.
            torch: PriorTransformer on the same inputs, AdamW with weight decay on the Linear
@@ -79,7 +79,7 @@ def ours_decoder_step(model, batch):
     from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     stage = decoder_stage.DecoderStageConfig(learned_variance=False)
     tx = make_optimizer(OptimizerConfig(1.2e-4))
-    make = lambda m, **kw: decoder_stage.make_decoder_train_step(m, stage, **kw)  # noqa: E731
+    make = lambda m, **kw: decoder_stage.build_train_step(m, stage, **kw)  # noqa: E731
     return jax_step(make, model, batch, tx)
 
 
@@ -87,7 +87,7 @@ def ours_prior_step(model, batch):
     from unclip_jax.train import diffusion_prior_stage
     from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     tx = make_optimizer(OptimizerConfig(1.1e-4, b2=0.96, eps=1e-6, weight_decay=6e-2))
-    make = lambda m, **kw: diffusion_prior_stage.make_train_step(m, **kw)  # noqa: E731
+    make = lambda m, **kw: diffusion_prior_stage.build_train_step(m, **kw)  # noqa: E731
     return jax_step(make, model, batch, tx)
 
 

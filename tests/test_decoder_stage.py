@@ -14,6 +14,7 @@ from unclip_jax.config import load_file
 from unclip_jax.models.decoder import Decoder, DecoderConfig
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig, resize_low_res
 from unclip_jax.train import decoder_stage as ds
+from unclip_jax.train import upsampler_stage as us
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = lambda seed: nnx.Rngs(jax.random.key(seed, impl="rbg"))  # noqa: E731 (cheap to compile)
@@ -51,23 +52,23 @@ def eval_loss(model_fn, schedule, x0, seed=0, ts=(50, 200, 400, 600, 800)):
 
 def test_upsampler_trained_on_crops_runs_at_full_size():
     cfg = load_file(os.path.join(REPO, "configs", "upsampler.py") + ":runlocal")
-    stage, _ = ds.upsampler_from_config(cfg)
+    stage, _ = us.from_config(cfg)
     assert stage.crop_size == cfg.image_size // 4 == 8
     model = SuperRes(SuperResConfig(**cfg.model.to_dict()), RNG(0))
-    train_step, state, graphdef, rest = ds.make_upsampler_train_step(
+    train_step, state, graphdef, rest = us.build_train_step(
         model, stage, tx=optax.adam(2e-3), ema_decay=None)
     full = smooth_images(0, 64, cfg.image_size)
     low = np.asarray(jax.image.resize(full, (64, 8, 8, 3), method="linear"))
     schedule = diffusion.get_schedule(stage.schedule, stage.num_train_steps)
 
     def loss_at(params, x0, low_up):
-        m = ds.merged(graphdef, params, rest)
+        m = nnx.merge(graphdef, params, rest)
         return eval_loss(lambda x, t: m(x, t, low_up), schedule, x0)
 
     # Evaluation sets: held-out images at full size (32x32) and their 8x8 crops.
     test_full = smooth_images(1, 8, 32)
     test_low = resize_low_res(jax.image.resize(test_full, (8, 8, 8, 3), method="linear"), 32)
-    crops = [ds.random_crops([jnp.asarray(test_full), test_low], 8, jax.random.key(i))
+    crops = [us.random_crops([jnp.asarray(test_full), test_low], 8, jax.random.key(i))
              for i in range(4)]
     crop_x0 = jnp.concatenate([c[0] for c in crops]); crop_low = jnp.concatenate([c[1] for c in crops])
     crop_eval = compiled(loss_at, state.params, crop_x0, crop_low)
@@ -108,14 +109,14 @@ def decoder_batch(seed=0, b=4, length=5):
 def test_decoder_train_step_overfits_a_batch():
     model = tiny_decoder()
     stage = ds.DecoderStageConfig()
-    train_step, state, graphdef, rest = ds.make_decoder_train_step(
+    train_step, state, graphdef, rest = ds.build_train_step(
         model, stage, tx=optax.adam(3e-3), ema_decay=0.9)
     batch = decoder_batch()
     schedule = diffusion.get_schedule("cosine", 1000)
     step = compiled(train_step, state, batch, jax.random.key(2))
 
     def fixed_loss(params):
-        m = ds.merged(graphdef, params, rest)
+        m = nnx.merge(graphdef, params, rest)
         fn = lambda x, t: m(x, t, *(jnp.asarray(batch[k]) for k in  # noqa: E731
                                      ("image_embed", "text_embed", "text_hidden", "text_mask")))
         return eval_loss(lambda x, t: fn(x, t)[..., :3], schedule, jnp.asarray(batch["image"]))
@@ -137,7 +138,7 @@ def test_decoder_loss_drops_conditioning_at_the_configured_rates():
     batch = decoder_batch(b=256, length=3)
     batch["image"] = np.zeros((256, 8, 8, 3), np.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss_fn = ds.make_decoder_loss_fn(ds.DecoderStageConfig())
+    loss_fn = ds.make_loss_fn(ds.DecoderStageConfig())
     run = lambda p, b, r: loss_fn(nnx.merge(graphdef, p, rest), b, r)  # noqa: E731
     _, metrics = compiled(run, params, batch, jax.random.key(0))(params, batch, jax.random.key(0))
     assert abs(float(metrics["image_dropped"]) - 0.1) < 0.05
@@ -146,7 +147,7 @@ def test_decoder_loss_drops_conditioning_at_the_configured_rates():
 
 def test_stage_errors_are_clear():
     model = tiny_decoder(dropout=0.0)
-    loss_fn = ds.make_decoder_loss_fn()
+    loss_fn = ds.make_loss_fn()
     batch = decoder_batch()
     del batch["text_hidden"]
     with pytest.raises(KeyError, match="text_hidden"):
@@ -154,18 +155,18 @@ def test_stage_errors_are_clear():
     sr = SuperRes(SuperResConfig(channels=8, channel_mult=(1,), num_res_blocks=1, groups=4),
                   RNG(0))
     with pytest.raises(ValueError, match="learned_variance"):
-        ds.make_upsampler_loss_fn(ds.UpsamplerStageConfig(learned_variance=True))(
+        us.make_loss_fn(us.UpsamplerStageConfig(learned_variance=True))(
             sr, {"image": np.zeros((1, 8, 8, 3)), "low_res": np.zeros((1, 4, 4, 3))},
             jax.random.key(0))
     with pytest.raises(ValueError, match="crop_size"):
-        ds.random_crops([jnp.zeros((1, 8, 8, 3))], 16, jax.random.key(0))
+        us.random_crops([jnp.zeros((1, 8, 8, 3))], 16, jax.random.key(0))
 
 
 def test_config_files_build_their_stages():
     dec = load_file(os.path.join(REPO, "configs", "decoder.py") + ":size=paper")
-    stage, opt = ds.decoder_from_config(dec)
+    stage, opt = ds.from_config(dec)
     assert (stage.image_drop_prob, stage.text_drop_prob, stage.learned_variance) == (0.1, 0.5, True)
     assert (opt.learning_rate, opt.b2, opt.eps) == (1.2e-4, 0.999, 1e-8)
     up = load_file(os.path.join(REPO, "configs", "upsampler.py") + ":size=paper_1024")
-    stage, opt = ds.upsampler_from_config(up)
+    stage, opt = us.from_config(up)
     assert (stage.crop_size, stage.schedule, opt.learning_rate) == (256, "linear", 1.0e-4)

@@ -35,7 +35,7 @@ def trained():
                            seed=0)
     model = DiffusionPrior(cfg, rngs=nnx.Rngs(c.seed))
     stage_cfg, opt_cfg = stage.from_config(c)
-    train_step, state, graphdef, rest = stage.make_train_step(
+    train_step, state, graphdef, rest = stage.build_train_step(
         model, stage_cfg, make_optimizer(opt_cfg), ema_decay=None)
     train_step = jax.jit(train_step, donate_argnums=0)
     rng, key = np.random.default_rng(0), jax.random.key(0)
@@ -43,7 +43,7 @@ def trained():
     for _ in range(c.total_steps):
         state, metrics = train_step(state, _batch(task, rng, c.batch_size), key)
         losses.append(float(metrics["loss"]))
-    return stage.merged(graphdef, state.params, rest), task, losses, c
+    return nnx.merge(graphdef, state.params, rest), task, losses, c
 
 
 def test_prior_learns_the_synthetic_mapping(trained):
@@ -137,7 +137,7 @@ def test_optimizer_is_table3_adamw_decaying_matrices_only():
 
     # One full train step with dropout and the EMA: runs, and the EMA moves toward the params.
     task = make_prior_task(num_concepts=8, dim=32, text_width=32, context_length=8)
-    train_step, state, graphdef, rest = stage.make_train_step(model, ema_decay=0.5)
+    train_step, state, graphdef, rest = stage.build_train_step(model, ema_decay=0.5)
     state, metrics = jax.jit(train_step)(state, _null_batch(task, np.random.default_rng(0), 8),
                                          jax.random.key(0))
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))

@@ -15,7 +15,7 @@ STAGES = {"clip": "clip", "diffusion_prior": "diffusion_prior", "ar_prior": "ar_
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_config_stage_resolves(stage):
-    from unclip_jax.train.stages import get_stage
+    from unclip_jax.train.registry import get_stage
     config = load_config(f"{CONFIG}:stage={stage},runlocal")
     assert config.stage == STAGES[stage]
     get_stage(config.stage)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from unclip_jax.config import load_config
 from unclip_jax.train import step as step_lib
-from unclip_jax.train.stages import get_stage
+from unclip_jax.train.registry import get_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

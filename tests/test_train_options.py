@@ -10,7 +10,6 @@ from unclip_jax.data.synthetic_embeddings import make_prior_task, sample_prior_b
 from unclip_jax.models.diffusion_prior import DiffusionPrior, get_preset
 from unclip_jax.train import diffusion_prior_stage as dps
 from unclip_jax.train import step as step_lib
-from unclip_jax.train.trainer import make_accumulating_step
 
 
 class Toy(nnx.Module):
@@ -32,7 +31,7 @@ def test_accumulated_gradients_equal_the_full_batch_step():
     state = step_lib.init_train_state(params, tx, ema=True)
     out = {}
     for accum in (1, 2, 4):
-        step = jax.jit(make_accumulating_step(graphdef, rest, toy_loss, tx, 0.9, accum))
+        step = jax.jit(step_lib.make_train_step(graphdef, rest, toy_loss, tx, 0.9, accum_steps=accum))
         new, metrics = step(state, batch, jax.random.key(0))
         out[accum] = (jax.tree.leaves(new.params), float(metrics["loss"]),
                       float(metrics["grad_norm"]))

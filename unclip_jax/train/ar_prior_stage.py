@@ -25,10 +25,14 @@ The stage, in order of use:
 the frozen quantiser), drops the text conditioning of a random ``text_drop_prob`` of the rows
 (classifier-free guidance; 10% in the paper), and returns the mean cross-entropy over the K
 tokens. Metrics: ``ce`` (nats per token), ``accuracy`` (next-token top-1) and ``text_dropped``.
+
+In the trainer (``STAGE``) the quantiser is fitted by the ``prepare`` hook on the first
+``config.quantizer.fit_examples`` examples, and ``sample`` reports the cosines of sampled z_i.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -36,10 +40,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from unclip_jax.evaluate.prior_metrics import prior_cosines
+from unclip_jax.models import ar_prior
 from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.pca_quantizer import QuantizerFit, fit_quantizer
-from unclip_jax.train.optimizer import TABLE3, make_optimizer
 from unclip_jax.train import step as step_lib
+from unclip_jax.train.optimizer import TABLE3, make_optimizer
+from unclip_jax.train.stage import Stage, cosine_means, model_fields
 from unclip_jax.train.step import TrainState
 
 BATCH_KEYS = ("text_hidden", "text_mask", "text_embed", "image_embed")
@@ -51,6 +58,11 @@ def build_model(config: ARPriorConfig | Mapping[str, Any], seed: int = 0) -> ARP
         fields = {f.name for f in dataclasses.fields(ARPriorConfig)}
         config = ARPriorConfig(**{k: v for k, v in dict(config).items() if k in fields})
     return ARPrior(config, rngs=nnx.Rngs(seed))
+
+
+def model_config(c: Any) -> ARPriorConfig:
+    """The :class:`ARPriorConfig` of a ``configs/ar_prior.py`` ConfigDict."""
+    return ARPriorConfig(**model_fields(ARPriorConfig, c.model))
 
 
 def fit_prior_quantizer(model: ARPrior, batches: Iterable | Callable[[], Iterable],
@@ -106,3 +118,40 @@ def build_train_step(model: ARPrior, tx: optax.GradientTransformation | None = N
     model.quantizer.require_fitted()
     tx = tx or make_optimizer(TABLE3["ar_prior"])
     return step_lib.build_train_step(model, make_loss_fn(text_drop_prob), tx, ema_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's hooks
+# --------------------------------------------------------------------------------------------
+
+def _prepare(model, c, batches) -> dict:
+    q = c.get("quantizer")
+    pairs = [{"image_embed": b["image_embed"], "text_embed": b["text_embed"]} for b in batches]
+    fit = fit_prior_quantizer(model, pairs, seed=c.seed,
+                              max_quantile_samples=q.get("max_quantile_samples", 1 << 17)
+                              if q is not None else 1 << 17)
+    return {"quantizer_examples": sum(len(b["image_embed"]) for b in batches),
+            "quantizer": fit.energy_report()}
+
+
+def _prepare_batches(c) -> int:
+    q = c.get("quantizer")
+    examples = q.get("fit_examples", 2048) if q is not None else 2048
+    return max(1, math.ceil(examples / c.batch_size))
+
+
+def _sample(model, c, batch, rng):
+    s = c.get("sample")
+    kw = {} if s is None else dict(num_candidates=s.num_candidates,
+                                   guidance_scale=s.guidance_scale, temperature=s.temperature,
+                                   top_p=s.top_p, dot_percentile=s.dot_percentile)
+    z = ar_prior.sample(model, batch["text_embed"], batch["text_hidden"], batch["text_mask"], rng,
+                        **kw)
+    return cosine_means(prior_cosines(z["image_embed"], batch["image_embed"],
+                                      batch["text_embed"])), None
+
+
+STAGE = Stage("ar_prior", build_model=lambda c, rngs: ARPrior(model_config(c), rngs=rngs),
+              make_loss_fn=lambda c: make_loss_fn(c.get("text_drop_prob", 0.1)),
+              batch_keys=lambda c: BATCH_KEYS, prepare=_prepare,
+              prepare_batches=_prepare_batches, sample=_sample)

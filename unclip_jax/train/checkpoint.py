@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from unclip_jax.errors import UserError
 
@@ -32,18 +33,12 @@ class CheckpointMismatch(UserError, ValueError):
     """The workdir's checkpoint does not belong to this config / model."""
 
 
-def _orbax():
-    import orbax.checkpoint as ocp
-    return ocp
-
-
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = False):
     """An Orbax CheckpointManager over ``WORKDIR/checkpoints`` keeping the last ``keep``."""
-    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -63,7 +58,6 @@ def shape_signature(tree) -> dict[str, list]:
 
 def save(manager, step: int, state: dict, meta: dict, force: bool = True) -> None:
     """Save ``state`` (a dict of pytrees of jax arrays) and ``meta`` (JSON) as ``step``."""
-    ocp = _orbax()
     meta = dict(meta, step=int(step), shapes=shape_signature(state))
     manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=force)
@@ -74,7 +68,6 @@ def latest_step(manager) -> int | None:
 
 
 def read_meta(manager, step: int) -> dict:
-    ocp = _orbax()
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
@@ -99,7 +92,6 @@ def check_compatible(meta: dict, abstract_state: dict, config: Any, where: str) 
 
 def restore(manager, step: int, abstract_state: dict) -> tuple[dict, dict]:
     """(state, meta) of ``step``, the state laid out as ``abstract_state``'s shardings."""
-    ocp = _orbax()
     out = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"])
@@ -108,7 +100,6 @@ def restore(manager, step: int, abstract_state: dict) -> tuple[dict, dict]:
 def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     """(state as NumPy arrays, meta) of a workdir's checkpoint (latest when ``step`` is None),
     with no mesh: for tests, notebooks and conversion."""
-    ocp = _orbax()
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -11,9 +11,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from unclip_jax.clip.loss import contrastive_loss
+from unclip_jax.clip.model import CLIP, CLIPConfig
 from unclip_jax.clip.preprocess import OPENAI_MEAN, OPENAI_STD
+from unclip_jax.train.stage import Stage, model_fields
 
 BATCH_KEYS = ("image", "text_tokens", "text_mask")
+
+
+def model_config(c) -> CLIPConfig:
+    """The :class:`CLIPConfig` of a ``configs/clip.py`` ConfigDict."""
+    return CLIPConfig(**model_fields(CLIPConfig, c.model))
 
 
 def to_clip_pixels(image):
@@ -35,3 +42,7 @@ def make_loss_fn():
         return loss, metrics
 
     return loss_fn
+
+
+STAGE = Stage("clip", build_model=lambda c, rngs: CLIP(model_config(c), rngs=rngs),
+              make_loss_fn=lambda c: make_loss_fn(), batch_keys=lambda c: BATCH_KEYS)

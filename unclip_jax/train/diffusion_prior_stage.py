@@ -15,6 +15,11 @@ probability ``cond_drop_prob`` (10%) a caption's text conditioning is replaced b
 for classifier-free guidance. The optimizer is AdamW as in Table 3 (lr 1.1e-4, beta2 0.96,
 eps 1e-6, decoupled weight decay 6e-2 on Linear kernels only), with the EMA of the parameters kept by
 the shared train step (decay 0.9999).
+
+Hooks for the trainer (``STAGE``): ``prepare`` sets the per-dimension z_i mean/std of a prior
+with embed_norm='mean_std' from a few batches; ``sample`` draws z_i with the config's sampler and
+reports their cosines to the true z_i and to z_t (:func:`unclip_jax.evaluate.prior_metrics.
+prior_cosines`).
 """
 from __future__ import annotations
 
@@ -25,14 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from unclip_jax import diffusion
+from unclip_jax.evaluate.prior_metrics import prior_cosines
 from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, TextConditioning,
                                                drop_text_conditioning)
-from unclip_jax.models.prior_sampling import PriorSamplingConfig
+from unclip_jax.models.prior_sampling import PriorSamplingConfig, sample_prior
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
+from unclip_jax.train.stage import Stage, cosine_means, model_fields
 
 NULL_KEYS = ("null_text_embed", "null_text_hidden", "null_text_mask")
 
@@ -86,9 +92,9 @@ def make_loss_fn(cfg: PriorStageConfig = PriorStageConfig()):
     return loss_fn
 
 
-def make_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageConfig(),
-                    tx: optax.GradientTransformation | None = None,
-                    ema_decay: float | None = 0.9999):
+def build_train_step(model: DiffusionPrior, stage: PriorStageConfig = PriorStageConfig(),
+                     tx: optax.GradientTransformation | None = None,
+                     ema_decay: float | None = 0.9999):
     """(train_step, initial TrainState, graphdef, rest) for ``model``.
 
     ``train_step(state, batch, rng) -> (state, metrics)`` is the shared pure step
@@ -109,7 +115,7 @@ def from_config(c: Any) -> tuple[PriorStageConfig, OptimizerConfig]:
 
 def model_config(c: Any) -> PriorConfig:
     """The :class:`PriorConfig` of a ``configs/diffusion_prior.py`` ConfigDict."""
-    return PriorConfig(**{k: v for k, v in c.model.items() if k != "preset"})
+    return PriorConfig(**model_fields(PriorConfig, c.model))
 
 
 def sampling_config(c: Any) -> PriorSamplingConfig:
@@ -135,6 +141,35 @@ def embedding_stats(batches: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
-def merged(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State) -> DiffusionPrior:
-    """The model for given parameters (e.g. ``state.ema``)."""
-    return nnx.merge(graphdef, params, rest)
+# --------------------------------------------------------------------------------------------
+# The trainer's hooks
+# --------------------------------------------------------------------------------------------
+
+def _batch_keys(c) -> tuple[str, ...]:
+    keys = ("image_embed", "text_embed", "text_hidden", "text_mask")
+    return keys if model_config(c).learned_null else keys + NULL_KEYS
+
+
+def _prepare(model, c, batches) -> dict:
+    if model.config.embed_norm != "mean_std":
+        return {}
+    mean, std = embedding_stats(b["image_embed"] for b in batches)
+    model.set_embedding_stats(jnp.asarray(mean), jnp.asarray(std))
+    return {"embedding_stats_examples": sum(len(b["image_embed"]) for b in batches)}
+
+
+def _sample(model, c, batch, rng):
+    cond = TextConditioning(batch["text_embed"], batch["text_hidden"], batch["text_mask"])
+    uncond = None
+    if not model.config.learned_null and "null_text_embed" in batch:
+        uncond = TextConditioning(batch["null_text_embed"], batch["null_text_hidden"],
+                                  batch["null_text_mask"])
+    z = sample_prior(model, cond, rng, sampling_config(c), uncond)["image_embed"]
+    return cosine_means(prior_cosines(z, batch["image_embed"], batch["text_embed"])), None
+
+
+STAGE = Stage("diffusion_prior",
+              build_model=lambda c, rngs: DiffusionPrior(model_config(c), rngs=rngs),
+              make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
+              batch_keys=_batch_keys, prepare=_prepare, prepare_batches=lambda c: 4,
+              sample=_sample)

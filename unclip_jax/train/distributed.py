@@ -19,6 +19,8 @@ import dataclasses
 import os
 import re
 
+import jax
+
 from unclip_jax.errors import UserError
 
 
@@ -88,7 +90,6 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
 def initialize(settings: ProcessSettings) -> None:
     """Start the distributed runtime when there is more than one process. Call it before any
     other JAX call (it must precede backend creation)."""
-    import jax
     if settings.auto:
         jax.distributed.initialize()
         return

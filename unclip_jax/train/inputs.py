@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from unclip_jax.data.synthetic_embeddings import make_prior_task, sample_prior_batch
 from unclip_jax.errors import UserError
 
 
@@ -32,7 +35,6 @@ class SyntheticPriorInput:
 
     def __init__(self, cfg: Any, *, global_batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, start_batch: int = 0):
-        from unclip_jax.data.synthetic_embeddings import make_prior_task
         self.task = make_prior_task(num_concepts=cfg.get("num_concepts", 8), dim=cfg.get("dim", 32),
                                     text_width=cfg.get("text_width", 32),
                                     context_length=cfg.get("context_length", 8),
@@ -44,7 +46,6 @@ class SyntheticPriorInput:
         self._served = 0
 
     def global_batch(self, index: int) -> dict[str, np.ndarray]:
-        from unclip_jax.data.synthetic_embeddings import sample_prior_batch
         rng = np.random.default_rng([self.seed, index])
         batch = sample_prior_batch(self.task, rng, self.global_batch_size)
         batch.pop("concept")
@@ -74,7 +75,7 @@ def make_input(input_cfg: Any, *, global_batch_size: int, seed: int, process_ind
         return SyntheticPriorInput(input_cfg, global_batch_size=global_batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count,
                                    start_batch=start_batch)
-    try:
+    try:  # TensorFlow, imported only for the kinds that read with tf.data
         from unclip_jax.data import input_pipeline
     except ImportError as e:
         raise InputError(f"config.input.kind={kind!r} needs unclip_jax.data.input_pipeline, "
@@ -96,7 +97,6 @@ def select(batch: dict, keys: Sequence[str]) -> dict:
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
     """Per-process rows -> global jax arrays split as ``sharding`` (rows over the batch axes)."""
-    import jax
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
@@ -109,14 +109,12 @@ def host_global_batches(input_cfg: Any, *, global_batch_size: int, seed: int, co
                         keys: Sequence[str]) -> list[dict[str, np.ndarray]]:
     """``count`` whole global batches as NumPy on every process (for fits that every process
     must compute identically, e.g. the AR prior's PCA): local rows gathered across processes."""
-    import jax
     it = make_input(input_cfg, global_batch_size=global_batch_size, seed=seed,
                     process_index=jax.process_index(), process_count=jax.process_count())
     out = []
     for _ in range(count):
         b = select(next(it), keys)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             b = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
                  for k, v in b.items()}
         out.append(b)

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import sys
 import time
+import types
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
 
 
 def model_flops(jaxpr) -> float:
@@ -27,7 +31,6 @@ def model_flops(jaxpr) -> float:
     jaxpr, nested jaxprs included (a scan's body times its length, a cond's costliest branch,
     a while loop's body once): the model FLOPs that MFU counts. Elementwise work, reductions
     and the optimizer's update are left out (well under 1% of a UNet's step)."""
-    import math
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -77,8 +80,6 @@ def _avoid_tensorflow_import(workdir: str) -> None:
     """TensorBoard's writer imports TensorFlow (seconds) just for its file layer unless
     ``tensorboard.compat.notf`` exists; for a local workdir its own stub is enough. Remote
     workdirs (gs://...) keep TensorFlow's gfile."""
-    import sys
-    import types
     if "://" not in workdir and "tensorflow" not in sys.modules:
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
@@ -93,7 +94,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        try:
+        try:  # TensorBoard is imported here, after the stub that keeps TensorFlow out
             _avoid_tensorflow_import(workdir)
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
             self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -119,7 +120,6 @@ class MetricWriter:
         """Write a [H, W, 3] uint8 grid as PNG (file and TensorBoard); returns the file path."""
         if not self.active:
             return None
-        from PIL import Image
         folder = os.path.join(self.workdir, "samples")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{tag}_{int(step):08d}.png")

@@ -5,7 +5,8 @@
 AdamW whose weight decay touches only weight matrices and convolution kernels (parameters named
 ``kernel``), never biases, normalisation scales, embedding / position tables or learned nulls.
 Learning rate: linear warmup from 0 over ``warmup_steps``, then constant, or cosine decay to 0
-at ``total_steps``.
+at ``total_steps``. ``optimizer_config(config)`` and ``ema_decay(config)`` read both from a
+training config the same way for every stage.
 """
 from __future__ import annotations
 
@@ -97,3 +98,20 @@ def from_config_dict(o: Any, total_steps: int | None = None) -> OptimizerConfig:
         values["total_steps"] = total_steps
     values["grad_clip_norm"] = values.get("grad_clip_norm") or None
     return OptimizerConfig(**values)
+
+
+def optimizer_config(config: Any) -> OptimizerConfig:
+    """The OptimizerConfig of a training config's ``optimizer`` group; a ``schedule`` group (name
+    'warmup_cosine', warmup_steps), where a config has one, sets the learning-rate schedule."""
+    cfg = from_config_dict(config.optimizer, total_steps=config.total_steps)
+    sched = config.get("schedule")
+    if sched is not None and sched.get("name") == "warmup_cosine":
+        cfg = dataclasses.replace(cfg, lr_schedule="cosine",
+                                  warmup_steps=sched.get("warmup_steps", 0))
+    return cfg
+
+
+def ema_decay(config: Any) -> float | None:
+    """A training config's ``ema_decay``; 0 (or missing) means no EMA."""
+    d = config.get("ema_decay", 0.0)
+    return float(d) if d else None

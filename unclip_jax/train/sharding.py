@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unclip_jax.config import DEFAULT_SHARDING_RULES
@@ -79,7 +80,6 @@ def make_mesh(mesh_config: Any = None, devices: Sequence[jax.Device] | None = No
                  (-1 if a == "fsdp" else 1)) for a in MESH_AXES}
     shape = mesh_shape(sizes, len(devices))
     try:  # a topology-aware order on real hardware (ICI rings on TPU)
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # noqa: BLE001 - simulated devices / odd shapes: plain order is fine
         grid = np.asarray(devices).reshape(shape)

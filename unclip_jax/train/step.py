@@ -10,6 +10,11 @@ with gradients, an optax update, an optional EMA of the parameters and the norms
 logs. ``train_step`` is *not* jitted here: the trainer jits it with its shardings and donates
 ``state``; tests and notebooks can simply ``jax.jit`` it. The rng is folded with the step, so a
 resumed run draws the same noise as an uninterrupted one.
+
+Gradient accumulation: ``accum_steps`` > 1 splits the batch into that many microbatches, scanned
+with ``lax.scan`` (microbatch i draws its rng as ``fold_in(step_rng, i)``; gradients, loss and
+metrics averaged), so the peak activation memory is one microbatch's. ``accum_steps`` = 1 is the
+plain step on the whole batch.
 """
 from __future__ import annotations
 
@@ -47,16 +52,38 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn,
-                    tx: optax.GradientTransformation, ema_decay: float | None = None):
+                    tx: optax.GradientTransformation, ema_decay: float | None = None,
+                    accum_steps: int = 1):
     """The pure update step of ``loss_fn`` (see the module docstring)."""
+
+    def objective(params, batch, rng):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch, rng)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def accumulated(params, batch, rng):
+        micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps)
+                                                 + x.shape[1:]), batch)
+
+        def body(carry, xs):
+            i, mb = xs
+            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (grads, loss, metrics)), None
+
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (shapes[1], shapes[0][0], shapes[0][1]))
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        scale = 1.0 / accum_steps
+        grads, loss, metrics = jax.tree.map(lambda x: x * scale, (grads, loss, metrics))
+        return (loss, metrics), grads
 
     def train_step(state: TrainState, batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-
-        def objective(params):
-            return loss_fn(nnx.merge(graphdef, params, rest), batch, rng)
-
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        if accum_steps > 1:
+            (loss, metrics), grads = accumulated(state.params, batch, rng)
+        else:
+            (loss, metrics), grads = grad_fn(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema

@@ -2,7 +2,7 @@
 
 It reads top to bottom in banner-marked sections (big_vision style):
 
-  stage       which model / loss / batch keys / hooks (unclip_jax.train.stages)
+  stage       which model / loss / batch keys / hooks (unclip_jax.train.registry)
   mesh        ('data', 'fsdp', 'tensor') from ``config.mesh`` (unclip_jax.train.sharding)
   model + optimizer via eval_shape: shapes only, nothing allocated
   sharding    parameter / optimizer-state / batch shardings from the logical axis names
@@ -25,24 +25,25 @@ function of (seed, s): a run restarted from its checkpoint ends bitwise where an
 one would.
 
 Gradient accumulation: ``config.optimizer.accum_steps`` > 1 splits each global batch into that
-many microbatches, scanned with ``lax.scan`` (gradients and metrics averaged), so the peak
-activation memory is one microbatch's. Mixed precision: the model's compute dtype is
+many microbatches (``step.make_train_step``'s ``accum_steps``: a ``lax.scan``, gradients and
+metrics averaged), so the peak activation memory is one microbatch's. Mixed precision: the model's compute dtype is
 ``config.model.dtype`` (e.g. ``--config.model.dtype=bfloat16``); parameters and optimizer state
 stay in ``param_dtype`` (float32). Rematerialisation: ``config.model.remat`` where the model has
 it.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from unclip_jax.errors import UserError
 from unclip_jax.models.layers import abstract_init, plain_tracer_errors
@@ -51,8 +52,9 @@ from unclip_jax.train import inputs as inputs_lib
 from unclip_jax.train import sharding as shard_lib
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.metrics import MetricWriter, compiled_flops, model_flops
-from unclip_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from unclip_jax.train.stages import ema_decay, get_stage, image_grid, optimizer_config
+from unclip_jax.train.optimizer import (ema_decay, learning_rate_schedule, make_optimizer,
+                                        optimizer_config)
+from unclip_jax.train.registry import get_stage
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -61,52 +63,6 @@ class NonFiniteError(UserError, FloatingPointError):
 
 class TrainConfigError(UserError, ValueError):
     """Trainer settings that cannot work together."""
-
-
-# --------------------------------------------------------------------------------------------
-# The update step (with optional gradient accumulation)
-# --------------------------------------------------------------------------------------------
-
-def make_accumulating_step(graphdef, rest, loss_fn, tx, ema_decay_value, accum_steps: int):
-    """Like :func:`step.make_train_step`, averaging gradients over ``accum_steps`` microbatches
-    (a ``lax.scan``; microbatch i draws its rng as ``fold_in(step_rng, i)``)."""
-    if accum_steps <= 1:
-        return step_lib.make_train_step(graphdef, rest, loss_fn, tx, ema_decay_value)
-
-    def train_step(state: step_lib.TrainState, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps)
-                                                 + x.shape[1:]), batch)
-
-        def objective(params, mb, key):
-            return loss_fn(nnx.merge(graphdef, params, rest), mb, key)
-
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-
-        def body(carry, xs):
-            i, mb = xs
-            (loss, metrics), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            acc = jax.tree.map(jnp.add, carry, (grads, loss, metrics))
-            return acc, None
-
-        zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][0],
-                                                                     zeros[0][1]))
-        (grads, loss, metrics), _ = jax.lax.scan(body, zeros,
-                                                 (jnp.arange(accum_steps), micro))
-        scale = 1.0 / accum_steps
-        grads, loss, metrics = jax.tree.map(lambda x: x * scale, (grads, loss, metrics))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None and ema_decay_value is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay_value * e + (1.0 - ema_decay_value) * p,
-                               ema, params)
-        metrics = dict(metrics, loss=loss, grad_norm=step_lib.global_norm(grads),
-                       param_norm=step_lib.global_norm(params))
-        return step_lib.TrainState(state.step + 1, params, opt_state, ema), metrics
-
-    return train_step
 
 
 def _to_train_state(s: dict) -> step_lib.TrainState:
@@ -169,6 +125,19 @@ def state_shardings(abstract: dict, mesh, rules=None, min_shard_bytes: int = 0) 
     if "ema" in abstract:
         out["ema"] = param_sh
     return out
+
+
+def image_grid(images, columns: int = 8) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, columns*W, C] grid."""
+    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    n, h, w, ch = x.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.full((rows * h, columns * w, ch), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = x[i]
+    return grid
 
 
 def _section(title: str, log) -> None:
@@ -293,7 +262,7 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     loss_fn = stage.make_loss_fn(config)
 
     def step_fn(s, batch, rng):
-        fn = make_accumulating_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
+        fn = step_lib.make_train_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
         ts, metrics = fn(_to_train_state(s), batch, rng)
         metrics = dict(metrics, learning_rate=lr_fn(s["step"]))
         return _from_train_state(ts, s["rest"]), metrics
@@ -327,7 +296,6 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     stop = ckpt.StopFlag()
     bar = None
     if progress and is_main:
-        from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
     last_metrics: dict = {}
     pending = None                      # (step, metrics) not yet checked for NaN
@@ -339,7 +307,6 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     def stop_requested() -> bool:
         flag = bool(stop)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
         return flag
 
@@ -411,7 +378,6 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
 
 
 def _jsonable(x):
-    import json
     try:
         json.dumps(x)
         return x

@@ -1,0 +1,32 @@
+"""``unclip-jax demo``: the diffusion samplers on a distribution with a known answer, and a small
+CLIP trained contrastively from scratch (see :mod:`unclip_jax.demo`). ``make demo`` runs
+``generate`` with the bundled model instead."""
+from __future__ import annotations
+
+import argparse
+import os
+
+# The configs/ folder of the source tree (the package is installed editable by `make install`).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+DEMO_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo", help="The samplers and CLIP against known answers (see --help).",
+        description="Each diffusion sampler draws from a 2-D Gaussian mixture through its exact "
+        "denoiser (so every error is the sampler's), and a tiny CLIP learns colour names "
+        "contrastively from scratch. Writes PNGs.")
+    p.add_argument("--config", default=DEMO_CONFIG,
+                   help="Config file[:arg] (default: %(default)s; `:runlocal` makes it quicker).")
+    p.add_argument("--out", default="out", help="Folder for the PNGs (default: %(default)s).")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args, overrides) -> int:
+    from unclip_jax.config import load_config
+    from unclip_jax.demo import run_demo
+    run_demo(load_config(args.config, overrides), out_dir=args.out)
+    return 0
