@@ -40,8 +40,9 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import safetensors
 from unclip_jax.models.layers import abstract_init
-from unclip_jax.torch_weights import NameTable, TensorFiles, load_into, path_str, to_theirs
+from unclip_jax.torch_weights import TORCH_METADATA, NameTable, load_into, path_str, to_theirs
 
 Array = jax.Array
 
@@ -393,7 +394,7 @@ def _open(path: str):
             f"downloaded: fetch pytorch-fid's {PTH_NAME} (or a safetensors file with its tensor "
             "names) yourself and pass its path.")
     if path.endswith(".safetensors"):
-        return TensorFiles([path])
+        return safetensors.TensorFiles([path])
     if path.endswith((".pth", ".pt")):
         return _ArrayTensors(read_pth(path))
     raise InceptionWeightsError(
@@ -429,7 +430,6 @@ def state_dict(model: InceptionV3) -> dict[str, np.ndarray]:
 def convert_pth(pth_path: str, out_path: str) -> None:
     """Re-save pytorch-fid's ``.pth`` as safetensors (needs torch), so later runs need no torch.
     The classifier (``fc.*``) is kept so the file stays a complete copy."""
-    from unclip_jax.torch_weights import save_safetensors
     arrays = {k: np.ascontiguousarray(v) for k, v in read_pth(pth_path).items()
               if not k.endswith(".num_batches_tracked")}
-    save_safetensors(arrays, out_path)
+    safetensors.write(out_path, arrays, metadata=TORCH_METADATA)
