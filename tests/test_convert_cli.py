@@ -11,8 +11,7 @@ import torch
 from torch_reference import build_tiny_karlo
 from unclip_jax import cli
 from unclip_jax.convert.diffusers_pipeline import ConvertError, convert_diffusers_pipeline
-from unclip_jax.export import write_safetensors
-from unclip_jax.torch_weights import TensorFiles
+from unclip_jax.io.safetensors import TensorFiles, write
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def _edit(file, drop=None, add=None):
     if add:
         arrays[add] = np.zeros((3,), np.float32)
     os.remove(file)
-    write_safetensors(str(file), arrays)
+    write(str(file), arrays)
 
 
 def test_missing_and_unexpected_tensors_are_refused_by_name(karlo, tmp_path):

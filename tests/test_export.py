@@ -10,10 +10,9 @@ import pytest
 from flax import nnx
 
 from pipeline_fixtures import materialise, random_pipeline
-from unclip_jax import export
 from unclip_jax.errors import UserError
+from unclip_jax.io import pipeline_folder, safetensors
 from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
-from unclip_jax.torch_weights import TensorFiles
 
 
 def _prior(seed=0):
@@ -25,29 +24,29 @@ def _prior(seed=0):
 
 
 def _state(m):
-    return {k: np.asarray(jax.device_get(v[...])) for k, v in export.flat_state(m).items()}
+    return {k: np.asarray(jax.device_get(v[...])) for k, v in pipeline_folder.flat_state(m).items()}
 
 
 def test_component_round_trip_with_buffers_and_bf16(tmp_path):
     m = _prior()
-    entry = export.save_component(tmp_path, "prior", m)
-    assert entry == {"class": "DiffusionPrior", "config": export.config_to_dict(m.config),
+    entry = pipeline_folder.save_component(tmp_path, "prior", m)
+    assert entry == {"class": "DiffusionPrior", "config": pipeline_folder.config_to_dict(m.config),
                      "weights": "prior.safetensors"}
-    manifest = export.read_manifest(tmp_path)
+    manifest = pipeline_folder.read_manifest(tmp_path)
     assert manifest["format"] == "unclip-jax-pipeline" and manifest["version"] == 1
-    back = export.load_component(tmp_path, "prior")
+    back = pipeline_folder.load_component(tmp_path, "prior")
     assert back.config == m.config
     a, b = _state(m), _state(back)
     assert set(a) == set(b) and "clip_mean" in a and "clip_std" in a
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     # bfloat16 storage: half the bytes, values rounded, loaded back as the config's float32.
-    export.save_component(tmp_path, "small", m, dtype="bfloat16")
-    heads = [TensorFiles([str(tmp_path / f)]).headers for f in ("small.safetensors", "prior.safetensors")]
+    pipeline_folder.save_component(tmp_path, "small", m, dtype="bfloat16")
+    heads = [safetensors.TensorFiles([str(tmp_path / f)]).headers for f in ("small.safetensors", "prior.safetensors")]
     assert heads[0]["clip_std"][1]["dtype"] == "BF16"
     data = [max(info["data_offsets"][1] for _, info in h.values()) for h in heads]
     assert data[0] * 2 == data[1]
-    small = export.load_component(tmp_path, "small")
+    small = pipeline_folder.load_component(tmp_path, "small")
     for k, v in _state(small).items():
         assert v.dtype == np.float32
         np.testing.assert_allclose(v, a[k], rtol=1e-2, atol=1e-6)
@@ -73,38 +72,38 @@ def test_whole_pipeline_round_trip(tmp_path):
 
 
 def _rewrite(path, drop=None, add=None, reshape=None):
-    t = TensorFiles([str(path)])
+    t = safetensors.TensorFiles([str(path)])
     arrays = {n: np.asarray(t.read(n)) for n in t.names() if n != drop}
     if add:
         arrays[add] = np.zeros((2,), np.float32)
     if reshape:
         arrays[reshape] = np.zeros((3, 3), np.float32)
-    export.write_safetensors(str(path), arrays)
+    safetensors.write(str(path), arrays)
 
 
 def test_refusals_name_what_is_wrong(tmp_path):
-    with pytest.raises(export.ExportError, match="does not exist"):
-        export.read_manifest(tmp_path / "nope")
-    with pytest.raises(export.ExportError, match="no unclip.json"):
-        export.read_manifest(tmp_path)
+    with pytest.raises(pipeline_folder.FolderError, match="does not exist"):
+        pipeline_folder.read_manifest(tmp_path / "nope")
+    with pytest.raises(pipeline_folder.FolderError, match="no unclip.json"):
+        pipeline_folder.read_manifest(tmp_path)
     m = _prior()
-    export.save_component(tmp_path, "prior", m)
+    pipeline_folder.save_component(tmp_path, "prior", m)
     manifest_file = tmp_path / "unclip.json"
     good = manifest_file.read_text()
     manifest_file.write_text(good.replace('"unclip-jax-pipeline"', '"something-else"'))
-    with pytest.raises(export.ExportError, match="format 'something-else'"):
-        export.read_manifest(tmp_path)
+    with pytest.raises(pipeline_folder.FolderError, match="format 'something-else'"):
+        pipeline_folder.read_manifest(tmp_path)
     manifest_file.write_text(good.replace('"version": 1', '"version": 7'))
-    with pytest.raises(export.ExportError, match="version 7"):
-        export.read_manifest(tmp_path)
+    with pytest.raises(pipeline_folder.FolderError, match="version 7"):
+        pipeline_folder.read_manifest(tmp_path)
     manifest_file.write_text(good)
-    with pytest.raises(export.ExportError, match="no component 'decoder'"):
-        export.load_component(tmp_path, "decoder")
+    with pytest.raises(pipeline_folder.FolderError, match="no component 'decoder'"):
+        pipeline_folder.load_component(tmp_path, "decoder")
 
     weights = tmp_path / "prior.safetensors"
     _rewrite(weights, drop="clip_mean", add="extra.bias", reshape="proj_in.bias")
-    with pytest.raises(export.ExportError) as e:
-        export.load_component(tmp_path, "prior")
+    with pytest.raises(pipeline_folder.FolderError) as e:
+        pipeline_folder.load_component(tmp_path, "prior")
     msg = str(e.value)
     assert isinstance(e.value, UserError)
     assert "missing tensors (1): clip_mean" in msg
@@ -114,18 +113,18 @@ def test_refusals_name_what_is_wrong(tmp_path):
 
 def test_failed_save_keeps_the_good_folder(tmp_path):
     out = tmp_path / "p"
-    export.save_folder_atomically(out, lambda d: export.save_component(d, "prior", _prior()))
+    pipeline_folder.save_folder_atomically(out, lambda d: pipeline_folder.save_component(d, "prior", _prior()))
     before = (out / "prior.safetensors").read_bytes()
 
     def broken(d):
-        export.save_component(d, "prior", _prior(seed=5))
+        pipeline_folder.save_component(d, "prior", _prior(seed=5))
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        export.save_folder_atomically(out, broken)
+        pipeline_folder.save_folder_atomically(out, broken)
     assert (out / "prior.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["p"]  # no half-written folder left behind
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(export.ExportError, match="refusing to replace"):
-        export.save_folder_atomically(tmp_path / "other", lambda d: None)
+    with pytest.raises(pipeline_folder.FolderError, match="refusing to replace"):
+        pipeline_folder.save_folder_atomically(tmp_path / "other", lambda d: None)

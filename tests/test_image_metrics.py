@@ -8,7 +8,7 @@ from unclip_jax.errors import UserError
 from unclip_jax.evaluate import image_metrics as im
 from unclip_jax.evaluate import inception as inc
 from unclip_jax.models.layers import abstract_init
-from unclip_jax.torch_weights import save_safetensors
+from unclip_jax.io import safetensors
 
 
 def random_rotation(d, rng):
@@ -178,7 +178,7 @@ def random_inception_file(file, seed=0):
         else:
             w = rng.uniform(-0.1, 0.1, size=shape)
         tensors[name] = w.astype(np.float32)
-    save_safetensors(tensors, file)
+    safetensors.write(file, tensors)
 
 
 def test_fid_with_random_inception_from_file(tmp_path):

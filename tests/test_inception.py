@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip_jax.evaluate import inception as inc
-from unclip_jax.torch_weights import CheckpointMismatchError, save_safetensors
+from unclip_jax.io import safetensors
+from unclip_jax.torch_weights import CheckpointMismatchError
 
 SIZE = 139
 
@@ -187,7 +188,7 @@ def reference(tmp_path_factory):
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     folder = tmp_path_factory.mktemp("inception")
     st = str(folder / "fid_inception.safetensors")
-    save_safetensors({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, st)
+    safetensors.write(st, {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
     pth = str(folder / inc.PTH_NAME)
     torch.save(model.state_dict(), pth)
     return model, st, pth
@@ -243,7 +244,7 @@ def test_mismatched_file_lists_missing_and_unexpected(reference, tmp_path):
     sd["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
     sd["Mixed_7c.branch_pool.conv.weight"] = np.zeros((192, 2048, 3, 3), np.float32)
     bad = str(tmp_path / "bad.safetensors")
-    save_safetensors(sd, bad)
+    safetensors.write(bad, sd)
     with pytest.raises(CheckpointMismatchError) as e:
         inc.load_inception(bad)
     msg = str(e.value)

@@ -31,7 +31,8 @@ def test_unknown_stage_is_refused():
 
 
 def test_export_a_trained_workdir_into_a_pipeline_folder(tmp_path):
-    from unclip_jax import cli, export
+    from unclip_jax import cli
+    from unclip_jax.io import pipeline_folder
     from unclip_jax.train import checkpoint as ckpt
     from unclip_jax.train.trainer import train
     workdir, out = str(tmp_path / "run"), str(tmp_path / "pipe")
@@ -40,12 +41,12 @@ def test_export_a_trained_workdir_into_a_pipeline_folder(tmp_path):
                        "checkpoint.every_steps=2", "mesh.min_shard_bytes=0"])
     train(cfg, workdir, progress=False)
     assert cli.main(["export", "--workdir", workdir, "--out", out, "--name", "prior"]) == 0
-    prior = export.load_component(out, "prior")
+    prior = pipeline_folder.load_component(out, "prior")
     state, _ = ckpt.load_arrays(workdir)
     saved = sorted(np.asarray(x).ravel()[:3].tolist() for x in _leaves(state["params"]))
     loaded = sorted(np.asarray(x).ravel()[:3].tolist() for x in _leaves(_params(prior)))
     assert len(saved) == len(loaded) and saved == loaded
-    assert export.read_manifest(out)["components"]["prior"]["class"] == "DiffusionPrior"
+    assert pipeline_folder.read_manifest(out)["components"]["prior"]["class"] == "DiffusionPrior"
     # a stage that is not CLIP cannot be written as a Hugging Face CLIP folder
     assert cli.main(["export", "--workdir", workdir, "--hf-out", str(tmp_path / "hf")]) == 2
 
@@ -68,25 +69,25 @@ def test_decoder_export_records_its_prediction_type(tmp_path, monkeypatch):
     from flax import nnx
 
     from pipeline_fixtures import materialise
-    from unclip_jax import export
+    from unclip_jax.io import pipeline_folder
     from unclip_jax.models.decoder import Decoder, DecoderConfig
     from unclip_jax.pipeline import PipelineError
-    from unclip_jax.train import export as train_export
+    from unclip_jax.train import to_pipeline
     dec = materialise(lambda: Decoder(DecoderConfig(
         image_size=8, channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(),
         head_dim=8, groups=4, clip_dim=64, context_dim=16, text_width=64), nnx.Rngs(0)), 0)
     cfg = ml_collections.ConfigDict({"stage": "decoder", "diffusion": {
         "prediction_type": "v_prediction"}})
-    monkeypatch.setattr(train_export, "load_trained", lambda *a, **k: (dec, cfg, 7))
+    monkeypatch.setattr(to_pipeline, "load_trained", lambda *a, **k: (dec, cfg, 7))
     for preset, out in (("shapes", tmp_path / "a"), (None, tmp_path / "b")):
-        train_export.export_workdir("run", str(out), "decoder", sampling=preset)
-        sampling = export.read_manifest(out)["sampling"]
+        to_pipeline.export_workdir("run", str(out), "decoder", sampling=preset)
+        sampling = pipeline_folder.read_manifest(out)["sampling"]
         assert sampling["decoder"]["prediction_type"] == "v_prediction"
         assert ("super_res" in sampling) == (preset == "shapes")
     # a later export with the preset (another stage) keeps what the decoder recorded
     cfg.stage = "upsampler"
-    train_export.export_workdir("run", str(tmp_path / "a"), "sr64", sampling="shapes")
-    sampling = export.read_manifest(tmp_path / "a")["sampling"]
+    to_pipeline.export_workdir("run", str(tmp_path / "a"), "sr64", sampling="shapes")
+    sampling = pipeline_folder.read_manifest(tmp_path / "a")["sampling"]
     assert sampling["decoder"]["prediction_type"] == "v_prediction"
     from unclip_jax.pipeline import DEFAULT_SETTINGS, _merge_settings
     with pytest.raises(PipelineError, match="prediction_type must be"):

@@ -4,6 +4,7 @@ Subpackages (imports flow downwards only):
   clip/       CLIP encoders, tokenizer, contrastive loss, Hugging Face import
   diffusion/  schedules, forward process, losses, samplers, guidance (pure functions)
   models/     Flax NNX modules for the priors, decoder and upsamplers
+  io/         the pipeline folder format; the one safetensors reader and writer
   config.py   the ml_collections config loader shared by every command
   cli.py      the `unclip-jax` command
 """

@@ -52,7 +52,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from unclip_jax import export
+from unclip_jax.io import pipeline_folder
 from unclip_jax.errors import UserError
 
 SAMPLERS = ("unclip", "ddpm", "ddim", "dpm++")
@@ -261,7 +261,7 @@ class UnCLIPPipeline:
                 for st in self.settings["super_res"]]
 
     def components(self) -> dict[str, Any]:
-        out = {"text_encoder" if export.is_text_encoder(self.clip) else "clip": self.clip,
+        out = {"text_encoder" if pipeline_folder.is_text_encoder(self.clip) else "clip": self.clip,
                "decoder": self.decoder}
         if self.prior is not None:
             out["prior"] = self.prior
@@ -273,17 +273,17 @@ class UnCLIPPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None
                         ) -> "UnCLIPPipeline":
-        """Load an unclip-jax pipeline folder (see :mod:`unclip_jax.export`). ``dtype`` sets
+        """Load an unclip-jax pipeline folder (see :mod:`unclip_jax.io.pipeline_folder`). ``dtype`` sets
         every component's compute dtype (e.g. 'bfloat16' on accelerators)."""
         path = os.fspath(path)
-        manifest = export.read_manifest(path)
+        manifest = pipeline_folder.read_manifest(path)
         comps = manifest["components"]
         over = {"dtype": dtype} if dtype else None
-        load = lambda name: export.load_component(path, name, manifest, config_overrides=over)  # noqa: E731
+        load = lambda name: pipeline_folder.load_component(path, name, manifest, config_overrides=over)  # noqa: E731
         text_name = "clip" if "clip" in comps else "text_encoder" if "text_encoder" in comps else None
         missing = [n for n, ok in (("clip or text_encoder", text_name), ("decoder", "decoder" in comps)) if not ok]
         if missing:
-            raise export.ExportError(f"{path} lacks the component(s) {', '.join(missing)} that "
+            raise pipeline_folder.FolderError(f"{path} lacks the component(s) {', '.join(missing)} that "
                                      f"every pipeline needs; it holds {', '.join(sorted(comps))}.")
         prior = ar_prior = None
         for name in ("prior", "ar_prior"):
@@ -306,14 +306,14 @@ class UnCLIPPipeline:
         sampling = copy.deepcopy(self.settings)
 
         def write(tmp):
-            entries = {name: export.save_component(tmp, name, m, dtype=dtype, update_manifest=False)
+            entries = {name: pipeline_folder.save_component(tmp, name, m, dtype=dtype, update_manifest=False)
                        for name, m in comps.items()}
-            export.save_manifest(tmp, components=entries, sampling=sampling, replace=True,
+            pipeline_folder.save_manifest(tmp, components=entries, sampling=sampling, replace=True,
                                  tokenizer={"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
                                             "context_length": self.tokenizer.context_length,
                                             "pad_id": int(self.tokenizer.pad_id)})
 
-        export.save_folder_atomically(path, write)
+        pipeline_folder.save_folder_atomically(path, write)
 
     # -- plumbing: split state, sharding, jit cache ----------------------------------------------
 

@@ -13,22 +13,25 @@ does the rest, the same way for all of them:
   ``'copy'`` as is; and fills an abstract (``nnx.eval_shape``) model in place, so the logical-axis
   metadata of its parameters survives.
 
-bfloat16 tensors, which numpy cannot name, are read through ``ml_dtypes``.
+The files themselves are read and written by :mod:`unclip_jax.io.safetensors`; torch-side files
+are written with :data:`TORCH_METADATA`, which transformers and diffusers require.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unclip_jax.io.safetensors import TensorFiles
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LAYOUTS = ("linear", "conv", "copy")
+TORCH_METADATA = {"format": "pt"}  # the safetensors metadata torch-side loaders check
 
 # our parameter path (tuple of attribute names / indices) -> (tensor name, layout kind)
 NameTable = dict[tuple, tuple[str, str]]
@@ -109,50 +112,6 @@ def weight_files(path: str, stem: str, saved_by: str) -> list[str]:
                           f"expected a folder written by {saved_by}.")
 
 
-def _read_header(file: str) -> dict:
-    try:
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(header_len))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not a valid safetensors file ({e}).") from e
-
-
-class TensorFiles:
-    """Name -> (file, dtype, shape) over one or more safetensors files; reads on demand."""
-
-    def __init__(self, files: Iterable[str]):
-        self.headers: dict[str, tuple[str, dict]] = {}
-        for file in files:
-            for name, info in _read_header(file).items():
-                if name == "__metadata__":
-                    continue
-                if name in self.headers:
-                    raise CheckpointError(f"Tensor {name} appears in both "
-                                          f"{self.headers[name][0]} and {file}.")
-                self.headers[name] = (file, info)
-
-    def names(self) -> set[str]:
-        return set(self.headers)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self.headers[name][1]["shape"])
-
-    def read(self, name: str) -> np.ndarray:
-        file, info = self.headers[name]
-        if info["dtype"] == "BF16":  # numpy has no bfloat16: read the bytes through ml_dtypes
-            import ml_dtypes
-            start, end = info["data_offsets"]
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                f.seek(8 + header_len + start)
-                raw = f.read(end - start)
-            return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
-        from safetensors import safe_open
-        with safe_open(file, framework="numpy") as f:
-            return f.get_tensor(name)
-
-
 def to_ours(x: np.ndarray, kind: str) -> np.ndarray:
     """A checkpoint tensor in our layout."""
     if kind == "linear":
@@ -224,7 +183,7 @@ def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, p
 
 def state_dict(module: nnx.Module, table: NameTable) -> dict[str, np.ndarray]:
     """The module's parameters as a torch-layout state dict of numpy arrays (float32 when the
-    parameters are a dtype safetensors' numpy writer cannot store)."""
+    parameters are neither float32, float16 nor float64, e.g. bfloat16)."""
     out = {}
     for p, var in nnx.state(module, nnx.Param).flat_state():
         name, kind = table[p]
@@ -233,10 +192,3 @@ def state_dict(module: nnx.Module, table: NameTable) -> dict[str, np.ndarray]:
             array = array.astype(np.float32)
         out[name] = np.array(to_theirs(array, kind), order="C")
     return out
-
-
-def save_safetensors(tensors: dict[str, np.ndarray], file: str) -> None:
-    """Write a state dict as a safetensors file that torch-side loaders accept."""
-    from safetensors.numpy import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    save_file(tensors, file, metadata={"format": "pt"})

@@ -1,9 +1,9 @@
 """Load Hugging Face ``CLIPModel`` checkpoints (``save_pretrained`` folders) into :class:`CLIP`.
 
 A folder holds ``config.json`` and either ``model.safetensors`` or a sharded
-``model.safetensors.index.json`` with its shards. Tensors are read with ``safetensors``' numpy
-reader (bfloat16 tensors, which numpy cannot name, through ``ml_dtypes``); pickled
-``pytorch_model.bin`` files are never opened.
+``model.safetensors.index.json`` with its shards. Tensors are read and written by
+:mod:`unclip_jax.io.safetensors` (bfloat16 included); pickled ``pytorch_model.bin`` files are
+never opened.
 
 Every parameter of our model must come from exactly one tensor of the file and every tensor of
 the file must be used (the non-persistent ``*.position_ids`` buffers of older exports excepted);
@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from unclip_jax.clip.model import ACTIVATIONS, CLIP, CLIPConfig, abstract_model
-from unclip_jax.torch_weights import (CheckpointError, CheckpointMismatchError, TensorFiles,  # noqa: F401 (re-exported)
-                                      check_folder, load_into, read_json, save_safetensors,
-                                      state_dict, weight_files)
+from unclip_jax.io import safetensors
+from unclip_jax.torch_weights import (  # noqa: F401 (the errors are re-exported)
+    TORCH_METADATA, CheckpointError, CheckpointMismatchError, check_folder, load_into, read_json,
+    state_dict, weight_files)
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -192,7 +193,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = "float32",
     """
     path = os.fspath(path)
     config = load_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    tensors = TensorFiles(weight_files(path, "model", _SAVED_BY))
+    tensors = safetensors.TensorFiles(weight_files(path, "model", _SAVED_BY))
 
     return load_into(abstract_model(config), param_map(config), tensors, path=path,
                      what="CLIP model built from its config.json",
@@ -208,6 +209,7 @@ def to_hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
 def save_pretrained(model: CLIP, path: str | os.PathLike) -> None:
     """Write ``config.json`` + ``model.safetensors`` that transformers' CLIPModel loads."""
     path = os.fspath(path)
-    save_safetensors(to_hf_state_dict(model), os.path.join(path, SAFETENSORS_NAME))
+    safetensors.write(os.path.join(path, SAFETENSORS_NAME), to_hf_state_dict(model),
+                      metadata=TORCH_METADATA)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(model.config), f, indent=2)

@@ -28,13 +28,13 @@ class AppsCommandError(UserError, ValueError):
 def load_pipeline(path: str):
     """``UnCLIPPipeline.from_pretrained(path)``, kept per folder (and manifest time) in this
     process, so repeated calls reuse the loaded weights and their compiled functions."""
-    from unclip_jax import export
+    from unclip_jax.io import pipeline_folder
     from unclip_jax.pipeline import UnCLIPPipeline
-    manifest = export.manifest_path(path)
+    manifest = pipeline_folder.manifest_path(path)
     stamp = os.path.getmtime(manifest) if os.path.isfile(manifest) else None
     key = (os.path.realpath(path), stamp)
     if stamp is None or key not in _PIPELINES:
-        pipe = UnCLIPPipeline.from_pretrained(path)  # raises a clear ExportError when unusable
+        pipe = UnCLIPPipeline.from_pretrained(path)  # raises a clear FolderError when unusable
         _PIPELINES.clear()
         _PIPELINES[key] = pipe
     return _PIPELINES[key]

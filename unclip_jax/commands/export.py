@@ -4,7 +4,7 @@
         --dtype bfloat16 [--sampling shapes]
     unclip-jax export --workdir runs/clip --hf-out runs/clip_hf [--out DIR --name text_encoder]
 
-See unclip_jax.train.export.
+See unclip_jax.train.to_pipeline.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def run(args, overrides) -> int:
     if not args.out and not args.hf_out:
         raise UserError("Nothing to write: give --out PIPELINE_DIR (and --name) and/or --hf-out "
                         "DIR.")
-    from unclip_jax.train import export as train_export
+    from unclip_jax.train import to_pipeline
     name = args.name
     if name is None:
         from unclip_jax.train.checkpoint import make_manager, latest_step, read_meta
@@ -57,9 +57,9 @@ def run(args, overrides) -> int:
         stage = read_meta(m, step).get("config", {}).get("stage") if step is not None else None
         m.close()
         name = _DEFAULT_NAMES.get(stage, "component")
-    summary = train_export.export_workdir(args.workdir, args.out, name, ema=args.ema,
-                                          dtype=args.dtype, hf_out=args.hf_out,
-                                          sampling=args.sampling)
+    summary = to_pipeline.export_workdir(args.workdir, args.out, name, ema=args.ema,
+                                         dtype=args.dtype, hf_out=args.hf_out,
+                                         sampling=args.sampling)
     parts = [f"step {summary['step']} of {summary['stage']}" + (" (EMA)" if args.ema else "")]
     if "out" in summary:
         parts.append(f"-> {summary['out']}/{summary['name']}.safetensors ({summary['cls']}, "

@@ -105,7 +105,7 @@ def _stage_component(src: str, name: str, stage_root: str, allow_pickle: bool) -
     import numpy as np
     import torch
 
-    from unclip_jax.export import write_safetensors
+    from unclip_jax.io import safetensors
     tensors: dict[str, Any] = {}
     for f in pickled:
         try:
@@ -119,7 +119,7 @@ def _stage_component(src: str, name: str, stage_root: str, allow_pickle: bool) -
             if not torch.is_tensor(v):
                 raise ConvertError(f"{os.path.join(folder, f)}: entry {k!r} is not a tensor.")
             tensors[k] = np.ascontiguousarray(v.detach().float().numpy())
-    write_safetensors(os.path.join(staged, f"{stem}.safetensors"), tensors)
+    safetensors.write(os.path.join(staged, f"{stem}.safetensors"), tensors)
     return staged
 
 
@@ -135,9 +135,10 @@ def _as_convert_error(name: str, e: Exception) -> ConvertError:
 def load_text_encoder(folder: str, *, dtype: str = "float32"):
     """A transformers CLIPTextModelWithProjection (or CLIPModel) folder -> (name, module)."""
     from unclip_jax.clip import hf_import
-    from unclip_jax.export import CLIPTextEncoder
+    from unclip_jax.clip.text_encoder import CLIPTextEncoder
+    from unclip_jax.io.safetensors import TensorFiles
     from unclip_jax.models.layers import abstract_init
-    from unclip_jax.torch_weights import TensorFiles, load_into, weight_files
+    from unclip_jax.torch_weights import load_into, weight_files
 
     cfg = _read_json(os.path.join(folder, "config.json"))
     tensors = TensorFiles(weight_files(folder, "model", "transformers save_pretrained"))
@@ -219,8 +220,8 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     ``dtype`` narrows float storage in the output ('float16' / 'bfloat16'; default float32).
     ``log`` (e.g. print) receives one line per converted component.
     """
-    from unclip_jax import export
     from unclip_jax.convert.diffusers import load_decoder, load_prior, load_super_res
+    from unclip_jax.io import pipeline_folder
     from unclip_jax.torch_weights import CheckpointError
 
     src, dst = os.fspath(src), os.fspath(dst)
@@ -275,9 +276,9 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
         entries = {}
 
         def keep(name: str, module) -> None:
-            entries[name] = export.save_component(tmp, name, module, dtype=dtype,
-                                                  update_manifest=False)
-            flat = export.flat_state(module)
+            entries[name] = pipeline_folder.save_component(tmp, name, module, dtype=dtype,
+                                                           update_manifest=False)
+            flat = pipeline_folder.flat_state(module)
             params = sum(int(v[...].size) for v in flat.values())
             report["components"][name] = {"class": entries[name]["class"], "params": params,
                                           "tensors": len(flat)}
@@ -300,11 +301,11 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
                 raise _as_convert_error(source, e) from None
             keep(name, module)
             del module
-        export.save_manifest(tmp, components=entries, tokenizer=tokenizer, sampling=sampling,
-                             replace=True)
+        pipeline_folder.save_manifest(tmp, components=entries, tokenizer=tokenizer,
+                                      sampling=sampling, replace=True)
 
     try:
-        export.save_folder_atomically(dst, write)
+        pipeline_folder.save_folder_atomically(dst, write)
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
     return report

@@ -35,9 +35,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unclip_jax.io import safetensors
 from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig, abstract_prior
-from unclip_jax.torch_weights import (CheckpointError, TensorFiles, check_folder, load_into,
-                                      read_json, save_safetensors, to_theirs, weight_files)
+from unclip_jax.torch_weights import (TORCH_METADATA, CheckpointError, check_folder, load_into,
+                                      read_json, to_theirs, weight_files)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -165,7 +166,7 @@ def load_prior(path: str | os.PathLike, *, dtype: Any = "float32", param_dtype: 
     """
     folder = _prior_folder(os.fspath(path))
     config = load_config(folder, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    tensors = TensorFiles(weight_files(folder, WEIGHTS_STEM, _SAVED_BY))
+    tensors = safetensors.TensorFiles(weight_files(folder, WEIGHTS_STEM, _SAVED_BY))
     return load_into(abstract_prior(config), param_map(config), tensors, path=folder,
                      what="diffusion prior built from its config.json", hint=_HINT,
                      param_dtype=config.params_dtype)
@@ -213,6 +214,7 @@ def save_prior(model: DiffusionPrior, path: str | os.PathLike) -> None:
         scale = cfg.embed_scale if cfg.embed_norm == "scale" else math.sqrt(d)
         tensors["clip_mean"] = np.zeros((1, d), np.float32)
         tensors["clip_std"] = np.full((1, d), 1.0 / scale, np.float32)
-    save_safetensors(tensors, os.path.join(path, f"{WEIGHTS_STEM}.safetensors"))
+    safetensors.write(os.path.join(path, f"{WEIGHTS_STEM}.safetensors"), tensors,
+                      metadata=TORCH_METADATA)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

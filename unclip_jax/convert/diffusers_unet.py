@@ -23,8 +23,9 @@ from typing import Any
 from unclip_jax.models.decoder import Decoder, DecoderConfig, abstract_decoder
 from unclip_jax.models.unet_blocks import UNetConfig
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig, abstract_super_res
-from unclip_jax.torch_weights import (CheckpointError, NameTable, TensorFiles, check_folder,
-                                      load_into, read_json, weight_files)
+from unclip_jax.io.safetensors import TensorFiles
+from unclip_jax.torch_weights import (CheckpointError, NameTable, check_folder, load_into,
+                                      read_json, weight_files)
 
 _WEIGHTS_STEM = "diffusion_pytorch_model"
 _SAVED_BY = "diffusers ModelMixin.save_pretrained"

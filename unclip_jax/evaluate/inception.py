@@ -40,15 +40,9 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import safetensors
 from unclip_jax.models.layers import abstract_init
-from unclip_jax.torch_weights import (
-    NameTable,
-    TensorFiles,
-    load_into,
-    path_str,
-    save_safetensors,
-    to_theirs,
-)
+from unclip_jax.torch_weights import TORCH_METADATA, NameTable, load_into, path_str, to_theirs
 
 Array = jax.Array
 
@@ -400,7 +394,7 @@ def _open(path: str):
             f"downloaded: fetch pytorch-fid's {PTH_NAME} (or a safetensors file with its tensor "
             "names) yourself and pass its path.")
     if path.endswith(".safetensors"):
-        return TensorFiles([path])
+        return safetensors.TensorFiles([path])
     if path.endswith((".pth", ".pt")):
         return _ArrayTensors(read_pth(path))
     raise InceptionWeightsError(
@@ -438,4 +432,4 @@ def convert_pth(pth_path: str, out_path: str) -> None:
     The classifier (``fc.*``) is kept so the file stays a complete copy."""
     arrays = {k: np.ascontiguousarray(v) for k, v in read_pth(pth_path).items()
               if not k.endswith(".num_batches_tracked")}
-    save_safetensors(arrays, out_path)
+    safetensors.write(out_path, arrays, metadata=TORCH_METADATA)

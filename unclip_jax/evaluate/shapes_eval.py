@@ -241,8 +241,8 @@ def caption_accuracy(pipe, captions: Sequence[str], *, seed: int = 0, num_images
             raise EvalError("Frechet distances need at least 2 generated and 2 reference "
                             "images; evaluate more captions.")
     if clip_metrics:
-        from unclip_jax import export
-        if getattr(pipe, "clip", None) is None or export.is_text_encoder(pipe.clip):
+        from unclip_jax.clip.text_encoder import CLIPTextEncoder
+        if getattr(pipe, "clip", None) is None or isinstance(pipe.clip, CLIPTextEncoder):
             raise EvalError("CLIP score and FD-CLIP need the pipeline's CLIP image tower, but this "
                             "pipeline ships only CLIP's text encoder; leave clip_metrics "
                             "(--clip-metrics) off.")

@@ -1,4 +1,4 @@
-"""The unclip-jax pipeline checkpoint format: one folder, one manifest, one safetensors per part.
+"""The unclip-jax pipeline folder: one manifest (unclip.json), one safetensors file per component.
 
     DIR/unclip.json
         {"format": "unclip-jax-pipeline", "version": 1,
@@ -12,17 +12,19 @@
         e.g. ``unet.down.0.res.1.conv1.kernel``, in our layout (kernels [in, out], HWIO).
 
 CLASS is one of ``CLASSES``: 'CLIP' (both towers), 'CLIPText' (the text tower and its projection
-only, :class:`CLIPTextEncoder`: what a diffusers UnCLIPPipeline ships, stored under the name
-'text_encoder'), 'DiffusionPrior', 'ARPrior', 'Decoder', 'SuperRes'. Usual NAMEs: 'clip' or
-'text_encoder', 'prior' (and/or 'ar_prior'), 'decoder', 'super_res_first', 'super_res_last'.
+only, :class:`unclip_jax.clip.text_encoder.CLIPTextEncoder`: what a diffusers UnCLIPPipeline
+ships, stored under the name 'text_encoder'), 'DiffusionPrior', 'ARPrior', 'Decoder',
+'SuperRes'. Usual NAMEs: 'clip' or 'text_encoder', 'prior' (and/or 'ar_prior'), 'decoder',
+'super_res_first', 'super_res_last'.
 
 Tensors may be stored in a narrower float type (``save_component(..., dtype='bfloat16')``); each
 is cast on load to the dtype of the variable it fills (the config's ``param_dtype`` for
 parameters). Integer buffers are stored as they are.
 
 Writes are atomic: files go to a temporary name in the same folder and are renamed over the
-old one, so an interrupted save leaves the previous good file (and manifest) in place.
-Every refusal is an :class:`ExportError` (a :class:`unclip_jax.errors.UserError`) naming what is
+old one, so an interrupted save leaves the previous good file (and manifest) in place. The
+tensors are read and written by :mod:`unclip_jax.io.safetensors`.
+Every refusal is a :class:`FolderError` (a :class:`unclip_jax.errors.UserError`) naming what is
 wrong and what to do: a missing folder or manifest, an unknown format or version, an unknown
 component, and missing / unexpected / misshapen tensors listed by name.
 """
@@ -31,13 +33,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
+import shutil
 import tempfile
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
+from unclip_jax.clip.model import CLIP, CLIPConfig
+from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.errors import UserError
+from unclip_jax.io import safetensors
+from unclip_jax.io.atomic import atomic_write, umask
+from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
+from unclip_jax.models.decoder import Decoder, DecoderConfig
+from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
+from unclip_jax.models.layers import abstract_init
+from unclip_jax.models.upsampler import SuperRes, SuperResConfig
 
 FORMAT = "unclip-jax-pipeline"
 VERSION = 1
@@ -47,89 +62,37 @@ COMPONENT_NAMES = ("clip", "text_encoder", "prior", "ar_prior", "decoder", "supe
                    "super_res_last")
 
 
-class ExportError(UserError, ValueError):
+class FolderError(UserError, ValueError):
     """A pipeline folder that cannot be read or written as asked; the message says what to do."""
 
 
-# --------------------------------------------------------------------------------------------
-# The text-only CLIP
-# --------------------------------------------------------------------------------------------
-
-def _text_encoder_class():
-    from flax import nnx
-
-    from unclip_jax.clip import model as clip_model
-
-    class CLIPTextEncoder(nnx.Module):
-        """CLIP's text tower and text projection alone (transformers'
-        ``CLIPTextModelWithProjection``). Parameter paths equal the text side of :class:`CLIP`
-        (``text.*``, ``text_projection.kernel``), so the Hugging Face name map applies."""
-
-        def __init__(self, config, rngs):
-            self.config = config
-            self.text = clip_model.TextTransformer(config, rngs)
-            self.text_projection = clip_model._dense(
-                config.text_width, config.embed_dim, ("embed", None), config.text_width ** -0.5,
-                config, rngs, bias=False)
-
-        def encode_text(self, token_ids, attention_mask=None):
-            """token_ids [B, L] -> (text_embeds [B, D], last_hidden [B, L, W]) as CLIP's."""
-            pooled, hidden = self.text(token_ids, attention_mask)
-            return self.text_projection(pooled), hidden
-
-    return CLIPTextEncoder
-
-
-_TEXT_ENCODER = None
-
-
-def CLIPTextEncoder(config, rngs):  # noqa: N802 (a class, built lazily so flax loads on use)
-    """Build the text-only CLIP module (see ``_text_encoder_class``)."""
-    global _TEXT_ENCODER
-    if _TEXT_ENCODER is None:
-        _TEXT_ENCODER = _text_encoder_class()
-    return _TEXT_ENCODER(config, rngs)
-
-
 def is_text_encoder(module) -> bool:
-    return _TEXT_ENCODER is not None and isinstance(module, _TEXT_ENCODER)
+    """Whether ``module`` is the text-only CLIP (stored as class 'CLIPText')."""
+    return isinstance(module, CLIPTextEncoder)
 
 
 # --------------------------------------------------------------------------------------------
 # Classes: name <-> (config dataclass, builder)
 # --------------------------------------------------------------------------------------------
 
-def _registry() -> dict[str, tuple[type, Callable]]:
-    from flax import nnx
-
-    from unclip_jax.clip.model import CLIP, CLIPConfig
-    from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
-    from unclip_jax.models.decoder import Decoder, DecoderConfig
-    from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
-    from unclip_jax.models.upsampler import SuperRes, SuperResConfig
-    return {
-        "CLIP": (CLIPConfig, lambda c: CLIP(c, rngs=nnx.Rngs(0))),
-        "CLIPText": (CLIPConfig, lambda c: CLIPTextEncoder(c, nnx.Rngs(0))),
-        "DiffusionPrior": (PriorConfig, lambda c: DiffusionPrior(c, rngs=nnx.Rngs(0))),
-        "ARPrior": (ARPriorConfig, lambda c: ARPrior(c, rngs=nnx.Rngs(0))),
-        "Decoder": (DecoderConfig, lambda c: Decoder(c, nnx.Rngs(0))),
-        "SuperRes": (SuperResConfig, lambda c: SuperRes(c, nnx.Rngs(0))),
-    }
+_REGISTRY: dict[str, tuple[type, Callable]] = {
+    "CLIP": (CLIPConfig, lambda c: CLIP(c, rngs=nnx.Rngs(0))),
+    "CLIPText": (CLIPConfig, lambda c: CLIPTextEncoder(c, nnx.Rngs(0))),
+    "DiffusionPrior": (PriorConfig, lambda c: DiffusionPrior(c, rngs=nnx.Rngs(0))),
+    "ARPrior": (ARPriorConfig, lambda c: ARPrior(c, rngs=nnx.Rngs(0))),
+    "Decoder": (DecoderConfig, lambda c: Decoder(c, nnx.Rngs(0))),
+    "SuperRes": (SuperResConfig, lambda c: SuperRes(c, nnx.Rngs(0))),
+}
 
 
 def class_name(module) -> str:
-    """The manifest class of a module (an ExportError for anything else)."""
-    from unclip_jax.clip.model import CLIP
-    from unclip_jax.models.ar_prior import ARPrior
-    from unclip_jax.models.decoder import Decoder
-    from unclip_jax.models.diffusion_prior import DiffusionPrior
-    from unclip_jax.models.upsampler import SuperRes
+    """The manifest class of a module (a FolderError for anything else)."""
     if is_text_encoder(module):
         return "CLIPText"
     for cls in (CLIP, DiffusionPrior, ARPrior, Decoder, SuperRes):
         if isinstance(module, cls):
             return cls.__name__
-    raise ExportError(f"Cannot save a {type(module).__name__}: a pipeline component must be one "
+    raise FolderError(f"Cannot save a {type(module).__name__}: a pipeline component must be one "
                       f"of {', '.join(CLASSES)}.")
 
 
@@ -143,7 +106,7 @@ def _jsonable(value: Any) -> Any:
     try:  # a numpy / jax dtype or scalar type
         return np.dtype(value).name
     except TypeError:
-        raise ExportError(f"Config value {value!r} ({type(value).__name__}) cannot be stored in "
+        raise FolderError(f"Config value {value!r} ({type(value).__name__}) cannot be stored in "
                           f"{MANIFEST}.") from None
 
 
@@ -154,83 +117,24 @@ def config_to_dict(config) -> dict[str, Any]:
 
 def config_from_dict(cls: str, fields: dict[str, Any], where: str):
     """Rebuild the config dataclass of manifest class ``cls`` from its stored fields."""
-    registry = _registry()
-    if cls not in registry:
-        raise ExportError(f"{where}: unknown component class {cls!r}; this version of unclip-jax "
+    if cls not in _REGISTRY:
+        raise FolderError(f"{where}: unknown component class {cls!r}; this version of unclip-jax "
                           f"reads {', '.join(CLASSES)}.")
-    config_cls = registry[cls][0]
+    config_cls = _REGISTRY[cls][0]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ExportError(f"{where}: config keys {unknown} are not fields of {config_cls.__name__}; "
+        raise FolderError(f"{where}: config keys {unknown} are not fields of {config_cls.__name__}; "
                           "the folder was written by another version of unclip-jax.")
     fields = {k: tuple(_tuplify(v)) if isinstance(v, list) else v for k, v in fields.items()}
     try:
         return config_cls(**fields)
     except (TypeError, ValueError) as e:
-        raise ExportError(f"{where}: invalid {config_cls.__name__}: {e}") from None
+        raise FolderError(f"{where}: invalid {config_cls.__name__}: {e}") from None
 
 
 def _tuplify(v):
     return [tuple(_tuplify(x)) if isinstance(x, list) else x for x in v]
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic files
-# --------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, then rename over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-              "int32": "I32", "int64": "I64", "int16": "I16", "int8": "I8", "uint8": "U8",
-              "bool": "BOOL", "uint32": "U32"}
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file (bfloat16 included, via ml_dtypes), written atomically."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name], order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
-        dt = _ST_DTYPES.get(a.dtype.name)
-        if dt is None:
-            raise ExportError(f"Tensor {name} has dtype {a.dtype}, which safetensors cannot hold.")
-        raw = a.tobytes()
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
-
-    _atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +147,7 @@ def manifest_path(folder: str) -> str:
 
 def _check_folder(folder: str) -> None:
     if not os.path.isdir(folder):
-        raise ExportError(f"Pipeline folder {folder!r} does not exist; pass a folder written by "
+        raise FolderError(f"Pipeline folder {folder!r} does not exist; pass a folder written by "
                           "UnCLIPPipeline.save_pretrained or `unclip-jax convert`.")
 
 
@@ -253,30 +157,30 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     _check_folder(folder)
     path = manifest_path(folder)
     if not os.path.isfile(path):
-        raise ExportError(f"{folder} has no {MANIFEST}: it is not an unclip-jax pipeline folder "
+        raise FolderError(f"{folder} has no {MANIFEST}: it is not an unclip-jax pipeline folder "
                           "(write one with UnCLIPPipeline.save_pretrained, or convert a diffusers "
                           "folder with `unclip-jax convert --from diffusers SRC --out DST`).")
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON ({e}); the folder is damaged, re-export it.") from None
+        raise FolderError(f"{path} is not valid JSON ({e}); the folder is damaged, re-export it.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ExportError(f"{path} has format {got!r}, expected {FORMAT!r}: this is not an "
+        raise FolderError(f"{path} has format {got!r}, expected {FORMAT!r}: this is not an "
                           "unclip-jax pipeline manifest.")
     if manifest.get("version") != VERSION:
-        raise ExportError(f"{path} is format version {manifest.get('version')!r}; this unclip-jax "
+        raise FolderError(f"{path} is format version {manifest.get('version')!r}; this unclip-jax "
                           f"reads version {VERSION}. Use the unclip-jax release that wrote it, or "
                           "re-export the folder.")
     comps = manifest.setdefault("components", {})
     if not isinstance(comps, dict):
-        raise ExportError(f"{path}: 'components' must be an object of name -> entry.")
+        raise FolderError(f"{path}: 'components' must be an object of name -> entry.")
     for name, entry in comps.items():
         if not isinstance(entry, dict) or not {"class", "config", "weights"} <= set(entry):
-            raise ExportError(f"{path}: component {name!r} needs 'class', 'config' and 'weights'.")
+            raise FolderError(f"{path}: component {name!r} needs 'class', 'config' and 'weights'.")
         if entry["class"] not in CLASSES:
-            raise ExportError(f"{path}: component {name!r} has unknown class {entry['class']!r}; "
+            raise FolderError(f"{path}: component {name!r} has unknown class {entry['class']!r}; "
                               f"known: {', '.join(CLASSES)}.")
     manifest.setdefault("tokenizer", {})
     manifest.setdefault("sampling", {})
@@ -301,7 +205,7 @@ def save_manifest(folder: str | os.PathLike, *, components: dict | None = None,
     if sampling is not None:
         manifest["sampling"] = _jsonable(sampling)
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _atomic_write(manifest_path(folder), lambda f: f.write(text), mode="w")
+    atomic_write(manifest_path(folder), lambda f: f.write(text), mode="w")
     return manifest
 
 
@@ -311,26 +215,19 @@ def save_manifest(folder: str | os.PathLike, *, components: dict | None = None,
 
 def flat_state(module) -> dict[str, Any]:
     """'.'-joined path -> variable, for the whole ``nnx.state(module)``."""
-    from flax import nnx
     return {".".join(str(p) for p in path): var
             for path, var in nnx.state(module).flat_state()}
 
 
 def module_tensors(module, dtype=None) -> dict[str, np.ndarray]:
     """The whole state as numpy arrays, floats optionally cast to ``dtype``."""
-    import jax
     out = {}
     for name, var in flat_state(module).items():
         a = np.asarray(jax.device_get(var[...]))
         if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
-            a = a.astype(_bf16() if dtype == "bfloat16" else np.dtype(dtype))
+            a = a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
         out[name] = a
     return out
-
-
-def _bf16():
-    import ml_dtypes
-    return ml_dtypes.bfloat16
 
 
 def component_entry(name: str, module) -> dict[str, Any]:
@@ -347,12 +244,12 @@ def save_component(folder: str | os.PathLike, name: str, module, *, dtype=None,
     """
     folder = os.fspath(folder)
     if not name or not name.replace("_", "").isalnum():
-        raise ExportError(f"Component name {name!r} must be letters, digits and underscores.")
+        raise FolderError(f"Component name {name!r} must be letters, digits and underscores.")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise ExportError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}.")
+        raise FolderError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}.")
     entry = component_entry(name, module)
     os.makedirs(folder, exist_ok=True)
-    write_safetensors(os.path.join(folder, entry["weights"]), module_tensors(module, dtype),
+    safetensors.write(os.path.join(folder, entry["weights"]), module_tensors(module, dtype),
                       metadata={"format": FORMAT, "class": entry["class"]})
     if update_manifest:
         save_manifest(folder, components={name: entry})
@@ -364,35 +261,29 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     """Build the module stored as component ``name`` of ``folder``.
 
     Every variable of the module must come from exactly one tensor of its file, and every tensor
-    must be used; otherwise one ExportError lists every missing, unexpected and misshapen tensor.
+    must be used; otherwise one FolderError lists every missing, unexpected and misshapen tensor.
     ``config_overrides`` replace config fields that do not change shapes (e.g. ``dtype``).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from unclip_jax.models.layers import abstract_init
-    from unclip_jax.torch_weights import CheckpointError, TensorFiles
-
     folder = os.fspath(folder)
     manifest = manifest or read_manifest(folder)
     comps = manifest["components"]
     if name not in comps:
-        raise ExportError(f"{folder} has no component {name!r}; it holds "
+        raise FolderError(f"{folder} has no component {name!r}; it holds "
                           f"{', '.join(sorted(comps)) or 'none'}.")
     entry = comps[name]
     where = f"{manifest_path(folder)} component {name!r}"
     fields = dict(entry["config"])
     fields.update(config_overrides or {})
     config = config_from_dict(entry["class"], fields, where)
-    build = _registry()[entry["class"]][1]
+    build = _REGISTRY[entry["class"]][1]
     weights = os.path.join(folder, entry["weights"])
     if not os.path.isfile(weights):
-        raise ExportError(f"{folder} lacks {entry['weights']}, the weights of component {name!r}; "
+        raise FolderError(f"{folder} lacks {entry['weights']}, the weights of component {name!r}; "
                           "the folder is incomplete: re-export it.")
     try:
-        tensors = TensorFiles([weights])
-    except CheckpointError as e:
-        raise ExportError(f"{weights} cannot be read ({e}); re-export the folder.") from None
+        tensors = safetensors.TensorFiles([weights])
+    except safetensors.SafetensorsError as e:
+        raise FolderError(f"{weights} cannot be read ({e}); re-export the folder.") from None
 
     abstract = abstract_init(lambda: build(config))
     graphdef, state = nnx.split(abstract)
@@ -411,7 +302,7 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
         if misshapen:
             lines.append(f"  misshapen tensors ({len(misshapen)}): " + ", ".join(misshapen))
         lines.append("Re-export the folder; the weights and the manifest must be written together.")
-        raise ExportError("\n".join(lines))
+        raise FolderError("\n".join(lines))
     for key, var in flat.items():
         a = tensors.read(key)
         var.set_value(jnp.asarray(a).astype(var.dtype))
@@ -421,18 +312,17 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
 def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_folder)`` to fill a fresh sibling folder, then swap it in for ``folder``:
     an existing good folder is replaced only once the new one is complete."""
-    import shutil
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ExportError(f"{folder} exists and is not a folder; choose another output path.")
+        raise FolderError(f"{folder} exists and is not a folder; choose another output path.")
     if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(manifest_path(folder)):
-        raise ExportError(f"{folder} exists, is not empty and is not an unclip-jax pipeline "
+        raise FolderError(f"{folder} exists, is not empty and is not an unclip-jax pipeline "
                           "folder; refusing to replace it. Choose an empty or new folder.")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes 0700
         write(tmp)
         if os.path.isdir(folder):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".old", dir=parent)

@@ -1,4 +1,4 @@
-"""Trainer checkpoint -> a component of an unclip-jax pipeline folder (unclip_jax.export).
+"""A trainer workdir -> a component of an unclip-jax pipeline folder (see unclip_jax.io).
 
     module, config, step = load_trained(workdir, ema=True)       # the stage's NNX model
     export_workdir(workdir, out, name="decoder", ema=True, dtype="bfloat16")
@@ -21,7 +21,18 @@ import copy
 import os
 from typing import Any
 
+import jax
+import ml_collections
+from flax import nnx
+
+from unclip_jax.clip import hf_import
+from unclip_jax.clip.text_encoder import CLIPTextEncoder
+from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.errors import UserError
+from unclip_jax.io import pipeline_folder
+from unclip_jax.models.layers import abstract_init
+from unclip_jax.train import checkpoint as ckpt
+from unclip_jax.train.trainer import build_setup
 
 
 class TrainedExportError(UserError, ValueError):
@@ -57,7 +68,6 @@ _CLASS_OF_STAGE = {"clip": "CLIP", "diffusion_prior": "DiffusionPrior", "ar_prio
 
 
 def _config_from_meta(meta: dict, workdir: str):
-    import ml_collections
     cfg = meta.get("config")
     if not isinstance(cfg, dict) or "stage" not in cfg:
         raise TrainedExportError(f"The checkpoint in {workdir} carries no training config; it was "
@@ -69,12 +79,6 @@ def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
     """(module, config, step) of the latest (or ``step``) checkpoint of a trainer workdir.
 
     ``ema=True`` takes the EMA of the parameters (an error if the run kept none)."""
-    import jax
-    from flax import nnx
-
-    from unclip_jax.train import checkpoint as ckpt
-    from unclip_jax.train.trainer import build_setup
-
     workdir = os.fspath(workdir)
     if not os.path.isdir(workdir):
         raise TrainedExportError(f"--workdir {workdir!r} does not exist; pass the folder given to "
@@ -105,11 +109,7 @@ def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
 
 def text_encoder_of(clip_model):
     """The text tower + text projection of a CLIP (class CLIPText), sharing its variables."""
-    from flax import nnx
-
-    from unclip_jax import export
-    from unclip_jax.models.layers import abstract_init
-    te = abstract_init(lambda: export.CLIPTextEncoder(clip_model.config, nnx.Rngs(0)))
+    te = abstract_init(lambda: CLIPTextEncoder(clip_model.config, nnx.Rngs(0)))
     te.text = clip_model.text
     te.text_projection = clip_model.text_projection
     return te
@@ -117,9 +117,8 @@ def text_encoder_of(clip_model):
 
 def _manifest_sampling(out: str) -> dict:
     """The sampling section already in ``out``'s manifest ({} if none)."""
-    from unclip_jax import export
-    if os.path.isfile(export.manifest_path(out)):
-        return copy.deepcopy(export.read_manifest(out).get("sampling", {}))
+    if os.path.isfile(pipeline_folder.manifest_path(out)):
+        return copy.deepcopy(pipeline_folder.read_manifest(out).get("sampling", {}))
     return {}
 
 
@@ -128,14 +127,11 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
                    sampling: str | None = None, context_length: int | None = None) -> dict:
     """Write the model of ``workdir`` as component ``name`` of the pipeline folder ``out`` (and,
     for CLIP, optionally as a Hugging Face folder ``hf_out``). Returns a summary dict."""
-    from unclip_jax import export
-
     module, config, step = load_trained(workdir, ema=ema)
     summary: dict[str, Any] = {"workdir": workdir, "step": step, "stage": config.stage,
                                "ema": ema}
     if config.stage == "clip":
         if hf_out:
-            from unclip_jax.clip import hf_import
             os.makedirs(hf_out, exist_ok=True)
             hf_import.save_pretrained(module, hf_out)
             summary["hf_out"] = hf_out
@@ -148,7 +144,7 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
         raise TrainedExportError(f"--hf-out writes a CLIP; {workdir} trained stage "
                                  f"{config.stage!r}.")
     if out:
-        entry = export.save_component(out, name, module, dtype=dtype)
+        entry = pipeline_folder.save_component(out, name, module, dtype=dtype)
         path = os.path.join(out, entry["weights"])
         summary.update(out=out, name=name, cls=entry["class"], bytes=os.path.getsize(path))
         extra = {}
@@ -170,10 +166,9 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
                 config.diffusion.get("prediction_type", "epsilon"))
         if config.stage == "clip":
             ctx = int(context_length or module.config.context_length)
-            from unclip_jax.clip.tokenizer import get_tokenizer
             extra["tokenizer"] = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
                                   "context_length": ctx,
                                   "pad_id": int(get_tokenizer(ctx).pad_id)}
         if extra:
-            export.save_manifest(out, **extra)
+            pipeline_folder.save_manifest(out, **extra)
     return summary
