@@ -10,7 +10,7 @@ the same diffusers components driven the way diffusers' UnCLIPPipeline drives th
 Stages (settings of diffusers' UnCLIPPipeline and of Karlo's schedulers):
   prior      UnCLIPScheduler(fixed_small_log, x0 prediction, clip 5 in the normalised space),
              guidance 4 against the empty caption's conditioning; ours:
-             unclip_jax.models.prior_sampling.sample_prior(SamplerSpec(sampler='unclip'), best_of=1).
+             unclip_jax.models.prior_sampling.sample_prior (sampler 'unclip', best_of=1).
   decoder    UnCLIPTextProjModel + UNet2DConditionModel, UnCLIPScheduler(learned_range,
              epsilon, clip 1), guidance 8 (null z_i + empty caption); ours:
              guided_decoder_fn + unclip_jax.diffusion.unclip_sample.

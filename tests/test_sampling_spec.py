@@ -10,7 +10,7 @@ from unclip_jax.diffusion import SAMPLERS, SamplerSpec, SamplerSpecError, sample
 
 
 def toy_model_fn(x, t):
-    """A smooth x0-ish prediction that depends on t, with 2C output channels (for 'learned_range')."""
+    """A smooth x0-like output depending on t, with 2C channels (for 'learned_range')."""
     s = (t.astype(jnp.float32) / 1000.0)[:, None]
     mean = jnp.tanh(x) * (1.0 - s) + 0.1 * s
     return jnp.concatenate([mean, jnp.cos(x + s) * 0.5], axis=-1)
@@ -67,7 +67,8 @@ def test_each_sampler_equals_its_direct_loop(float32_cumprod):
     ]
     assert {s.sampler for s, _ in cases} == set(SAMPLERS)
     for spec, direct in cases:
-        fn = toy_model_fn if spec.learned_variance or spec.variance == "learned_range" else mean_only
+        learned = spec.learned_variance or spec.variance == "learned_range"
+        fn = toy_model_fn if learned else mean_only
         got = jax.jit(lambda x: sample(fn, spec, x, KEY))(X_T)  # noqa: B023
         want = jax.jit(lambda x: direct(spec))(X_T)  # noqa: B023
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(spec))

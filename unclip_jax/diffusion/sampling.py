@@ -48,7 +48,7 @@ class SamplerSpec:
     eta: float = 0.0                      # 'ddim' only
     clip_range: float | None = None       # clip x0 estimates to +-clip_range; None: no clipping
     variance: str = "fixed_small_log"     # 'unclip' only: 'fixed_small_log' | 'learned_range'
-    prediction_type: str = "epsilon"      # what the model outputs: 'epsilon' | 'sample' | 'v_prediction'
+    prediction_type: str = "epsilon"      # the model's output: 'epsilon' | 'sample' | 'v_prediction'
     schedule: str = "cosine"              # the training noise schedule
     num_train_steps: int = 1000
     float32_cumprod: bool = False         # torch's float32 alphas_cumprod (cosine only)
@@ -98,7 +98,8 @@ class SamplerSpec:
             self.timesteps()
         except ValueError as e:
             raise SamplerSpecError(f"{self.sampler} cannot take {self.steps} steps on the grid "
-                                   f"{self.grid!r} ({e}); change steps, spacing or start_t.") from None
+                                   f"{self.grid!r} ({e}); change steps, spacing or "
+                                   "start_t.") from None
 
     @property
     def grid(self) -> str:
