@@ -10,7 +10,7 @@ the same diffusers components driven the way diffusers' UnCLIPPipeline drives th
 Stages (settings of diffusers' UnCLIPPipeline and of Karlo's schedulers):
   prior      UnCLIPScheduler(fixed_small_log, x0 prediction, clip 5 in the normalised space),
              guidance 4 against the empty caption's conditioning; ours:
-             unclip_jax.models.prior_sampling.sample_prior(sampler='unclip', num_candidates=1).
+             unclip_jax.models.prior_sampling.sample_prior (sampler 'unclip', best_of=1).
   decoder    UnCLIPTextProjModel + UNet2DConditionModel, UnCLIPScheduler(learned_range,
              epsilon, clip 1), guidance 8 (null z_i + empty caption); ours:
              guided_decoder_fn + unclip_jax.diffusion.unclip_sample.
@@ -116,11 +116,12 @@ def ours_prior(model, inputs, batch, steps, guidance):
     from flax import nnx
 
     from unclip_jax.models.diffusion_prior import DiffusionPrior, TextConditioning
-    from unclip_jax.models.prior_sampling import PriorSamplingConfig, make_sample_fn
-    cfg = PriorSamplingConfig(sampler="unclip", steps=steps, guidance_scale=guidance,
-                              num_candidates=1, clamp=PRIOR_CLAMP)
+    from unclip_jax.diffusion import SamplerSpec
+    from unclip_jax.models.prior_sampling import make_sample_fn
+    spec = SamplerSpec(sampler="unclip", steps=steps, clip_range=PRIOR_CLAMP,
+                       prediction_type="sample")
     graphdef, state = nnx.split(model)
-    sample = make_sample_fn(graphdef, cfg)
+    sample = make_sample_fn(graphdef, spec, guidance_scale=guidance, best_of=1)
     cond = TextConditioning(*(jnp.asarray(inputs[k][:batch]) for k in
                               ("text_embed", "text_hidden", "text_mask")))
     uncond = TextConditioning(*(jnp.asarray(inputs[k][:batch]) for k in

@@ -29,7 +29,6 @@ import ml_collections
 from unclip_jax.config import add_trainer_sections, parse_arg
 from unclip_jax.data.input_pipeline import input_config
 from unclip_jax.models.diffusion_prior import get_preset
-from unclip_jax.models.prior_sampling import PriorSamplingConfig
 
 
 def get_config(arg=None):
@@ -46,11 +45,11 @@ def get_config(arg=None):
 
     c.diffusion = ml_collections.ConfigDict(dict(num_train_steps=1000, schedule="cosine",
                                                  cond_drop_prob=0.1))
-    sampling = dataclasses.asdict(PriorSamplingConfig(
-        sampler="ddim", steps=16 if arg.runlocal else 64, num_candidates=2,
+    c.sampling = ml_collections.ConfigDict(dict(  # SamplerSpec fields + guidance_scale, best_of
+        sampler="ddim", steps=16 if arg.runlocal else 64, spacing=None, best_of=2,
         guidance_scale=1.0 if size == "tiny" else 4.0,
-        clamp=5.0 if size == "karlo" else None))  # Karlo: UnCLIPScheduler clip_sample_range 5
-    c.sampling = ml_collections.ConfigDict(sampling)
+        clip_range=5.0 if size == "karlo" else None,  # Karlo: UnCLIPScheduler clip_sample_range 5
+        eta=0.0, num_train_steps=1000, schedule="cosine"))
 
     c.batch_size = 64 if arg.runlocal else 4096
     c.total_steps = 400 if arg.runlocal else 600_000

@@ -143,8 +143,8 @@ def get_config(arg=None):
         c.diffusion = ml_collections.ConfigDict(dict(num_train_steps=1000, schedule="cosine",
                                                      cond_drop_prob=0.1))
         c.sampling = ml_collections.ConfigDict(dict(
-            sampler="ddim", steps=16, spacing=None, guidance_scale=1.0, num_candidates=2,
-            clamp=None, eta=0.0, num_train_steps=1000, schedule="cosine"))
+            sampler="ddim", steps=16, spacing=None, guidance_scale=1.0, best_of=2,
+            clip_range=None, eta=0.0, num_train_steps=1000, schedule="cosine"))
         c.batch_size = 16 if local else 64
         c.total_steps = 4 if local else 1500
         c.optimizer = _optimizer(5e-4, 2 if local else 100, b2=0.99, wd=0.0, clip=0.0)

@@ -16,6 +16,7 @@ from PIL import Image
 from unclip_jax import applications as apps
 from unclip_jax import cli, clip
 from unclip_jax.commands import apps as apps_cmd
+from unclip_jax.pipeline import to_uint8
 
 STEPS = 6      # DDIM steps of every decoder loop here
 N = 3          # variations, frames, thetas, reconstructions
@@ -154,7 +155,7 @@ def test_variations_shapes_determinism_and_eta0_reconstruction(pipe, images):
     assert _levels(other.decoded[0], out.decoded[0]) > 10
     # eta = 0 gives back the input at the decoder's resolution.
     rec = apps.reconstruct(pipe, a, steps=STEPS, refine_iters=REFINE)
-    target = apps._to_uint8(apps.decoder_input(pipe, [a]))
+    target = to_uint8(apps.decoder_input(pipe, [a]))
     assert rec.decoded.shape == (1, 16, 16, 3) and _levels(rec.decoded[0], target[0]) <= 1
     assert rec.images.shape == (1, 32, 32, 3)
     # The eta = 1 variations keep the latent but not the pixels.

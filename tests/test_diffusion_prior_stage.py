@@ -12,7 +12,7 @@ from unclip_jax.config import load_config
 from unclip_jax.data.synthetic_embeddings import make_prior_task, sample_prior_batch
 from unclip_jax.evaluate.prior_metrics import evaluate_prior
 from unclip_jax.models.diffusion_prior import DiffusionPrior, TextConditioning, get_preset
-from unclip_jax.models.prior_sampling import PriorSamplingConfig, sample_prior_jit
+from unclip_jax.models.prior_sampling import prior_settings, sample_prior_jit
 from unclip_jax.train import diffusion_prior_stage as stage
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, make_optimizer
 
@@ -51,12 +51,12 @@ def test_prior_learns_the_synthetic_mapping(trained):
     assert np.mean(losses[-50:]) < 0.5 * np.mean(losses[:10])
     held_out = _batch(task, np.random.default_rng(123), 64)
     cond = TextConditioning(held_out["text_embed"], held_out["text_hidden"], held_out["text_mask"])
-    sampling = stage.sampling_config(c)
-    assert (sampling.sampler, sampling.num_candidates) == ("ddim", 2)
+    sampling = prior_settings(c.sampling.to_dict())
+    assert (sampling["spec"].sampler, sampling["best_of"]) == ("ddim", 2)
 
-    def sample(batch, config=sampling, key=1):
+    def sample(batch, key=1):
         cond = TextConditioning(batch["text_embed"], batch["text_hidden"], batch["text_mask"])
-        return sample_prior_jit(model, cond, jax.random.key(key), config)["image_embed"]
+        return sample_prior_jit(model, cond, jax.random.key(key), **sampling)["image_embed"]
 
     metrics = evaluate_prior(sample, [held_out])
     # Unconditional baseline: the same sampler fed the learned null instead of the caption.
@@ -73,10 +73,10 @@ def test_prior_learns_the_synthetic_mapping(trained):
     # candidates is itself a K = 1 sample, so their mean is the paired K = 1 reference.
     many = _batch(task, np.random.default_rng(321), 256)
     cond = TextConditioning(many["text_embed"], many["text_hidden"], many["text_mask"])
-    one = PriorSamplingConfig(**dict(c.sampling.to_dict(), num_candidates=1))
-    four = PriorSamplingConfig(**dict(c.sampling.to_dict(), num_candidates=4))
-    s1 = np.asarray(sample_prior_jit(model, cond, jax.random.key(2), one)["scores"][:, 0])
-    scores = np.asarray(sample_prior_jit(model, cond, jax.random.key(3), four)["scores"])
+    one = dict(sampling, best_of=1)
+    four = dict(sampling, best_of=4)
+    s1 = np.asarray(sample_prior_jit(model, cond, jax.random.key(2), **one)["scores"][:, 0])
+    scores = np.asarray(sample_prior_jit(model, cond, jax.random.key(3), **four)["scores"])
     gain = scores.max(axis=1) - s1  # same captions: only the sampling noise differs
     stderr = gain.std() / np.sqrt(len(gain))
     print("z_t . z_i: best of 4", scores.max(1).mean(), "K=1", s1.mean(), "stderr", stderr)

@@ -78,14 +78,14 @@ def test_bad_calls_are_refused(pipe):
 def test_upsampler_start_t_keeps_the_low_res_content(pipe):
     """start_t=None samples from pure noise (a random model returns noise); a low start_t starts
     from the resized image noised to that level and only refines it, for every sampler."""
-    from unclip_jax.pipeline import _grid, resize_bicubic
+    from unclip_jax.pipeline import resize_bicubic, stage_spec
     low = np.random.default_rng(0).uniform(-0.8, 0.8, (8, 8, 8, 3)).astype(np.float32)
     up = np.asarray(resize_bicubic(low, 16))
     full = np.asarray(pipe.upsample(low, jax.random.key(0)))
     assert np.abs(full - up).mean() > 0.2
     for sampler in ("ddim", "ddpm", "unclip", "dpm++"):
         s = {"sampler": sampler, "steps": 2, "start_t": 5}
-        grid = _grid({**pipe.settings["super_res"][0], **s})
+        grid = stage_spec("super_res", {**pipe.settings["super_res"][0], **s}).timesteps()
         assert grid.max() <= 5 and grid.min() >= 0
         near = np.asarray(pipe.upsample(low, jax.random.key(0), **s))
         assert near.shape == (8, 16, 16, 3)

@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from unclip_jax.diffusion import SamplerSpec, SamplerSpecError
 from unclip_jax.models.diffusion_prior import DiffusionPrior, TextConditioning, get_preset
-from unclip_jax.models.prior_sampling import (PriorSamplingConfig, guided_denoiser, make_sample_fn,
-                                              sample_prior, sample_prior_jit)
+from unclip_jax.models.prior_sampling import (DEFAULT_SPEC, guided_denoiser, keep_best,
+                                              make_sample_fn, prior_settings, sample_prior,
+                                              sample_prior_jit)
+
+
+def spec(**kw):
+    return SamplerSpec(**{"sampler": "ddim", "prediction_type": "sample", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +37,14 @@ def _cond(cfg, batch=3, seed=0):
         jnp.asarray(mask))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver_pp", "unclip"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "unclip"])
 def test_every_sampler_runs_jitted_and_clamps(model, sampler):
     cond = _cond(model.config)
     # Unclamped, this model's x0 estimates reach far beyond the clamp.
     raw = model(jnp.zeros((3, 32)), jnp.full((3,), 500), *cond)
     assert np.abs(np.asarray(raw)).max() > 3.0
     out = sample_prior_jit(model, cond, jax.random.key(0),
-                           PriorSamplingConfig(sampler=sampler, steps=6, num_candidates=2,
-                                               clamp=1.5))
+                           spec(sampler=sampler, steps=6, clip_range=1.5), best_of=2)
     assert out["image_embed"].shape == (3, 32)
     assert out["candidates"].shape == (3, 2, 32)
     cands = np.asarray(out["candidates"])
@@ -52,21 +57,27 @@ def test_every_sampler_runs_jitted_and_clamps(model, sampler):
 def test_jit_matches_eager_and_default_is_ddim64():
     m = DiffusionPrior(get_preset("tiny", num_layers=1), rngs=nnx.Rngs(1))
     cond = _cond(m.config, batch=2)
-    config = PriorSamplingConfig(steps=4, num_candidates=1)
-    a = sample_prior(m, cond, jax.random.key(3), config)["image_embed"]
-    b = sample_prior_jit(m, cond, jax.random.key(3), config)["image_embed"]
+    config = spec(steps=4)
+    a = sample_prior(m, cond, jax.random.key(3), config, best_of=1)["image_embed"]
+    b = sample_prior_jit(m, cond, jax.random.key(3), config, best_of=1)["image_embed"]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     graphdef, state = nnx.split(m)  # the pure form, for jax.jit with explicit shardings
-    c = jax.jit(make_sample_fn(graphdef, config))(state, cond, jax.random.key(3))["image_embed"]
-    np.testing.assert_allclose(np.asarray(c), np.asarray(b), rtol=1e-5, atol=1e-6)
-    default = PriorSamplingConfig()
-    assert (default.sampler, default.steps, default.num_candidates) == ("ddim", 64, 2)
+    c = jax.jit(make_sample_fn(graphdef, config, best_of=1))(state, cond, jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(c["image_embed"]), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert (DEFAULT_SPEC.sampler, DEFAULT_SPEC.steps, DEFAULT_SPEC.prediction_type) == (
+        "ddim", 64, "sample")
+    # a training config's flat sampling settings: the spec, guidance and best_of
+    kw = prior_settings(dict(sampler="ddim", steps=16, spacing=None, guidance_scale=2.0,
+                             best_of=3, clip_range=None, eta=0.0, num_train_steps=1000,
+                             schedule="cosine"))
+    assert kw == dict(spec=spec(steps=16), guidance_scale=2.0, best_of=3)
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        sample_prior(m, cond, jax.random.key(3), SamplerSpec(sampler="ddim", steps=4))
 
 
 def test_best_of_k_keeps_the_largest_dot_product(model):
     cond = _cond(model.config, batch=4)
-    out = sample_prior_jit(model, cond, jax.random.key(1),
-                           PriorSamplingConfig(steps=5, num_candidates=3))
+    out = sample_prior_jit(model, cond, jax.random.key(1), spec(steps=5), best_of=3)
     cands, scores = np.asarray(out["candidates"]), np.asarray(out["scores"])
     np.testing.assert_allclose(scores, np.einsum("bkd,bd->bk", cands, np.asarray(cond.text_embed)),
                                rtol=1e-5, atol=1e-4)
@@ -74,6 +85,12 @@ def test_best_of_k_keeps_the_largest_dot_product(model):
     np.testing.assert_array_equal(best, cands[np.arange(4), scores.argmax(1)])
     # Candidates of one caption differ (independent noise), so the choice matters.
     assert np.abs(cands[:, 0] - cands[:, 1]).max() > 1e-2
+    # the one ranking function (the pipeline's prior stage calls it too)
+    kept, s = keep_best(jnp.asarray(cands), jnp.asarray(cond.text_embed))
+    np.testing.assert_array_equal(np.asarray(kept), best)
+    np.testing.assert_array_equal(np.asarray(s), scores)
+    with pytest.raises(ValueError, match="use best_of=1"):
+        keep_best(jnp.asarray(cands), jnp.zeros((4, 5)))
 
 
 def test_guidance_mixes_conditional_and_unconditional(model):
@@ -99,10 +116,9 @@ def test_guidance_mixes_conditional_and_unconditional(model):
     # A prior without a learned null needs an explicit unconditional input.
     plain = DiffusionPrior(get_preset("tiny", num_layers=1), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="uncond"):
-        sample_prior(plain, cond, jax.random.key(0), PriorSamplingConfig(steps=2,
-                                                                         guidance_scale=4.0))
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        PriorSamplingConfig(sampler="plms")
+        sample_prior(plain, cond, jax.random.key(0), spec(steps=2), guidance_scale=4.0)
+    with pytest.raises(SamplerSpecError, match="sampler must be one of"):
+        spec(sampler="plms")
 
 
 def test_unclip_sampler_matches_diffusers_karlo_loop(tmp_path, monkeypatch):
@@ -128,10 +144,10 @@ def test_unclip_sampler_matches_diffusers_karlo_loop(tmp_path, monkeypatch):
     empty = TextConditioning(*(jnp.asarray(a) for a in (
         rng.standard_normal((1, d)).astype(np.float32),
         rng.standard_normal((1, length, d)).astype(np.float32), np.arange(length) < 2)))
-    config = PriorSamplingConfig(sampler="unclip", steps=steps, guidance_scale=scale, clamp=10.0,
-                                 num_candidates=1)
+    config = spec(sampler="unclip", steps=steps, clip_range=10.0)
     key = jax.random.key(11)
-    got = np.asarray(sample_prior_jit(ours, cond, key, config, uncond=empty)["image_embed"])
+    got = np.asarray(sample_prior_jit(ours, cond, key, config, guidance_scale=scale, best_of=1,
+                                      uncond=empty)["image_embed"])
 
     # The same noise as sample_prior draws: x_T from the first key, step k's from the second.
     start_key, loop_key = jax.random.split(key)

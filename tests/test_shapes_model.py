@@ -89,6 +89,6 @@ def test_decoder_export_records_its_prediction_type(tmp_path, monkeypatch):
     to_pipeline.export_workdir("run", str(tmp_path / "a"), "sr64", sampling="shapes")
     sampling = pipeline_folder.read_manifest(tmp_path / "a")["sampling"]
     assert sampling["decoder"]["prediction_type"] == "v_prediction"
-    from unclip_jax.pipeline import DEFAULT_SETTINGS, _merge_settings
+    from unclip_jax.pipeline import DEFAULT_SETTINGS, merge_settings
     with pytest.raises(PipelineError, match="prediction_type must be"):
-        _merge_settings(DEFAULT_SETTINGS, {"decoder": {"prediction_type": "x0"}})
+        merge_settings(DEFAULT_SETTINGS, {"decoder": {"prediction_type": "x0"}})

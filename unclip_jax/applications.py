@@ -42,8 +42,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from unclip_jax import diffusion
+from unclip_jax.diffusion import SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
-from unclip_jax.pipeline import decoder_model_fn
+from unclip_jax.pipeline import TextInputs, decoder_model_fn, stage_spec, to_uint8
 
 MODES = ("fixed", "slerp_latent")
 DEFAULT_STEPS = 50
@@ -162,23 +164,23 @@ def image_embeds(pipe, images: Sequence) -> Any:
     from unclip_jax.clip.preprocess import preprocess
     _check_image_tower(pipe)
     pixels = preprocess([_as_image(im) for im in images], image_size=pipe.clip.config.image_size)
-    gd, state = pipe._split("clip", pipe.clip)
+    rt = pipe.runtime
+    gd, state = rt.split("clip", pipe.clip)
 
     def fn(state, pixels):
         from flax import nnx
         return nnx.merge(gd, state).encode_image(pixels).astype(jnp.float32)
 
-    return pipe._jit("app_clip_image", (), fn)(state, pipe._put(jnp.asarray(pixels)))
+    return rt.jit("app_clip_image", (), fn)(state, rt.put(jnp.asarray(pixels)))
 
 
 def caption_inputs(pipe, caption: str | None = None):
     """The decoder's text conditioning (:class:`unclip_jax.pipeline.TextInputs`, one row) for
     ``caption``; None or '' gives the empty caption (also used as its unconditional row)."""
-    from unclip_jax.pipeline import TextInputs
     if caption is not None and caption.strip():
         return pipe.encode_text([caption])
     tok = pipe.tokenizer([""], allow_empty=True)
-    z, h = pipe._encode_ids(tok.ids)
+    z, h = pipe.encode_ids(tok.ids)
     mask = np.asarray(tok.mask)
     return TextInputs(np.asarray(tok.ids), mask, z, h, z, h, mask)
 
@@ -194,6 +196,15 @@ def _check_caption(name: str, caption: str) -> str:
 # The decoder's guided model, DDIM inversion and DDIM decoding
 # --------------------------------------------------------------------------------------------
 
+def _ddim_spacing(num_train_steps: int, steps: int) -> str:
+    """The spacing of :func:`ddim_timesteps`: 'ddimN' where an integer stride gives N steps."""
+    try:
+        diffusion.space_timesteps(num_train_steps, f"ddim{int(steps)}")
+        return f"ddim{int(steps)}"
+    except ValueError:
+        return str(int(steps))
+
+
 def ddim_timesteps(num_train_steps: int, steps: int) -> np.ndarray:
     """The DDIM grid of the applications: a constant stride from timestep 0 (ADM's 'ddimN',
     diffusers' DDIM 'leading' spacing: 0, 20, ..., 980 for 50 of 1000), which stops short of the
@@ -201,22 +212,23 @@ def ddim_timesteps(num_train_steps: int, steps: int) -> np.ndarray:
     (both ends). Inversion needs the first timestep to be 0. Stopping short of t = T - 1 matters
     for exact inversion: there sqrt(alphas_cumprod) is ~5e-5 (cosine schedule), so the first
     sampling step divides any mismatch in the noise estimate by that."""
-    from unclip_jax import diffusion
-    try:
-        return diffusion.space_timesteps(num_train_steps, f"ddim{int(steps)}")
-    except ValueError:
-        return diffusion.space_timesteps(num_train_steps, str(int(steps)))
+    return diffusion.space_timesteps(num_train_steps, _ddim_spacing(num_train_steps, steps))
 
 
-def _ddim_schedule(pipe, steps: int):
-    """The decoder's training schedule respaced to the :func:`ddim_timesteps` grid."""
-    from unclip_jax import diffusion
-    from unclip_jax.pipeline import stage_schedule
+def ddim_spec(pipe, steps: int, *, eta: float = 0.0, clip_range: float | None = None
+              ) -> SamplerSpec:
+    """The applications' DDIM sampler: the decoder's training schedule and prediction type,
+    on the :func:`ddim_timesteps` grid."""
     s = pipe.settings["decoder"]
     n = int(s.get("num_train_steps", 1000))
     if not 1 <= int(steps) <= n:
         raise ApplicationError(f"steps must be in [1, {n}], got {steps}.")
-    return diffusion.respace(stage_schedule(s), ddim_timesteps(n, steps))
+    try:
+        return spec_from_settings(s, sampler="ddim", steps=int(steps), eta=float(eta),
+                                  clip_range=clip_range, spacing=_ddim_spacing(n, steps),
+                                  start_t=None, learned_variance=False)
+    except SamplerSpecError as e:
+        raise ApplicationError(str(e)) from None
 
 
 def _text_rows(pipe, text, n: int):
@@ -226,11 +238,6 @@ def _text_rows(pipe, text, n: int):
     uncond = (jnp.asarray(text.uncond_embed), jnp.asarray(text.uncond_hidden),
               jnp.asarray(np.asarray(text.uncond_mask)))
     return rows, uncond
-
-
-def _prediction_type(pipe) -> str:
-    """What the decoder outputs (besides its variance): 'epsilon', 'v_prediction' or 'sample'."""
-    return pipe.settings["decoder"].get("prediction_type", "epsilon")
 
 
 def _check_decoder(pipe) -> None:
@@ -253,8 +260,6 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     caption). Decoding x_T with :func:`ddim_decode` (eta = 0, same settings) gives x0 back."""
     import jax
     import jax.numpy as jnp
-
-    from unclip_jax import diffusion
     _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x0 = jnp.asarray(x0, jnp.float32)
@@ -263,21 +268,22 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     if zi.shape[0] != n:
         raise ApplicationError(f"{n} images but {zi.shape[0]} image embeddings.")
     scale, refine = _guidance(pipe, guidance_scale), int(refine_iters)
-    clip_kw = _clip_kw(clip_range)
-    gd, state = pipe._split("decoder", pipe.decoder)
+    spec = ddim_spec(pipe, steps, clip_range=clip_range)
+    clip_kw = _clip_kw(spec.clip_range)
+    rt = pipe.runtime
+    gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
 
     def fn(state, x0, zi, rows, uncond):
         from flax import nnx
         with jax.ensure_compile_time_eval():
-            schedule = _ddim_schedule(pipe, steps)
+            schedule = spec.sampling_schedule()
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
         return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine,
-                                     prediction_type=_prediction_type(pipe), **clip_kw)
+                                     prediction_type=spec.prediction_type, **clip_kw)
 
-    key = (int(steps), scale, refine, tuple(sorted(clip_kw.items())))
-    return pipe._jit("app_invert", key, fn)(state, pipe._put(x0), pipe._put(zi),
-                                            tuple(pipe._put(a) for a in rows), uncond)
+    return rt.jit("app_invert", (spec, scale, refine), fn)(
+        state, rt.put(x0), rt.put(zi), tuple(rt.put(a) for a in rows), uncond)
 
 
 def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0,
@@ -289,8 +295,6 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     exact inverse of :func:`invert`)."""
     import jax
     import jax.numpy as jnp
-
-    from unclip_jax import diffusion
     _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x_T = jnp.asarray(x_T, jnp.float32)
@@ -304,23 +308,19 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     if eta and rng is None:
         rng = jax.random.key(0)
     scale = _guidance(pipe, guidance_scale)
-    clip_kw = _clip_kw(clip_range)
-    gd, state = pipe._split("decoder", pipe.decoder)
+    spec = ddim_spec(pipe, steps, eta=eta, clip_range=clip_range)
+    rt = pipe.runtime
+    gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
 
     def fn(state, x_T, zi, rows, uncond, key):
         from flax import nnx
-        with jax.ensure_compile_time_eval():
-            schedule = _ddim_schedule(pipe, steps)
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
-        x = diffusion.ddim_sample(model_fn, schedule, x_T, key, eta=eta,
-                                  prediction_type=_prediction_type(pipe), **clip_kw)
-        return jnp.clip(x, -1.0, 1.0)
+        return jnp.clip(diffusion.sample(model_fn, spec, x_T, key), -1.0, 1.0)
 
-    key = (int(steps), scale, eta, tuple(sorted(clip_kw.items())))
-    return pipe._jit("app_ddim", key, fn)(state, pipe._put(x_T), pipe._put(zi),
-                                          tuple(pipe._put(a) for a in rows), uncond,
-                                          rng if eta else None)
+    return rt.jit("app_ddim", (spec, scale), fn)(
+        state, rt.put(x_T), rt.put(zi), tuple(rt.put(a) for a in rows), uncond,
+        rng if eta else None)
 
 
 def _clip_kw(clip_range):
@@ -343,8 +343,6 @@ def _upsample(pipe, x, rng, upsample: int | None, *, shared_noise: bool, progres
     """Run the first ``upsample`` (default: all) upsampling stages. shared_noise: every row gets
     the same starting and per-step noise (rows then differ only through their input)."""
     import jax
-
-    from unclip_jax.pipeline import _grid
     stages = upsample_stages(pipe)
     count = len(stages) if upsample is None else int(upsample)
     if not 0 <= count <= len(stages):
@@ -356,22 +354,17 @@ def _upsample(pipe, x, rng, upsample: int | None, *, shared_noise: bool, progres
             progress(f"upsample {index + 1}")
         kw = {}
         if shared_noise:
-            s = pipe._stage("super_res", {}, index)
+            s = pipe.stage_settings("super_res", {}, index)
             size = int(s["size"])
             c = x.shape[-1]
             k_x, k_noise = jax.random.split(key)
             one = (1, size, size, c)
             kw["x_T"] = jax.numpy.broadcast_to(jax.random.normal(k_x, one), (n,) + one[1:])
-            steps = len(_grid(s))
+            steps = len(stage_spec("super_res", s).timesteps())
             kw["noise"] = jax.numpy.broadcast_to(jax.random.normal(k_noise, (steps,) + one),
                                                  (steps, n) + one[1:])
         x = pipe.upsample(x, key, index=index, **kw)
     return x
-
-
-def _to_uint8(x) -> np.ndarray:
-    from unclip_jax.pipeline import to_uint8
-    return to_uint8(x)
 
 
 class _Progress:
@@ -478,10 +471,10 @@ def variations(pipe, image, num_images: int = 4, seed: int = 0, *, eta: float = 
     rep = lambda a: jax.numpy.repeat(a, n, axis=0)  # noqa: E731
     x = ddim_decode(pipe, rep(zi), rep(x_T), text, k_dec, eta=eta, steps=steps,
                     guidance_scale=guidance_scale, clip_range=clip_range)
-    low = _to_uint8(x)
+    low = to_uint8(x)
     x = _upsample(pipe, x, k_up, upsample, shared_noise=float(eta) == 0.0, progress=prog)
     prog.finish()
-    return Variations(_to_uint8(x), low, np.asarray(zi[0]), np.asarray(x_T[0]))
+    return Variations(to_uint8(x), low, np.asarray(zi[0]), np.asarray(x_T[0]))
 
 
 def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
@@ -524,10 +517,10 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
     prog("DDIM decoding")
     x = ddim_decode(pipe, z, x_T, text, eta=0.0, steps=steps, guidance_scale=guidance_scale,
                     clip_range=clip_range)
-    low = _to_uint8(x)
+    low = to_uint8(x)
     x = _upsample(pipe, x, k_up, upsample, shared_noise=True, progress=prog)
     prog.finish()
-    return Interpolation(_to_uint8(x), low, thetas, mode)
+    return Interpolation(to_uint8(x), low, thetas, mode)
 
 
 def _parse_thetas(thetas) -> np.ndarray:
@@ -584,11 +577,11 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
     prog("DDIM decoding")
     x = ddim_decode(pipe, z, jax.numpy.repeat(x_T, t.size, axis=0), text, eta=0.0, steps=steps,
                     guidance_scale=guidance_scale, clip_range=clip_range)
-    low = _to_uint8(x)
+    low = to_uint8(x)
     _, k_up = jax.random.split(jax.random.key(int(seed)))
     x = _upsample(pipe, x, k_up, upsample, shared_noise=True, progress=prog)
     prog.finish()
-    return TextDiff(_to_uint8(x), low, t, np.asarray(z_d))
+    return TextDiff(to_uint8(x), low, t, np.asarray(z_d))
 
 
 def zero_shot(pipe, image_embed, labels: Sequence[str], logit_scale: float | None = None):
@@ -633,9 +626,9 @@ def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed
         prog("decoding")
         x = pipe.decode(jax.numpy.repeat(zi, r, axis=0), caption_inputs(pipe), k_dec,
                         num_images=r, **(decoder_settings or {}))
-        low = _to_uint8(x)
+        low = to_uint8(x)
         x = _upsample(pipe, x, k_up, upsample, shared_noise=False, progress=prog)
-        images = _to_uint8(x)
+        images = to_uint8(x)
     else:
         images = low = np.zeros((0, 1, 1, 3), np.uint8)
     prog.finish()
@@ -643,6 +636,6 @@ def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed
 
 
 __all__ = ["ApplicationError", "Interpolation", "MODES", "Probe", "TextDiff", "Variations",
-           "caption_inputs", "ddim_decode", "ddim_timesteps", "decoder_input", "image_embeds", "interpolate",
+           "caption_inputs", "ddim_decode", "ddim_spec", "ddim_timesteps", "decoder_input", "image_embeds", "interpolate",
            "invert", "load_image", "probe", "reconstruct", "slerp", "text_diff_vector",
            "textdiff", "upsample_stages", "variations", "zero_shot"]

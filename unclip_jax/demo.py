@@ -81,30 +81,24 @@ def mixture_stats(samples: np.ndarray, centres: np.ndarray) -> dict[str, float]:
     return {"worst_share_error": float(np.abs(shares - 1 / len(centres)).max()), "spread": spread}
 
 
-def run_samplers(config, x_T: jax.Array, model_fn, schedule: diffusion.Schedule, rng: jax.Array):
+def run_samplers(config, x_T: jax.Array, model_fn, rng: jax.Array):
     """{name: (samples, seconds, network evaluations)} for each sampler in ``config.samplers``."""
-    T = config.num_train_steps
     steps = config.samplers
-    kw = dict(prediction_type="sample")
+    spec = lambda sampler, n, **kw: diffusion.SamplerSpec(  # noqa: E731
+        sampler=sampler, steps=n, prediction_type="sample", schedule=config.schedule,
+        num_train_steps=config.num_train_steps, **kw)
     runs = {
-        f"DDPM {steps.ddpm}": (steps.ddpm, lambda: diffusion.ddpm_sample(
-            model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, str(steps.ddpm))),
-            x_T, rng, variance_type="fixed_small", **kw)),
-        f"unCLIP {steps.unclip}": (steps.unclip, lambda: diffusion.unclip_sample(
-            model_fn, schedule, x_T, diffusion.space_timesteps(T, f"linspace{steps.unclip}")[::-1],
-            rng, variance_type="fixed_small_log", **kw)),
-        f"DDIM {steps.ddim}": (steps.ddim, lambda: diffusion.ddim_sample(
-            model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, f"ddim{steps.ddim}")),
-            x_T, eta=0.0, **kw)),
-        f"DPM-Solver++ {steps.dpm_solver}": (steps.dpm_solver, lambda: diffusion.dpm_solver_pp_sample(
-            model_fn, diffusion.respace(schedule, diffusion.space_timesteps(T, f"dpmsolver{steps.dpm_solver}")),
-            x_T, **kw)),
+        f"DDPM {steps.ddpm}": spec("ddpm", steps.ddpm),
+        f"unCLIP {steps.unclip}": spec("unclip", steps.unclip),
+        f"DDIM {steps.ddim}": spec("ddim", steps.ddim, spacing=f"ddim{steps.ddim}"),
+        f"DPM-Solver++ {steps.dpm_solver}": spec("dpm++", steps.dpm_solver),
     }
     out = {}
-    for name, (nfe, fn) in runs.items():
+    for name, s in runs.items():
         start = time.perf_counter()
-        samples = np.asarray(jax.block_until_ready(jax.jit(fn)()))
-        out[name] = (samples, time.perf_counter() - start, nfe)
+        fn = jax.jit(lambda: diffusion.sample(model_fn, s, x_T, rng))  # noqa: B023
+        samples = np.asarray(jax.block_until_ready(fn()))
+        out[name] = (samples, time.perf_counter() - start, s.steps)
     return out
 
 
@@ -143,7 +137,7 @@ def sampler_demo(config, out_dir: str) -> dict[str, dict[str, float]]:
           f"exact denoiser, {n} samples, {config.schedule} schedule of {config.num_train_steps}")
     floor = sliced_wasserstein(truth, truth2)
     results = {"true samples": (truth2, 0.0, 0)}
-    results.update(run_samplers(config, x_T, model_fn, schedule, jax.random.fold_in(rng, 2)))
+    results.update(run_samplers(config, x_T, model_fn, jax.random.fold_in(rng, 2)))
     header = f"{'sampler':<20} {'NFE':>5} {'seconds':>8} {'worst mode share err':>21} " \
              f"{'spread/std':>11} {'sliced W1':>10}"
     print(header + "\n" + "-" * len(header))

@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prior-guidance", type=float, help="Prior guidance scale.")
     p.add_argument("--decoder-steps", type=int, help="Decoder sampling steps.")
     p.add_argument("--decoder-guidance", type=float, help="Decoder guidance scale.")
-    p.add_argument("--decoder-sampler", choices=("unclip",) + se.SAMPLERS,
+    p.add_argument("--decoder-sampler", choices=("unclip", "ddpm", "ddim", "dpm++"),
                    help="Decoder sampler.")
     p.add_argument("--upsample", type=int,
                    help="Upsampling stages to run (None: all the pipeline has).")
@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--table-guidance", type=_list("--table-guidance", float),
                    default=se.GUIDANCE_SCALES, help="Decoder guidance scales of the table.")
     p.add_argument("--table-samplers", type=_list("--table-samplers", str),
-                   default=se.SAMPLERS, help="Decoder samplers of the table.")
+                   default=se.TABLE_SAMPLERS, help="Decoder samplers of the table.")
     p.add_argument("--table-steps", type=_list("--table-steps", int),
                    default=se.SAMPLER_STEPS, help="Decoder step counts of the table.")
     p.add_argument("--clip-metrics", action="store_true",

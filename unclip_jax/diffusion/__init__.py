@@ -32,6 +32,14 @@ Losses (losses.py)
                   vlb_weight=0.001, weights=None) -> (loss [B], terms)
   diffusion_loss(model_fn, schedule, x0, rng, **kw) -> (scalar, terms)
 
+Sampling entry point (sampling.py): one settings type, one call
+  SamplerSpec(sampler='unclip'|'ddpm'|'ddim'|'dpm++', steps, eta, clip_range, variance,
+              prediction_type, schedule, num_train_steps, float32_cumprod, start_t, spacing,
+              learned_variance)   frozen (a jit static arg); .timesteps(), .full_schedule(),
+                                  .sampling_schedule(); invalid settings raise SamplerSpecError
+  sample(model_fn, spec, x_T, rng=None, noise=None) -> x0
+  spec_from_settings(mapping, **fixed)   the spec of a flat settings dict (pipeline, configs)
+
 Samplers: a standalone step and a `lax.scan` loop each. Loops return the final x0 and take
 x_T from the caller, plus `rng` or an explicit `noise` [num_steps, *x.shape] where noise is used.
   ddpm_step / ddpm_sample          ancestral; variance 'fixed_small'|'fixed_large'|'learned_range'
@@ -73,6 +81,7 @@ from .process import (
     x0_from_v,
 )
 from .respacing import respace, space_timesteps
+from .sampling import SAMPLERS, SamplerSpec, SamplerSpecError, sample, spec_from_settings
 from .schedules import (
     Schedule,
     cosine_betas,
@@ -86,13 +95,13 @@ from .schedules import (
 from .unclip import UNCLIP_VARIANCE_TYPES, unclip_sample, unclip_step
 
 __all__ = [
-    "CLIP_MODES", "PREDICTION_TYPES", "UNCLIP_VARIANCE_TYPES", "VARIANCE_TYPES",
-    "Schedule", "cfg", "clip_x0", "cosine_betas", "ddim_invert", "ddim_invert_step", "ddim_sample",
+    "CLIP_MODES", "PREDICTION_TYPES", "SAMPLERS", "UNCLIP_VARIANCE_TYPES", "VARIANCE_TYPES",
+    "SamplerSpec", "SamplerSpecError", "Schedule", "cfg", "clip_x0", "cosine_betas", "ddim_invert", "ddim_invert_step", "ddim_sample",
     "ddim_step", "ddpm_sample", "ddpm_step", "diffusion_loss", "discretized_gaussian_log_likelihood",
     "dpm_solver_pp_sample", "dpm_solver_pp_step", "eps_from_v", "eps_from_x0", "extract", "extract_prev",
     "get_schedule", "guided_model_fn", "linear_betas", "make_schedule",
     "make_schedule_from_alphas_cumprod", "mean_flat", "model_log_variance", "normal_kl",
     "p_mean_variance", "predict_eps", "predict_x0", "q_posterior_mean_variance", "q_sample",
-    "respace", "space_timesteps", "split_model_output", "training_losses", "training_target",
+    "respace", "sample", "space_timesteps", "spec_from_settings", "split_model_output", "training_losses", "training_target",
     "unclip_sample", "unclip_step", "v_from_x0_eps", "vlb_terms", "x0_from_eps", "x0_from_v",
 ]

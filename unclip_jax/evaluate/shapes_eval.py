@@ -57,7 +57,8 @@ __all__ = ["ComparisonSetting", "Comparison", "EvalError", "caption_accuracy",
 
 DEFAULT_DATA_SEED = 0            # the seed of the Shapes dataset's default config
 GUIDANCE_SCALES = (1.0, 3.0, 5.0, 8.0)
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+TABLE_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the table's default: unclip_jax.diffusion.SAMPLERS
+                                            # but 'unclip' (spelled here: --help imports no jax)
 SAMPLER_STEPS = (10, 25, 50)
 PRIORS = ("diffusion", "ar", "none")
 
@@ -364,7 +365,7 @@ def _base_prior(pipe) -> str:
 
 def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
                         guidance_scales: Sequence[float] = GUIDANCE_SCALES,
-                        samplers: Sequence[str] = SAMPLERS,
+                        samplers: Sequence[str] = TABLE_SAMPLERS,
                         steps: Sequence[int] = SAMPLER_STEPS,
                         base: dict | None = None) -> list[ComparisonSetting]:
     """The paper's comparisons as rows, for the priors ``pipe`` has:
@@ -385,9 +386,10 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     unknown = [p for p in priors if p not in PRIORS]
     if unknown:
         raise EvalError(f"Unknown prior(s) {unknown}; choose from {PRIORS}.")
-    bad = [s for s in samplers if s not in ("unclip",) + SAMPLERS]
+    from unclip_jax.diffusion import SAMPLERS
+    bad = [s for s in samplers if s not in SAMPLERS]
     if bad:
-        raise EvalError(f"Unknown sampler(s) {bad}; choose from {('unclip',) + SAMPLERS}.")
+        raise EvalError(f"Unknown sampler(s) {bad}; choose from {SAMPLERS}.")
     prior = base.pop("prior", None) or _base_prior(pipe)
     rows = []
 

@@ -35,7 +35,7 @@ from unclip_jax import diffusion
 from unclip_jax.evaluate.prior_metrics import prior_cosines
 from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, TextConditioning,
                                                drop_text_conditioning)
-from unclip_jax.models.prior_sampling import PriorSamplingConfig, sample_prior
+from unclip_jax.models.prior_sampling import prior_settings, sample_prior
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
 from unclip_jax.train.stage import Stage, cosine_means, model_fields
@@ -118,9 +118,10 @@ def model_config(c: Any) -> PriorConfig:
     return PriorConfig(**model_fields(PriorConfig, c.model))
 
 
-def sampling_config(c: Any) -> PriorSamplingConfig:
-    """The :class:`PriorSamplingConfig` of a ``configs/diffusion_prior.py`` ConfigDict."""
-    return PriorSamplingConfig(**c.sampling.to_dict())
+def sampling_config(c: Any) -> dict[str, Any]:
+    """``sample_prior``'s keyword arguments (spec, guidance_scale, best_of) of a
+    ``configs/diffusion_prior.py`` ConfigDict."""
+    return prior_settings(c.sampling.to_dict())
 
 
 def embedding_stats(batches: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +165,7 @@ def _sample(model, c, batch, rng):
     if not model.config.learned_null and "null_text_embed" in batch:
         uncond = TextConditioning(batch["null_text_embed"], batch["null_text_hidden"],
                                   batch["null_text_mask"])
-    z = sample_prior(model, cond, rng, sampling_config(c), uncond)["image_embed"]
+    z = sample_prior(model, cond, rng, **sampling_config(c), uncond=uncond)["image_embed"]
     return cosine_means(prior_cosines(z, batch["image_embed"], batch["text_embed"])), None
 
 

@@ -12,8 +12,8 @@ A CLIP run exports as the whole model (name 'clip') or as its text tower alone (
 'text_encoder', class CLIPText: what a pipeline needs to encode captions), and optionally as a
 Hugging Face ``CLIPModel`` folder (``hf_out``), which ``unclip-jax precompute --clip`` reads.
 
-:data:`SHAPES_SAMPLING` holds the sampling defaults the bundled Shapes pipeline ships with
-(``sampling='shapes'``).
+:data:`unclip_jax.pipeline.settings.SHAPES_SAMPLING` holds the sampling defaults the bundled
+Shapes pipeline ships with (``sampling='shapes'``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.errors import UserError
 from unclip_jax.io import pipeline_folder
 from unclip_jax.models.layers import abstract_init
+from unclip_jax.pipeline.settings import SAMPLING_PRESETS
 from unclip_jax.train import checkpoint as ckpt
 from unclip_jax.train.trainer import build_setup
 
@@ -38,30 +39,6 @@ from unclip_jax.train.trainer import build_setup
 class TrainedExportError(UserError, ValueError):
     """A workdir or export request that cannot be turned into a pipeline component."""
 
-
-_SCHED = dict(schedule="cosine", num_train_steps=1000, float32_cumprod=False)
-
-# Sampling defaults of the bundled Shapes pipeline (keys: unclip_jax.pipeline.DEFAULT_SETTINGS;
-# chosen with `unclip-jax eval --table`, see configs/shapes.py). The decoder's prediction_type
-# (v for the Shapes decoder) is written from its training config when it is exported. The
-# upsamplers start from their bicubic input noised to t = 60 rather than from pure noise
-# (``start_t``): at 800 training steps they round the corners of small squares (judged circles),
-# and the higher they start the more (one-object accuracy at 128 px, 160 test captions: 0.85 at
-# t = 60, 0.80 at 120, 0.81 at 200, 0.88 for the decoder's own 32 px output); from t = 999
-# they leave grain.
-SHAPES_SAMPLING: dict[str, Any] = {
-    "prior": dict(_SCHED, sampler="ddim", steps=16, guidance_scale=1.0,
-                  variance="fixed_small_log", clip_range=None, best_of=2, eta=0.0),
-    "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
-                     best_of=2),
-    "decoder": dict(_SCHED, sampler="unclip", steps=25, guidance_scale=2.0,
-                    variance="learned_range", clip_range=1.0, eta=0.0),
-    "super_res": [dict(_SCHED, models=["sr64"], size=64, sampler="ddim", steps=8,
-                       variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60),
-                  dict(_SCHED, models=["sr128"], size=128, sampler="ddim", steps=8,
-                       variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60)],
-}
-SAMPLING_PRESETS = {"shapes": SHAPES_SAMPLING}
 
 _CLASS_OF_STAGE = {"clip": "CLIP", "diffusion_prior": "DiffusionPrior", "ar_prior": "ARPrior",
                    "decoder": "Decoder", "upsampler": "SuperRes"}

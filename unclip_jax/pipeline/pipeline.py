@@ -1,0 +1,333 @@
+"""unCLIP end to end: caption -> CLIP text encoding -> prior -> z_i -> decoder -> upsamplers.
+
+    pipe = UnCLIPPipeline.from_pretrained("out/karlo")          # an unclip-jax pipeline folder
+    images = pipe.generate(["a red circle at the top left"], num_images=2, seed=0)
+    # uint8 [2, H, W, 3]
+
+Stages (each callable on its own, e.g. for the applications and for parity tests):
+
+    text = pipe.encode_text(prompts)                   TextInputs: tokens, mask, z_t, hidden
+                                                       (+ the empty caption's, for guidance)
+    z_i  = pipe.sample_image_embeds(text, rng, num_images=1, prior='diffusion'|'ar'|'none')
+    x    = pipe.decode(z_i, text, rng, ...)            float [N, h, w, 3] in [-1, 1]
+    x    = pipe.upsample(x, rng, index=0, ...)         float [N, H, W, 3] in [-1, 1]
+
+Batching: rows are prompt-major (prompt 0's images first), as diffusers' UnCLIPPipeline orders
+them; ``text`` is repeated to ``num_images`` rows per prompt inside the stages.
+
+Sampling semantics follow diffusers' ``UnCLIPPipeline`` (Karlo) by default (``settings``, read
+from the manifest's "sampling" section, overridable per call):
+
+* prior: UnCLIPScheduler steps ('unclip' sampler) over ``linspace`` timesteps, x0 prediction,
+  'fixed_small_log' variance, x0 clipped to +-clip_range, guidance 4 against the empty caption's
+  CLIP encoding (a prior trained with a learned null conditioning, as ours are, is guided against
+  that null instead: what its training dropped to); ``best_of`` K draws K embeddings per row
+  and keeps the one with the largest dot product with z_t (the paper's K = 2; Karlo's 1);
+* decoder: the same scheduler with 'learned_range' variance, guidance 8 (the unconditional rows
+  use the learned null z_i and the empty caption), the result clamped to [-1, 1]; the model's
+  output is eps (Karlo) or what ``prediction_type`` names ('v_prediction' for the Shapes model);
+* super-resolution: the low-res image resized with antialiased bicubic (torch's
+  ``interpolate(..., antialias=True)``, a = -0.5), 'fixed_small_log' variance, no guidance; a stage
+  listing two models (Karlo's super_res_first / super_res_last) runs the second only at its
+  last step. ``start_t`` (default None: pure noise at the top timestep) starts instead from the
+  resized image noised to timestep ``start_t`` and samples only [0, start_t], which keeps the
+  low-res content (the Shapes bundle's upsamplers use it).
+
+Other samplers: 'ddpm' (respaced ancestral), 'ddim' (eta), 'dpm++' (DPM-Solver++(2M)).
+
+Every stage (:mod:`.stages`) is a ``jax.jit``-compiled pure function of the split model state
+whose loop is one ``lax.scan``; the compiled functions are cached per stage and static settings
+on the pipeline's :class:`~unclip_jax.pipeline.runtime.Runtime` (``pipe.runtime``), so a second
+call with the same shapes compiles nothing (``trace_counts`` counts traces per stage). When the
+batch divides the number of devices, the batch axis is sharded over a 1-D mesh ('data') of all
+devices and the parameters are replicated. Randomness comes
+only from the ``rng`` keys (``generate`` derives them from ``seed``): same seed, same images.
+Every loop also accepts explicit starting noise ``x_T`` and per-step ``noise`` arrays, which is
+how the parity test feeds diffusers' own draws.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.io import pipeline_folder
+from unclip_jax.clip.tokenizer import Tokenizer
+from unclip_jax.models.diffusion_prior import TextConditioning
+from unclip_jax.pipeline import stages
+from unclip_jax.pipeline.runtime import Runtime
+from unclip_jax.pipeline.settings import (DEFAULT_SETTINGS, PRIORS, PipelineError, check_stage,
+                                          merge_settings)
+from unclip_jax.pipeline.stages import TextInputs, to_uint8
+
+
+class UnCLIPPipeline:
+    """Tokenizer, CLIP (or its text tower), prior(s), decoder and upsamplers, with sampling
+    defaults (``settings``). See the module docstring."""
+
+    def __init__(self, *, clip, decoder, prior=None, ar_prior=None, super_res: dict | None = None,
+                 tokenizer=None, settings: dict | None = None, context_length: int | None = None,
+                 pad_id: int | None = None):
+        self.clip = clip
+        self.prior = prior
+        self.ar_prior = ar_prior
+        self.decoder = decoder
+        self.super_res_models = dict(super_res or {})   # name -> SuperRes
+        ctx = context_length or clip.config.context_length
+        self.tokenizer = tokenizer or Tokenizer(context_length=ctx, pad_id=pad_id)
+        self.settings = merge_settings(DEFAULT_SETTINGS, settings or {})
+        self.runtime = Runtime()
+        self._uncond = None
+
+    # -- construction / files ------------------------------------------------------------------
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """Traces (= compilations) per stage so far."""
+        return self.runtime.trace_counts
+
+    @property
+    def super_res(self) -> list[list]:
+        """The upsampling stages, each a list of its models (first, then the last-step model)."""
+        return [[self.super_res_models[m] for m in st["models"] if m in self.super_res_models]
+                for st in self.settings["super_res"]]
+
+    def components(self) -> dict[str, Any]:
+        out = {"text_encoder" if pipeline_folder.is_text_encoder(self.clip) else "clip": self.clip,
+               "decoder": self.decoder}
+        if self.prior is not None:
+            out["prior"] = self.prior
+        if self.ar_prior is not None:
+            out["ar_prior"] = self.ar_prior
+        out.update(self.super_res_models)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None
+                        ) -> "UnCLIPPipeline":
+        """Load an unclip-jax pipeline folder (see :mod:`unclip_jax.io.pipeline_folder`). ``dtype`` sets
+        every component's compute dtype (e.g. 'bfloat16' on accelerators)."""
+        path = os.fspath(path)
+        manifest = pipeline_folder.read_manifest(path)
+        comps = manifest["components"]
+        over = {"dtype": dtype} if dtype else None
+        load = lambda name: pipeline_folder.load_component(  # noqa: E731
+            path, name, manifest, config_overrides=over)
+        text_name = "clip" if "clip" in comps else "text_encoder" if "text_encoder" in comps else None
+        missing = [n for n, ok in (("clip or text_encoder", text_name), ("decoder", "decoder" in comps)) if not ok]
+        if missing:
+            raise pipeline_folder.FolderError(
+                f"{path} lacks the component(s) {', '.join(missing)} that every pipeline needs; "
+                f"it holds {', '.join(sorted(comps))}.")
+        prior = ar_prior = None
+        for name in ("prior", "ar_prior"):
+            if name in comps:
+                m = load(name)
+                if comps[name]["class"] == "ARPrior":
+                    ar_prior = m
+                else:
+                    prior = m
+        sr = {name: load(name) for name, e in comps.items() if e["class"] == "SuperRes"}
+        tok = manifest.get("tokenizer", {})
+        return cls(clip=load(text_name), decoder=load("decoder"), prior=prior, ar_prior=ar_prior,
+                   super_res=sr, settings=manifest.get("sampling", {}),
+                   context_length=tok.get("context_length"), pad_id=tok.get("pad_id"))
+
+    def save_pretrained(self, path: str | os.PathLike, *, dtype: str | None = None) -> None:
+        """Write the whole pipeline as one folder, atomically (a good folder at ``path`` is only
+        replaced once the new one is complete). ``dtype`` narrows float storage."""
+        comps = self.components()
+        sampling = copy.deepcopy(self.settings)
+
+        def write(tmp):
+            entries = {name: pipeline_folder.save_component(tmp, name, m, dtype=dtype,
+                                                            update_manifest=False)
+                       for name, m in comps.items()}
+            tokenizer = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
+                         "context_length": self.tokenizer.context_length,
+                         "pad_id": int(self.tokenizer.pad_id)}
+            pipeline_folder.save_manifest(tmp, components=entries, sampling=sampling,
+                                          replace=True, tokenizer=tokenizer)
+
+        pipeline_folder.save_folder_atomically(path, write)
+
+    # -- settings --------------------------------------------------------------------------------
+
+    def stage_settings(self, stage: str, overrides: dict | None = None,
+                       index: int | None = None) -> dict:
+        """A stage's settings (``index``: which upsampling stage) with the non-None
+        ``overrides`` on top, checked (a PipelineError says what to change)."""
+        base = self.settings[stage] if index is None else self.settings[stage][index]
+        s = dict(base)
+        s.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return check_stage(stage, s)
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def encode_ids(self, ids):
+        """(z_t float32 [P, D], hidden float32 [P, L, W]) of token ids [P, L]."""
+        return stages.encode_ids(self.runtime, self.clip, ids)
+
+    def encode_text(self, prompts: str | Sequence[str]) -> TextInputs:
+        """Tokenize and encode captions with CLIP's text tower (no attention mask, as diffusers
+        runs it: the Transformer is causal, so padding never reaches real tokens)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise PipelineError("No prompt given: pass at least one caption.")
+        empty = [i for i, p in enumerate(prompts) if not p or not p.strip()]
+        if empty:
+            raise PipelineError(f"Prompt(s) {empty} are empty; give each image a caption.")
+        tok = self.tokenizer(prompts, truncate=True)
+        z_t, hidden = self.encode_ids(tok.ids)
+        if self._uncond is None:
+            u = self.tokenizer([""], allow_empty=True)
+            uz, uh = self.encode_ids(u.ids)
+            self._uncond = (uz, uh, np.asarray(u.mask))
+        uz, uh, um = self._uncond
+        return TextInputs(np.asarray(tok.ids), np.asarray(tok.mask), z_t, hidden, uz, uh, um)
+
+    # -- prior -----------------------------------------------------------------------------------
+
+    def sample_image_embeds(self, text: TextInputs, rng=None, *, num_images: int = 1,
+                            prior: str = "diffusion", steps: int | None = None,
+                            guidance_scale: float | None = None, best_of: int | None = None,
+                            sampler: str | None = None, x_T=None, noise=None, **settings):
+        """z_i [P * num_images, D] (prompt-major). prior='none' returns z_t itself (the paper's
+        no-prior baseline). x_T [N * best_of, D] and noise [steps, N * best_of, D] replace the
+        draws from ``rng`` (diffusion prior)."""
+        if prior not in PRIORS:
+            raise PipelineError(f"prior must be one of {PRIORS}, got {prior!r}.")
+        rep = lambda a: jnp.repeat(jnp.asarray(a), num_images, axis=0)  # noqa: E731
+        z_t, hidden, mask = rep(text.text_embed), rep(text.text_hidden), rep(text.mask)
+        if prior == "none":
+            return z_t
+        if rng is None:
+            rng = jax.random.key(0)
+        if prior == "ar":
+            return self._sample_ar(z_t, hidden, mask, rng, guidance_scale=guidance_scale,
+                                   best_of=best_of, **settings)
+        if self.prior is None:
+            raise PipelineError("This pipeline has no diffusion prior; use prior='ar' or 'none'.")
+        s = self.stage_settings("prior", dict(settings, steps=steps, guidance_scale=guidance_scale,
+                                              best_of=best_of, sampler=sampler))
+        uncond = TextConditioning(text.uncond_embed, text.uncond_hidden,
+                                  jnp.asarray(text.uncond_mask))
+        return stages.prior_stage(self.runtime, self.prior, s, z_t, hidden, mask, uncond, rng,
+                                  x_T, noise)
+
+    def _sample_ar(self, z_t, hidden, mask, rng, *, guidance_scale=None, best_of=None, **settings):
+        if self.ar_prior is None:
+            raise PipelineError("This pipeline has no autoregressive prior (component 'ar_prior' "
+                                "or 'prior' of class ARPrior); use prior='diffusion' or 'none'.")
+        s = self.stage_settings("ar_prior", dict(settings, guidance_scale=guidance_scale,
+                                                 best_of=best_of))
+        cfg = self.ar_prior.config
+        ctx = cfg.text_context
+        if hidden.shape[1] < ctx or hidden.shape[2] != cfg.text_width:
+            raise PipelineError(f"The AR prior reads {ctx} text states of width {cfg.text_width}; "
+                                f"the text encoder gives {hidden.shape[1]} of {hidden.shape[2]}.")
+        self.ar_prior.quantizer.require_fitted()
+        return stages.ar_prior_stage(self.runtime, self.ar_prior, s, z_t, hidden, mask, rng)
+
+    # -- decoder ---------------------------------------------------------------------------------
+
+    def decode(self, image_embed, text: TextInputs, rng=None, *, num_images: int | None = None,
+               steps: int | None = None, guidance_scale: float | None = None,
+               sampler: str | None = None, eta: float | None = None, x_T=None, noise=None,
+               **settings):
+        """Images [N, s, s, 3] in [-1, 1] from z_i [N, D]; ``text`` rows are repeated to N
+        (N / P images per prompt). x_T [N, s, s, 3] and noise [steps, N, s, s, 3] replace
+        draws from ``rng``."""
+        image_embed = jnp.asarray(image_embed, jnp.float32)
+        n = image_embed.shape[0]
+        p = np.asarray(text.tokens).shape[0]
+        if n % p:
+            raise PipelineError(f"{n} image embeddings for {p} prompts: need a multiple.")
+        per = num_images or n // p
+        rep = lambda a: jnp.repeat(jnp.asarray(a), per, axis=0)  # noqa: E731
+        z_t, hidden, mask = rep(text.text_embed), rep(text.text_hidden), rep(text.mask)
+        s = self.stage_settings("decoder", dict(settings, steps=steps,
+                                                guidance_scale=guidance_scale, sampler=sampler,
+                                                eta=eta))
+        if rng is None:
+            rng = jax.random.key(0)
+        if self.decoder.config.text_encoder == "transformer":
+            raise PipelineError("Decoders with their own text Transformer (text_encoder="
+                                "'transformer') are not wired into the pipeline yet; use one "
+                                "conditioned on CLIP's hidden states ('clip') or on z_i alone.")
+        uncond = (text.uncond_embed, text.uncond_hidden, jnp.asarray(text.uncond_mask))
+        return stages.decoder_stage(self.runtime, self.decoder, s, image_embed, z_t, hidden, mask,
+                                    uncond, rng, x_T, noise)
+
+    # -- upsamplers --------------------------------------------------------------------------------
+
+    def upsample(self, images, rng=None, *, index: int = 0, steps: int | None = None,
+                 sampler: str | None = None, eta: float | None = None, x_T=None, noise=None,
+                 **settings):
+        """Run upsampling stage ``index`` on images [N, h, w, 3] in [-1, 1]; returns
+        [N, size, size, 3] in [-1, 1] (clipped). x_T / noise as for :meth:`decode`."""
+        n_stages = len(self.settings["super_res"])
+        if not 0 <= index < n_stages:
+            raise PipelineError(f"Upsampling stage {index} does not exist; this pipeline has "
+                                f"{n_stages}.")
+        s = self.stage_settings("super_res", dict(settings, steps=steps, sampler=sampler, eta=eta),
+                                index)
+        names = [m for m in s["models"] if m in self.super_res_models]
+        if not names:
+            raise PipelineError(f"Upsampling stage {index} needs the component(s) "
+                                f"{s['models']}, which this pipeline lacks.")
+        if rng is None:
+            rng = jax.random.key(0)
+        models = [(m, self.super_res_models[m]) for m in (names[0], names[-1])[:len(names)]]
+        return stages.upsample_stage(self.runtime, index, models, s,
+                                     jnp.asarray(images, jnp.float32), rng, x_T, noise)
+
+    # -- all together --------------------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str], num_images: int = 1, seed: int = 0, *,
+                 prior: str = "diffusion", upsample: int | None = None,
+                 prior_settings: dict | None = None, decoder_settings: dict | None = None,
+                 super_res_settings: dict | None = None, return_float: bool = False,
+                 progress: Callable[[str, int], None] | None = None):
+        """Images for each prompt: uint8 [P * num_images, H, W, 3], prompt-major.
+
+        ``upsample``: how many upsampling stages to run (default: all whose models are present).
+        ``*_settings`` override the stage defaults (e.g. ``{'steps': 10}``). ``progress(stage,
+        total)`` is called as each stage finishes (stage 'prior', 'decoder', 'super_res_<i>';
+        total = the number of stages), e.g. to drive a progress bar."""
+        if num_images < 1:
+            raise PipelineError(f"num_images must be at least 1, got {num_images}.")
+        text = self.encode_text(prompts)
+        k_prior, k_dec, k_sr = jax.random.split(jax.random.key(int(seed)), 3)
+        ps = dict(prior_settings or {})
+        available = [i for i, st in enumerate(self.settings["super_res"])
+                     if any(m in self.super_res_models for m in st["models"])]
+        n_up = len(available) if upsample is None else int(upsample)
+        if n_up > len(available):
+            raise PipelineError(f"upsample={n_up} but this pipeline has {len(available)} "
+                                "upsampling stage(s) with their models.")
+
+        def done(stage: str, value):
+            if progress is not None:
+                jax.block_until_ready(value)
+                progress(stage, 2 + n_up)
+            return value
+
+        z_i = done("prior", self.sample_image_embeds(text, k_prior, num_images=num_images,
+                                                     prior=prior, **ps))
+        x = done("decoder", self.decode(z_i, text, k_dec, num_images=num_images,
+                                        **(decoder_settings or {})))
+        for i, key in zip(available[:n_up], jax.random.split(k_sr, max(n_up, 1))):
+            x = done(f"super_res_{i}", self.upsample(x, key, index=i, **(super_res_settings or {})))
+        if return_float:
+            return np.asarray(x)
+        return to_uint8(x)
+
+
+__all__ = ["UnCLIPPipeline"]

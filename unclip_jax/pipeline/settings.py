@@ -1,0 +1,133 @@
+"""The pipeline's sampling settings: defaults (Karlo's), presets (the Shapes bundle's), validation.
+
+A pipeline folder's manifest "sampling" section holds these per stage, under the same keys:
+'prior', 'ar_prior', 'decoder' (dicts) and 'super_res' (a list, one dict per upsampling stage).
+The sampler keys of a stage are :class:`unclip_jax.diffusion.SamplerSpec` fields (sampler, steps,
+eta, clip_range, variance, prediction_type, schedule, num_train_steps, float32_cumprod, start_t);
+the others are the stage's own (guidance_scale, best_of, models, size, ...).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from unclip_jax.diffusion import SAMPLERS, SamplerSpec, SamplerSpecError, spec_from_settings
+from unclip_jax.errors import UserError
+
+PRIORS = ("diffusion", "ar", "none")
+STAGES = ("prior", "ar_prior", "decoder", "super_res")
+
+# The defaults of diffusers' UnCLIPPipeline for Karlo (UnCLIPScheduler configs of
+# kakaobrain/karlo-v1-alpha). "schedule": the training schedule of the stage; "float32_cumprod":
+# build alphas_cumprod as torch does (float32 betas, float32 running product) for exact parity.
+_SCHEDULE = dict(schedule="cosine", num_train_steps=1000, float32_cumprod=True)
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "prior": dict(_SCHEDULE, sampler="unclip", steps=25, guidance_scale=4.0,
+                  variance="fixed_small_log", clip_range=5.0, best_of=1, eta=0.0),
+    "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
+                     best_of=1),
+    "decoder": dict(_SCHEDULE, sampler="unclip", steps=25, guidance_scale=8.0,
+                    variance="learned_range", clip_range=1.0, eta=0.0,
+                    prediction_type="epsilon"),
+    "super_res": [dict(_SCHEDULE, models=["super_res_first", "super_res_last"], size=256,
+                       sampler="unclip", steps=7, variance="fixed_small_log", clip_range=1.0,
+                       eta=0.0, start_t=None)],
+}
+_STAGE_KEYS = {
+    "prior": set(DEFAULT_SETTINGS["prior"]),
+    "ar_prior": set(DEFAULT_SETTINGS["ar_prior"]),
+    "decoder": set(DEFAULT_SETTINGS["decoder"]),
+    "super_res": set(DEFAULT_SETTINGS["super_res"][0]),
+}
+
+_SHAPES_SCHEDULE = dict(schedule="cosine", num_train_steps=1000, float32_cumprod=False)
+
+# Sampling defaults of the bundled Shapes pipeline (chosen with `unclip-jax eval --table`, see
+# configs/shapes.py). The decoder's prediction_type (v for the Shapes decoder) is written from
+# its training config when it is exported. The upsamplers start from their bicubic input noised
+# to t = 60 rather than from pure noise (``start_t``): at 800 training steps they round the
+# corners of small squares (judged circles), and the higher they start the more (one-object
+# accuracy at 128 px, 160 test captions: 0.85 at t = 60, 0.80 at 120, 0.81 at 200, 0.88 for the
+# decoder's own 32 px output); from t = 999 they leave grain.
+SHAPES_SAMPLING: dict[str, Any] = {
+    "prior": dict(_SHAPES_SCHEDULE, sampler="ddim", steps=16, guidance_scale=1.0,
+                  variance="fixed_small_log", clip_range=None, best_of=2, eta=0.0),
+    "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
+                     best_of=2),
+    "decoder": dict(_SHAPES_SCHEDULE, sampler="unclip", steps=25, guidance_scale=2.0,
+                    variance="learned_range", clip_range=1.0, eta=0.0),
+    "super_res": [dict(_SHAPES_SCHEDULE, models=["sr64"], size=64, sampler="ddim", steps=8,
+                       variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60),
+                  dict(_SHAPES_SCHEDULE, models=["sr128"], size=128, sampler="ddim", steps=8,
+                       variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60)],
+}
+SAMPLING_PRESETS = {"shapes": SHAPES_SAMPLING}
+
+
+class PipelineError(UserError, ValueError):
+    """A pipeline call that cannot run as asked; the message says what to change."""
+
+
+def check_stage(stage: str, s: dict) -> dict:
+    """``s`` (a stage's full settings) if valid, else a PipelineError saying what to change."""
+    unknown = sorted(set(s) - _STAGE_KEYS[stage])
+    if unknown:
+        raise PipelineError(f"Unknown {stage} setting(s) {unknown}; known: "
+                            f"{sorted(_STAGE_KEYS[stage])}.")
+    if "sampler" in s:
+        if s["sampler"] not in SAMPLERS:
+            raise PipelineError(f"{stage} sampler must be one of {SAMPLERS}, got {s['sampler']!r}.")
+        lo = 2 if s["sampler"] == "unclip" else 1
+        if not lo <= int(s["steps"]) <= int(s.get("num_train_steps", 1000)):
+            raise PipelineError(f"{stage} steps must be in [{lo}, "
+                                f"{s.get('num_train_steps', 1000)}] for sampler "
+                                f"{s['sampler']!r}, got {s['steps']}.")
+        if s.get("variance") not in (None, "fixed_small_log", "learned_range"):
+            raise PipelineError(f"{stage} variance must be 'fixed_small_log' or 'learned_range', "
+                                f"got {s['variance']!r}.")
+    if int(s.get("best_of", 1)) < 1:
+        raise PipelineError(f"{stage} best_of must be at least 1, got {s['best_of']}.")
+    if s.get("prediction_type", "epsilon") not in ("epsilon", "sample", "v_prediction"):
+        raise PipelineError(f"{stage} prediction_type must be 'epsilon', 'sample' or "
+                            f"'v_prediction' (what the model was trained to predict), got "
+                            f"{s['prediction_type']!r}.")
+    start = s.get("start_t")
+    if start is not None:
+        n = int(s.get("num_train_steps", 1000))
+        lo = max(1, int(s.get("steps", 1)) - 1)
+        if not lo <= int(start) <= n - 1:
+            raise PipelineError(f"{stage} start_t must be in [{lo}, {n - 1}] (at least one "
+                                f"timestep per sampling step), got {start}; None starts from "
+                                "pure noise.")
+    if "sampler" in s:
+        stage_spec(stage, s)
+    return s
+
+
+def stage_spec(stage: str, s: dict, **fixed) -> SamplerSpec:
+    """The SamplerSpec of a stage's settings (``fixed``: what the model decides, e.g.
+    prediction_type='sample' for the prior, learned_variance for 'ddpm')."""
+    try:
+        return spec_from_settings(s, **fixed)
+    except SamplerSpecError as e:
+        raise PipelineError(f"{stage} {e}") from None
+
+
+def freeze(s: dict) -> tuple:
+    """A hashable form of stage settings (a compiled-function cache key)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()))
+
+
+def merge_settings(base: dict, over: dict) -> dict:
+    """``base`` with the stages of ``over`` (a manifest's "sampling" section) merged in, checked."""
+    out = copy.deepcopy(base)
+    for stage, value in (over or {}).items():
+        if stage not in STAGES:
+            raise PipelineError(f"Unknown sampling stage {stage!r}; known: {STAGES}.")
+        if stage == "super_res":
+            if not isinstance(value, list):
+                raise PipelineError("sampling.super_res must be a list of stage settings.")
+            out[stage] = [check_stage(stage, {**DEFAULT_SETTINGS[stage][0], **v}) for v in value]
+        else:
+            out[stage] = check_stage(stage, {**out[stage], **value})
+    return out
