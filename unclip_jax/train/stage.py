@@ -68,10 +68,9 @@ def ddim_images(model_fn, c, shape, rng, learned_variance):
     sample hooks): ``model_fn(x, t)`` under the config's ``diffusion`` settings."""
     d = c.diffusion
     steps = min(int(c.get("sampling", {}).get("steps", 16)), 16)
-    with jax.ensure_compile_time_eval():  # the schedule is host (float64) math, not traced
-        base = diffusion.get_schedule(d.schedule, d.num_train_steps)
-        sched = diffusion.respace(base, diffusion.space_timesteps(d.num_train_steps,
-                                                                  f"ddim{steps}"))
+    spec = diffusion.SamplerSpec(sampler="ddim", steps=steps, spacing=f"ddim{steps}",
+                                 clip_range=1.0, prediction_type=d.prediction_type,
+                                 schedule=d.schedule, num_train_steps=d.num_train_steps)
     k1, k2 = jax.random.split(rng)
     x_T = jax.random.normal(k1, shape)
 
@@ -79,5 +78,4 @@ def ddim_images(model_fn, c, shape, rng, learned_variance):
         out = model_fn(x, t)
         return out[..., :shape[-1]] if learned_variance else out
 
-    return diffusion.ddim_sample(fn, sched, x_T, k2, eta=0.0,
-                                 prediction_type=d.prediction_type, clip="static")
+    return diffusion.sample(fn, spec, x_T, k2)
