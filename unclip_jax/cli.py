@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from unclip_jax import config as config_lib
-from unclip_jax.commands import COMMANDS
+from unclip_jax.commands import COMMANDS, enable_compilation_cache
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"unclip_jax.commands.{name}").add_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--no-compilation-cache", action="store_true",
+            help="Compile every program afresh instead of loading it from the persistent cache "
+            "in the user cache folder (UNCLIP_JAX_COMPILATION_CACHE=0 does the same).")
     return parser
 
 
@@ -45,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and "config" not in vars(args):
         parser.error(f"'{args.command}' takes no config, so --config.* overrides do not apply.")
     try:
+        enable_compilation_cache(args)
         return args.func(args, overrides)
     except _user_errors() as e:
         print(f"unclip-jax {args.command}: error: {e}", file=sys.stderr)

@@ -32,3 +32,15 @@ COMMANDS: tuple[str, ...] = (
     "export",
     "eval",
 )
+
+NO_JAX: frozenset[str] = frozenset({"config"})
+"""Commands that never compile: they skip the compilation cache (and the JAX import it needs)."""
+
+
+def enable_compilation_cache(args) -> None:
+    """Turn on JAX's persistent compilation cache for a command that compiles (see
+    :mod:`unclip_jax.compilation_cache`), unless ``--no-compilation-cache`` was given."""
+    if args.command in NO_JAX:
+        return
+    from unclip_jax import compilation_cache
+    compilation_cache.enable(disabled=args.no_compilation_cache)

@@ -79,6 +79,7 @@ def run(args, overrides) -> int:
 
     from PIL import Image
 
+    from unclip_jax import compilation_cache
     from unclip_jax.pipeline import UnCLIPPipeline
     start = time.time()
     pipe = UnCLIPPipeline.from_pretrained(path)
@@ -108,6 +109,7 @@ def run(args, overrides) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
     Image.fromarray(_grid(images, len(prompts))).save(grid)
     print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
-          f"the grid to {grid} in {time.time() - start:.1f}s (compiled: "
-          + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items())) + ")")
+          f"the grid to {grid} in {time.time() - start:.1f}s (traced: "
+          + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items()))
+          + (f"; {compilation_cache.summary()}" if compilation_cache.summary() else "") + ")")
     return 0
