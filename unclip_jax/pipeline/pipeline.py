@@ -1,8 +1,14 @@
 """unCLIP end to end: caption -> CLIP text encoding -> prior -> z_i -> decoder -> upsamplers.
 
-    pipe = UnCLIPPipeline.from_pretrained("out/karlo")          # an unclip-jax pipeline folder
+    pipe = UnCLIPPipeline.from_pretrained()      # the bundled Shapes model; or a pipeline
+                                                 # folder, a diffusers folder, a Hub id
+    images = pipe("a red circle", num_images_per_prompt=2, decoder_guidance_scale=2.0,
+                  generator=0).images            # [PIL.Image] * 2, as diffusers
     images = pipe.generate(["a red circle at the top left"], num_images=2, seed=0)
-    # uint8 [2, H, W, 3]
+    # the same images as uint8 [2, H, W, 3]
+
+``from_pretrained`` sources: :mod:`unclip_jax.pipeline.sources` (a diffusers folder or Hub id is
+converted once into the user's cache directory).
 
 Stages (each callable on its own, e.g. for the applications and for parity tests):
 
@@ -48,21 +54,27 @@ how the parity test feeds diffusers' own draws.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from unclip_jax.io import pipeline_folder
 from unclip_jax.clip.tokenizer import Tokenizer
 from unclip_jax.models.diffusion_prior import TextConditioning
-from unclip_jax.pipeline import stages
+from unclip_jax.pipeline import sources, stages
 from unclip_jax.pipeline.runtime import Runtime
 from unclip_jax.pipeline.settings import (DEFAULT_SETTINGS, PRIORS, PipelineError, check_stage,
-                                          merge_settings)
+                                          merge_settings, stage_spec)
 from unclip_jax.pipeline.stages import TextInputs, to_uint8
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+OUTPUT_TYPES = ("pil", "np")
 
 
 class UnCLIPPipeline:
@@ -107,11 +119,21 @@ class UnCLIPPipeline:
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None
+    def from_pretrained(cls, source: str | os.PathLike | None = None, *, dtype: str | None = None,
+                        cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, allow_pickle: bool = False
                         ) -> "UnCLIPPipeline":
-        """Load an unclip-jax pipeline folder (see :mod:`unclip_jax.io.pipeline_folder`). ``dtype`` sets
-        every component's compute dtype (e.g. 'bfloat16' on accelerators)."""
-        path = os.fspath(path)
+        """Load a pipeline: None or 'shapes' (the bundled model), an unclip-jax pipeline folder,
+        a diffusers UnCLIPPipeline folder or a Hub id such as 'kakaobrain/karlo-v1-alpha'
+        (converted once into the cache; see :mod:`unclip_jax.pipeline.sources`). ``dtype``
+        sets every component's compute dtype (e.g. 'bfloat16' on accelerators). ``cache_dir``:
+        where converted (and downloaded) folders go; ``local_files_only``: never download;
+        ``allow_pickle``: read pickled .bin weights (torch.load(weights_only=True))."""
+        path = sources.resolve(None if source is None else os.fspath(source),
+                               cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                               local_files_only=local_files_only, allow_pickle=allow_pickle)
+        if dtype is not None and dtype not in DTYPES:
+            raise PipelineError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
         manifest = pipeline_folder.read_manifest(path)
         comps = manifest["components"]
         over = {"dtype": dtype} if dtype else None
@@ -294,40 +316,171 @@ class UnCLIPPipeline:
                  prior: str = "diffusion", upsample: int | None = None,
                  prior_settings: dict | None = None, decoder_settings: dict | None = None,
                  super_res_settings: dict | None = None, return_float: bool = False,
-                 progress: Callable[[str, int], None] | None = None):
+                 progress: Callable[[str, int], None] | None = None,
+                 batch_size: int | None = None, key=None):
         """Images for each prompt: uint8 [P * num_images, H, W, 3], prompt-major.
 
         ``upsample``: how many upsampling stages to run (default: all whose models are present).
         ``*_settings`` override the stage defaults (e.g. ``{'steps': 10}``). ``progress(stage,
         total)`` is called as each stage finishes (stage 'prior', 'decoder', 'super_res_<i>';
-        total = the number of stages), e.g. to drive a progress bar."""
+        total = the number of such calls), e.g. to drive a progress bar. ``batch_size``: at most
+        this many images per compiled call (the last batch is padded, so one compile serves
+        all); each batch takes its rows of the whole batch's noise, so the images are those of
+        the unbatched call. ``key`` (a jax.random key) replaces ``seed``."""
         if num_images < 1:
             raise PipelineError(f"num_images must be at least 1, got {num_images}.")
+        if batch_size is not None and int(batch_size) < 1:
+            raise PipelineError(f"batch_size must be at least 1, got {batch_size}.")
         text = self.encode_text(prompts)
-        k_prior, k_dec, k_sr = jax.random.split(jax.random.key(int(seed)), 3)
+        key = jax.random.key(int(seed)) if key is None else key
+        k_prior, k_dec, k_sr = jax.random.split(key, 3)
         ps = dict(prior_settings or {})
+        ds, ss = dict(decoder_settings or {}), dict(super_res_settings or {})
         available = [i for i, st in enumerate(self.settings["super_res"])
                      if any(m in self.super_res_models for m in st["models"])]
         n_up = len(available) if upsample is None else int(upsample)
         if n_up > len(available):
             raise PipelineError(f"upsample={n_up} but this pipeline has {len(available)} "
                                 "upsampling stage(s) with their models.")
+        sr_keys = list(zip(available[:n_up], jax.random.split(k_sr, max(n_up, 1))))
+        n = text.tokens.shape[0] * num_images
+        bs = n if batch_size is None else min(int(batch_size), n)
+        batches = -(-n // bs)
+        calls = (batches if prior == "diffusion" else 1) + (1 + n_up) * batches
 
         def done(stage: str, value):
             if progress is not None:
                 jax.block_until_ready(value)
-                progress(stage, 2 + n_up)
+                progress(stage, calls)
             return value
 
-        z_i = done("prior", self.sample_image_embeds(text, k_prior, num_images=num_images,
-                                                     prior=prior, **ps))
-        x = done("decoder", self.decode(z_i, text, k_dec, num_images=num_images,
-                                        **(decoder_settings or {})))
-        for i, key in zip(available[:n_up], jax.random.split(k_sr, max(n_up, 1))):
-            x = done(f"super_res_{i}", self.upsample(x, key, index=i, **(super_res_settings or {})))
-        if return_float:
-            return np.asarray(x)
-        return to_uint8(x)
+        if bs == n:
+            z_i = done("prior", self.sample_image_embeds(text, k_prior, num_images=num_images,
+                                                         prior=prior, **ps))
+            x = done("decoder", self.decode(z_i, text, k_dec, num_images=num_images, **ds))
+            for i, k in sr_keys:
+                x = done(f"super_res_{i}", self.upsample(x, k, index=i, **ss))
+            x = np.asarray(x)
+        else:
+            x = np.concatenate(list(self._batches(text, num_images, bs, prior, k_prior, k_dec,
+                                                  sr_keys, ps, ds, ss, done)))
+        return x if return_float else to_uint8(x)
+
+    def _batches(self, text: TextInputs, num_images: int, bs: int, prior: str, k_prior, k_dec,
+                 sr_keys, ps: dict, ds: dict, ss: dict, done):
+        """generate's images in batches of ``bs`` rows (float [m, H, W, 3] each), every stage
+        fed its rows of the whole batch's draws (:func:`stages.draws`). The AR prior and no
+        prior (embeddings only) run over all rows at once."""
+        n = text.tokens.shape[0] * num_images
+        rows = np.repeat(np.arange(text.tokens.shape[0]), num_images)
+        if prior != "diffusion":
+            z_all = done("prior", self.sample_image_embeds(text, k_prior, num_images=num_images,
+                                                           prior=prior, **ps))
+        else:
+            s_prior = self.stage_settings("prior", ps)
+            best = int(s_prior["best_of"])
+            prior_spec = stage_spec("prior", s_prior)
+            if self.prior is None:
+                raise PipelineError("This pipeline has no diffusion prior; use prior='ar' or "
+                                    "'none'.")
+        dec_spec = stage_spec("decoder", self.stage_settings("decoder", ds))
+        cfg = self.decoder.config
+        dec_shape = (n, cfg.image_size, cfg.image_size, cfg.image_channels)
+        sr_specs = []
+        for i, _ in sr_keys:
+            s = self.stage_settings("super_res", ss, i)
+            first = self.super_res_models[[m for m in s["models"] if m in self.super_res_models][0]]
+            sr_specs.append((stage_spec("super_res", s),
+                             (n, int(s["size"]), int(s["size"]), first.config.image_channels)))
+        for lo in range(0, n, bs):
+            idx = np.minimum(np.arange(lo, lo + bs), n - 1)   # the last batch: padded
+            r = rows[idx]
+            tb = text._replace(tokens=text.tokens[r], mask=text.mask[r],
+                               text_embed=jnp.asarray(text.text_embed)[r],
+                               text_hidden=jnp.asarray(text.text_hidden)[r])
+            if prior == "diffusion":
+                x_T, noise = stages.draws(prior_spec, k_prior, (n * best, self.prior.config.embed_dim),
+                                          lo * best, bs * best)
+                z_i = done("prior", self.sample_image_embeds(tb, k_prior, x_T=x_T, noise=noise,
+                                                             **ps))
+            else:
+                z_i = jnp.asarray(z_all)[idx]
+            x_T, noise = stages.draws(dec_spec, k_dec, dec_shape, lo, bs)
+            x = done("decoder", self.decode(z_i, tb, k_dec, x_T=x_T, noise=noise, **ds))
+            for (i, k), (spec, shape) in zip(sr_keys, sr_specs):
+                x_T, noise = stages.draws(spec, k, shape, lo, bs)
+                x = done(f"super_res_{i}", self.upsample(x, k, index=i, x_T=x_T, noise=noise,
+                                                         **ss))
+            yield np.asarray(x)[:min(bs, n - lo)]
+
+    def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1, *,
+                 prior_num_inference_steps: int | None = None,
+                 decoder_num_inference_steps: int | None = None,
+                 super_res_num_inference_steps: int | None = None,
+                 prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None, generator=None,
+                 seed: int | None = None, output_type: str = "pil", return_dict: bool = True,
+                 prior: str = "diffusion", upsample: int | None = None,
+                 batch_size: int | None = None,
+                 progress: Callable[[str, int], None] | None = None):
+        """diffusers-style: ``pipe("a red circle", num_images_per_prompt=4).images`` -> a list
+        of PIL images (prompt-major), the images :meth:`generate` makes for the same seed.
+
+        Arguments named as in diffusers' UnCLIPPipeline mean the same; None keeps the
+        pipeline's setting. ``generator``: an int seed, a jax.random key, or anything with
+        ``initial_seed()`` (a seeded torch.Generator); or pass ``seed`` (default 0: the same
+        call gives the same images). ``output_type``: 'pil', or 'np' (float32 [N, H, W, 3] in
+        [0, 1], as diffusers). ``return_dict=False`` returns ``(images,)``. Beyond diffusers:
+        ``prior`` ('diffusion', 'ar', 'none'), ``upsample`` (how many upsampling stages),
+        ``batch_size`` (images per compiled call), ``progress`` (as for generate)."""
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got "
+                                f"{output_type!r}.")
+        if generator is not None and seed is not None:
+            raise PipelineError("Pass either generator or seed, not both.")
+        key = _key_of(generator) if generator is not None else jax.random.key(
+            0 if seed is None else int(seed))
+        pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+        if prior != "diffusion" and prior_num_inference_steps is not None:
+            raise PipelineError(f"prior_num_inference_steps applies to the diffusion prior; "
+                                f"prior={prior!r} has no steps.")
+        x = self.generate(
+            prompt, num_images=num_images_per_prompt, key=key, prior=prior, upsample=upsample,
+            prior_settings=pick(steps=prior_num_inference_steps,
+                                guidance_scale=prior_guidance_scale),
+            decoder_settings=pick(steps=decoder_num_inference_steps,
+                                  guidance_scale=decoder_guidance_scale),
+            super_res_settings=pick(steps=super_res_num_inference_steps),
+            return_float=True, progress=progress, batch_size=batch_size)
+        if output_type == "np":
+            images = np.clip(x * 0.5 + 0.5, 0.0, 1.0).astype(np.float32)
+        else:
+            images = [Image.fromarray(im) for im in to_uint8(x)]
+        return UnCLIPPipelineOutput(images) if return_dict else (images,)
 
 
-__all__ = ["UnCLIPPipeline"]
+@dataclasses.dataclass
+class UnCLIPPipelineOutput:
+    """What calling the pipeline returns: ``images``, a list of PIL images ('pil') or a float
+    array [N, H, W, 3] in [0, 1] ('np'), prompt-major."""
+    images: Any
+
+
+def _key_of(generator):
+    """A jax.random key from an int seed, a key (typed, or raw uint32 [2]) or a seeded
+    torch.Generator (anything with ``initial_seed()``)."""
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        return jax.random.key(int(generator))
+    if hasattr(generator, "initial_seed"):
+        return jax.random.key(int(generator.initial_seed()))
+    if isinstance(generator, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) and generator.shape == ():
+            return generator
+        if generator.dtype == np.uint32 and generator.shape == (2,):
+            return jax.random.wrap_key_data(jnp.asarray(generator))
+    raise PipelineError("generator must be an int seed, one jax.random key or a seeded "
+                        f"torch.Generator; got {type(generator).__name__} (a list of generators "
+                        "per image is not supported: pass one).")
+
+
+__all__ = ["UnCLIPPipeline", "UnCLIPPipelineOutput"]

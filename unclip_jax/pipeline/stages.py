@@ -6,6 +6,7 @@ the inputs and repeats the text rows; these take the rows as they are.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax import diffusion
+from unclip_jax.diffusion import SamplerSpec
 from unclip_jax.models import ar_prior as ar
 from unclip_jax.models.decoder import guided_decoder_fn
 from unclip_jax.models.diffusion_prior import TextConditioning
@@ -65,6 +67,30 @@ def to_uint8(images) -> np.ndarray:
 
 def _noise(rt: Runtime, noise):
     return None if noise is None else rt.put(jnp.asarray(noise, jnp.float32), 1)
+
+
+def draws(spec: SamplerSpec, rng, shape: tuple, start: int, rows: int):
+    """Rows [start, start + rows) of what a stage draws from ``rng`` for a whole batch of
+    ``shape`` (rows past its end: zeros): its starting noise x_T (``split(rng)[0]``) and its
+    sampler's per-step noise [n, rows, ...] (``split(rng)[1]`` split into one key per step, as
+    :func:`unclip_jax.diffusion.sample` draws it; None for a sampler that adds none). Passed to
+    the stage as ``x_T`` / ``noise`` for each slice of a batch, they give the rows the stage
+    gives for the whole batch from ``rng``: batching does not change the images."""
+    needs = spec.sampler in ("unclip", "ddpm") or (spec.sampler == "ddim" and spec.eta != 0)
+    n = len(spec.timesteps()) if needs else 0
+    return _draws(rng, jnp.int32(start), shape=tuple(int(d) for d in shape), rows=int(rows), n=n)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "rows", "n"))
+def _draws(rng, start, *, shape, rows, n):
+    key_x, key_loop = jax.random.split(rng)
+    pad = [(0, rows)] + [(0, 0)] * (len(shape) - 1)
+    take = lambda a: jax.lax.dynamic_slice_in_dim(jnp.pad(a, pad), start, rows, 0)  # noqa: E731
+    x_T = take(jax.random.normal(key_x, shape, jnp.float32))
+    if not n:
+        return x_T, None
+    keys = jax.random.split(key_loop, n)
+    return x_T, jax.lax.map(lambda k: take(jax.random.normal(k, shape, jnp.float32)), keys)
 
 
 def encode_ids(rt: Runtime, clip, ids):
