@@ -135,3 +135,42 @@ def test_diffusers_folder_and_hub_id_convert_once(karlo, tmp_path, monkeypatch):
     cfg = os.path.join(karlo, "model_index.json")
     os.utime(cfg, ns=(os.stat(cfg).st_atime_ns, os.stat(cfg).st_mtime_ns + 10**9))
     assert sources.resolve(karlo, cache_dir=cache) != folder and len(conversions) == 3
+
+
+class _FakePipe:
+    """Records what the commands pass; returns blank images."""
+    trace_counts: dict = {}
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, num_images=1, **kw):
+        self.calls.append(kw)
+        return np.zeros((len(prompts) * num_images, 4, 4, 3), np.uint8)
+
+
+def test_commands_pass_dtype_and_batch_size(tmp_path, monkeypatch):
+    from unclip_jax import applications, cli
+    from unclip_jax.commands import apps as apps_cmd
+    fake, loaded = _FakePipe(), []
+    monkeypatch.setattr(UnCLIPPipeline, "from_pretrained",
+                        classmethod(lambda cls, path, dtype=None: loaded.append(dtype) or fake))
+    assert cli.main(["generate", "--prompt", "a red circle", "--num-images", "3", "--batch-size",
+                     "2", "--dtype", "bfloat16", "--out", str(tmp_path / "g")]) == 0
+    assert loaded == ["bfloat16"] and fake.calls[0]["batch_size"] == 2
+    assert cli.main(["generate", "--prompt", "a", "--out", str(tmp_path / "g")]) == 0
+    assert loaded[-1] == "float32" and fake.calls[-1]["batch_size"] is None   # CPU default
+    assert cli.main(["generate", "--prompt", "a", "--batch-size", "0"]) == 2
+
+    # textdiff in batches of 2 thetas: the thetas split, each batch with the same seed
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
+    seen = []
+    monkeypatch.setattr(apps_cmd, "load_pipeline", lambda path, dtype=None: seen.append(dtype))
+    monkeypatch.setattr(applications, "textdiff", lambda pipe, image, c, t, thetas, seed, **kw: (
+        seen.append((list(thetas), seed)) or applications.TextDiff(
+            np.zeros((len(thetas), 4, 4, 3), np.uint8), None, np.asarray(thetas), None)))
+    assert cli.main(["textdiff", "--image", str(tmp_path / "in.png"), "--caption", "a", "--target",
+                     "b", "--thetas", "0,0.5,1", "--batch-size", "2", "--dtype", "float16",
+                     "--out", str(tmp_path / "td")]) == 0
+    assert seen == ["float16", ([0.0, 0.5], 0), ([1.0], 0)]
+    assert len(os.listdir(tmp_path / "td")) == 4

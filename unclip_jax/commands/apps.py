@@ -25,16 +25,17 @@ class AppsCommandError(UserError, ValueError):
     """A flag of these commands that cannot be used as given."""
 
 
-def load_pipeline(path: str):
-    """``UnCLIPPipeline.from_pretrained(path)``, kept per folder (and manifest time) in this
-    process, so repeated calls reuse the loaded weights and their compiled functions."""
+def load_pipeline(path: str, dtype: str | None = None):
+    """``UnCLIPPipeline.from_pretrained(path, dtype=...)``, kept per folder (and manifest time)
+    and dtype in this process, so repeated calls reuse the loaded weights and their compiled
+    functions."""
     from unclip_jax.io import pipeline_folder
     from unclip_jax.pipeline import UnCLIPPipeline
     manifest = pipeline_folder.manifest_path(path)
     stamp = os.path.getmtime(manifest) if os.path.isfile(manifest) else None
-    key = (os.path.realpath(path), stamp)
+    key = (os.path.realpath(path), stamp, dtype)
     if stamp is None or key not in _PIPELINES:
-        pipe = UnCLIPPipeline.from_pretrained(path)  # raises a clear FolderError when unusable
+        pipe = UnCLIPPipeline.from_pretrained(path, dtype=dtype)  # a clear error when unusable
         _PIPELINES.clear()
         _PIPELINES[key] = pipe
     return _PIPELINES[key]
@@ -56,7 +57,7 @@ def positive_int(name):
     return parse
 
 
-def _common(p, *, ddim: bool = True) -> None:
+def _common(p, *, ddim: bool = True, batch: str | None = None) -> None:
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained). Default: the "
                         "bundled Shapes model.")
@@ -80,6 +81,12 @@ def _common(p, *, ddim: bool = True) -> None:
                         "the decoder's resolution).")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="Folder for the PNGs (created if missing; files in it are overwritten).")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
+    if batch:
+        p.add_argument("--batch-size", type=positive_int("--batch-size"), default=None,
+                       metavar="N", help=f"At most N images per call (default: all at once); "
+                       f"{batch}")
 
 
 def add_parser(subparsers) -> None:
@@ -95,7 +102,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eta", type=float, default=1.0,
                    help="DDIM noise: 0 reconstructs the image, 1 is DDPM-like, larger strays "
                         "further (default: %(default)s).")
-    _common(p)
+    _common(p, batch="batch k (from 0) uses seed + k, so its images differ from the unbatched "
+            "call's.")
     p.set_defaults(func=run_vary)
 
     p = subparsers.add_parser(
@@ -128,7 +136,7 @@ def add_parser(subparsers) -> None:
                    help="The caption to move towards (e.g. 'an anime drawing of a cat').")
     p.add_argument("--thetas", default="0,0.25,0.5,0.75,1", metavar="T,T,...",
                    help="Comma-separated interpolation weights in [0, 1] (default: %(default)s).")
-    _common(p)
+    _common(p, batch="each batch inverts the image again; the images are the unbatched ones.")
     p.set_defaults(func=run_textdiff)
 
     p = subparsers.add_parser(
@@ -147,7 +155,8 @@ def add_parser(subparsers) -> None:
                         "value, capped at 100).")
     p.add_argument("--steps", type=positive_int("--steps"), default=None,
                    help="Decoder sampling steps (default: the pipeline's setting).")
-    _common(p, ddim=False)
+    _common(p, ddim=False, batch="batch k (from 0) uses seed + k, so its reconstructions "
+            "differ from the unbatched call's.")
     p.set_defaults(func=run_probe)
 
 
@@ -214,7 +223,15 @@ def _setup(args, images: list[str]):
         raise AppsCommandError(f"--refine-iters must be >= 0, got {args.refine_iters}.")
     if args.upsample is not None and args.upsample < 0:
         raise AppsCommandError(f"--upsample must be >= 0, got {args.upsample}.")
-    return rgb, load_pipeline(resolve_checkpoint(args.checkpoint))
+    path = resolve_checkpoint(args.checkpoint)
+    from unclip_jax.pipeline import default_dtype
+    return rgb, load_pipeline(path, args.dtype or default_dtype())
+
+
+def _batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of at most ``batch_size`` of ``n`` items (one: all)."""
+    size = n if not batch_size else batch_size
+    return [(lo, min(n, lo + size)) for lo in range(0, n, max(size, 1))] or [(0, 0)]
 
 
 def _ddim_kw(args) -> dict:
@@ -226,10 +243,13 @@ def _ddim_kw(args) -> dict:
 def run_vary(args, overrides) -> int:
     from unclip_jax import applications as apps
     (image,), pipe = _setup(args, [args.image])
-    out = apps.variations(pipe, image, args.num_images, args.seed, eta=args.eta,
-                          progress=_Bar("vary"), **_ddim_kw(args))
-    named = [(f"variation_{i:02d}.png", im) for i, im in enumerate(out.images)]
-    named.append(("variations.png", _strip([image] + list(out.images))))
+    images = []
+    for k, (lo, hi) in enumerate(_batches(args.num_images, args.batch_size)):
+        out = apps.variations(pipe, image, hi - lo, args.seed + k, eta=args.eta,
+                              progress=_Bar("vary"), **_ddim_kw(args))
+        images += list(out.images)
+    named = [(f"variation_{i:02d}.png", im) for i, im in enumerate(images)]
+    named.append(("variations.png", _strip([image] + images)))
     _report(_write(args.out, named))
     return 0
 
@@ -269,10 +289,13 @@ def run_textdiff(args, overrides) -> int:
         if not text.strip():
             raise AppsCommandError(f"{flag} is empty; give a caption such as 'a photo of a cat'.")
     (image,), pipe = _setup(args, [args.image])
-    out = apps.textdiff(pipe, image, args.caption, args.target, thetas, args.seed,
-                        progress=_Bar("textdiff"), **_ddim_kw(args))
-    named = [(f"theta_{t:.2f}.png", im) for t, im in zip(out.thetas, out.images)]
-    named.append(("textdiff.png", _strip([image] + list(out.images))))
+    images = []
+    for lo, hi in _batches(len(thetas), args.batch_size):
+        out = apps.textdiff(pipe, image, args.caption, args.target, thetas[lo:hi], args.seed,
+                            progress=_Bar("textdiff"), **_ddim_kw(args))
+        images += list(out.images)
+    named = [(f"theta_{t:.2f}.png", im) for t, im in zip(thetas, images)]
+    named.append(("textdiff.png", _strip([image] + images)))
     _report(_write(args.out, named))
     return 0
 
@@ -290,14 +313,17 @@ def run_probe(args, overrides) -> int:
     (image,), pipe = _setup(args, [args.image])
     settings = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale))
                 if v is not None}
-    out = apps.probe(pipe, image, args.label, args.reconstructions, args.seed,
-                     logit_scale=args.logit_scale, upsample=args.upsample,
-                     decoder_settings=settings, progress=_Bar("probe"))
+    images = []
+    for k, (lo, hi) in enumerate(_batches(args.reconstructions, args.batch_size)):
+        out = apps.probe(pipe, image, args.label, hi - lo, args.seed + k,
+                         logit_scale=args.logit_scale, upsample=args.upsample,
+                         decoder_settings=settings, progress=_Bar("probe"))
+        images += list(out.images)
     print("CLIP zero-shot probabilities:")
     for label, prob, cos in sorted(zip(out.labels, out.probs, out.cosine), key=lambda r: -r[1]):
         print(f"  {prob:7.2%}  (cosine {cos:+.3f})  {label}")
-    named = [(f"reconstruction_{i:02d}.png", im) for i, im in enumerate(out.images)]
-    named.append(("probe.png", _strip([image] + list(out.images))))
+    named = [(f"reconstruction_{i:02d}.png", im) for i, im in enumerate(images)]
+    named.append(("probe.png", _strip([image] + images)))
     paths = _write(args.out, named)
     path = os.path.join(args.out, "probe.json")
     with open(path, "w", encoding="utf-8") as f:

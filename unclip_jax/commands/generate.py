@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
                    "model's) instead of pure noise at T = 999.")
     p.add_argument("--upsample", type=int, help="How many upsampling stages to run "
                    "(default: all the folder has).")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
+    p.add_argument("--batch-size", type=int, metavar="N", help="At most N images per compiled "
+                   "call (default: all at once); the images are the same as unbatched.")
     p.set_defaults(func=run)
 
 
@@ -73,6 +77,8 @@ def run(args, overrides) -> int:
                             "caption.")
     if args.num_images < 1:
         raise GenerateError(f"--num-images must be at least 1, got {args.num_images}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be at least 1, got {args.batch_size}.")
     path = resolve_checkpoint(args.checkpoint)
 
     import time
@@ -80,9 +86,9 @@ def run(args, overrides) -> int:
     from PIL import Image
 
     from unclip_jax import compilation_cache
-    from unclip_jax.pipeline import UnCLIPPipeline
+    from unclip_jax.pipeline import UnCLIPPipeline, default_dtype
     start = time.time()
-    pipe = UnCLIPPipeline.from_pretrained(path)
+    pipe = UnCLIPPipeline.from_pretrained(path, dtype=args.dtype or default_dtype())
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     from tqdm import tqdm
     bar = tqdm(desc="generate", unit="stage", leave=False)
@@ -94,7 +100,7 @@ def run(args, overrides) -> int:
 
     images = pipe.generate(
         prompts, num_images=args.num_images, seed=args.seed, prior=args.prior, progress=progress,
-        upsample=args.upsample,
+        upsample=args.upsample, batch_size=args.batch_size,
         prior_settings=pick(steps=args.prior_steps, guidance_scale=args.prior_guidance,
                             best_of=args.best_of) if args.prior == "diffusion" else
         pick(guidance_scale=args.prior_guidance, best_of=args.best_of),

@@ -64,3 +64,9 @@ class Runtime:
                 return fn(*args)
             self._jit_cache[full_key] = jax.jit(traced)
         return self._jit_cache[full_key]
+
+
+def default_dtype() -> str:
+    """The compute dtype the commands use unless told: bfloat16 on accelerators, float32 on
+    CPU (where bfloat16 is slower and the bundled model is tested)."""
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
