@@ -399,8 +399,8 @@ class UnCLIPPipeline:
                                text_embed=jnp.asarray(text.text_embed)[r],
                                text_hidden=jnp.asarray(text.text_hidden)[r])
             if prior == "diffusion":
-                x_T, noise = stages.draws(prior_spec, k_prior, (n * best, self.prior.config.embed_dim),
-                                          lo * best, bs * best)
+                shape = (n * best, self.prior.config.embed_dim)
+                x_T, noise = stages.draws(prior_spec, k_prior, shape, lo * best, bs * best)
                 z_i = done("prior", self.sample_image_embeds(tb, k_prior, x_T=x_T, noise=noise,
                                                              **ps))
             else:
