@@ -14,7 +14,8 @@ Extras:
     cuda12   jax[cuda12]: the CUDA 12 plugin and its pip-installed CUDA libraries
     cuda13   jax[cuda13]: the same for CUDA 13
     hub      huggingface_hub, to download released weights (Karlo) by Hub id
-    test     the suite's references (torch CPU, diffusers, transformers) and pytest
+    test     the suite's references (torch CPU, diffusers, transformers), pytest, and what runs
+             the notebook headless (ipykernel, nbclient, nbformat)
 """
 from setuptools import find_packages, setup
 
@@ -56,6 +57,10 @@ EXTRAS = {
         "diffusers>=0.32",
         "transformers>=4.45",
         "huggingface_hub>=0.24",
+        # tests/test_colab.py and scripts/execute_notebook.py: the notebook's kernel and runner
+        "ipykernel>=6.29",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
     ],
 }
 
