@@ -319,13 +319,15 @@ def flat_state(module) -> dict[str, Any]:
 def module_tensors(module, dtype=None) -> dict[str, np.ndarray]:
     """The whole state as numpy arrays, floats optionally cast to ``dtype``."""
     import jax
+
+    from unclip_jax.models.transformer import unstack_layer_names
     out = {}
     for name, var in flat_state(module).items():
         a = np.asarray(jax.device_get(var[...]))
         if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
             a = a.astype(_bf16() if dtype == "bfloat16" else np.dtype(dtype))
         out[name] = a
-    return out
+    return unstack_layer_names(out)  # the per-layer names of stacked Transformer layers
 
 
 def _bf16():
@@ -371,6 +373,7 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     from flax import nnx
 
     from unclip_jax.models.layers import abstract_init
+    from unclip_jax.models.transformer import stack_layer_names, unstack_layer_shapes
     from unclip_jax.torch_weights import CheckpointError, TensorFiles
 
     folder = os.fspath(folder)
@@ -397,11 +400,12 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     abstract = abstract_init(lambda: build(config))
     graphdef, state = nnx.split(abstract)
     flat = {".".join(str(p) for p in path): var for path, var in state.flat_state()}
+    shapes = unstack_layer_shapes({k: tuple(v.shape) for k, v in flat.items()})  # per layer
     available = tensors.names()
-    missing = sorted(set(flat) - available)
-    unexpected = sorted(available - set(flat))
-    misshapen = sorted(f"{k} (file {tensors.shape(k)}, model {tuple(flat[k].shape)})"
-                       for k in set(flat) & available if tensors.shape(k) != tuple(flat[k].shape))
+    missing = sorted(set(shapes) - available)
+    unexpected = sorted(available - set(shapes))
+    misshapen = sorted(f"{k} (file {tensors.shape(k)}, model {shapes[k]})"
+                       for k in set(shapes) & available if tensors.shape(k) != shapes[k])
     if missing or unexpected or misshapen:
         lines = [f"{weights} does not match the {entry['class']} its manifest entry describes:"]
         if missing:
@@ -412,9 +416,10 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
             lines.append(f"  misshapen tensors ({len(misshapen)}): " + ", ".join(misshapen))
         lines.append("Re-export the folder; the weights and the manifest must be written together.")
         raise ExportError("\n".join(lines))
+    arrays = stack_layer_names({k: tensors.read(k) for k in shapes},
+                               {k: tuple(v.shape) for k, v in flat.items()})
     for key, var in flat.items():
-        a = tensors.read(key)
-        var.set_value(jnp.asarray(a).astype(var.dtype))
+        var.set_value(jnp.asarray(arrays[key]).astype(var.dtype))
     return nnx.merge(graphdef, state)
 
 
