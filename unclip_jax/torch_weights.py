@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unclip_jax.models.transformer import layer_paths
+from unclip_jax.models.transformer import layer_paths, unstack_layer_shapes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LAYOUTS = ("linear", "conv", "copy")
@@ -199,10 +199,7 @@ def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, p
     graphdef, state = nnx.split(abstract)
     flat = dict(state.flat_state())
     rows = {p: layer_paths(p, var.shape[0] if var.shape else 0) for p, var in flat.items()}
-    shapes = {}  # per-layer path -> shape
-    for p, var in flat.items():
-        for q in rows[p]:
-            shapes[q] = tuple(var.shape if rows[p] == [p] else var.shape[1:])
+    shapes = unstack_layer_shapes({p: var.shape for p, var in flat.items()})  # per layer
     unmapped = sorted(path_str(q) for q in shapes if q not in table)
     if unmapped:
         raise AssertionError(f"No checkpoint name for parameter(s): {unmapped}")

@@ -10,7 +10,7 @@ where MLP dropout sits, so that each model keeps the names of the checkpoints it
   'ar'     ln_1, qkv (fused), out, ln_2, fc1, fc2                               (the AR prior)
 
 :class:`Stack` holds ``depth`` blocks as ONE block whose parameters have a leading layer axis
-(logical name None), under the attribute :data:`STACK`: the prior's ``blocks.0.attn.to_q.kernel``
+(logical name 'layers', which no sharding rule maps), under the attribute :data:`STACK`: the prior's ``blocks.0.attn.to_q.kernel``
 ... ``blocks.19.attn.to_q.kernel`` are the rows of ``blocks.stack.attn.to_q.kernel`` [20, w, w].
 With ``scan=True`` the layers run in one ``lax.scan`` (compile time independent of depth), else in
 a Python loop over the rows (the same ops, unrolled); ``remat`` checkpoints each layer.
@@ -34,6 +34,7 @@ from unclip_jax.models import layers
 
 Array = jax.Array
 STACK = "stack"              # the attribute of Stack that holds the stacked block
+LAYER_AXIS = "layers"        # the logical name of the stacked layer axis (no mesh rule: replicated)
 ACTIVATIONS = ("quick_gelu", "gelu")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
@@ -177,12 +178,12 @@ class Block(nnx.Module):
 
 
 def _stack_variables(states: list) -> Any:
-    """One state whose arrays stack ``states``' along a new leading axis (logical name None)."""
+    """One state whose arrays stack ``states``' along a new leading axis (logical 'layers')."""
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     for _, var in stacked.flat_state():
         names = var.get_metadata().get("out_sharding")
         if names is not None:
-            var.set_metadata(out_sharding=(None, *names))
+            var.set_metadata(out_sharding=(LAYER_AXIS, *names))
     return stacked
 
 
@@ -245,34 +246,38 @@ def layer_paths(path: tuple, depth: int) -> list[tuple]:
     return [(*path[:j], i, *path[j + 1:]) for i in range(depth)]
 
 
-def _names(name: str, depth: int) -> list[str]:
-    return [".".join(str(p) for p in q) for q in layer_paths(tuple(name.split(".")), depth)]
+def _rows(key: str | tuple, depth: int) -> list:
+    """:func:`layer_paths` for a '.'-joined name or a path tuple (the key type is kept)."""
+    if isinstance(key, tuple):
+        return layer_paths(key, depth)
+    return [".".join(str(p) for p in q) for q in layer_paths(tuple(key.split(".")), depth)]
 
 
-def is_stacked(name: str | tuple) -> bool:
-    return STACK in (name.split(".") if isinstance(name, str) else name)
+def is_stacked(key: str | tuple) -> bool:
+    return STACK in (key.split(".") if isinstance(key, str) else key)
 
 
-def unstack_layer_names(flat: dict[str, Any]) -> dict[str, Any]:
-    """'.'-joined name -> array, with every stacked array split into its per-layer names
-    (``blocks.stack.x`` [L, ...] -> ``blocks.0.x`` ... ``blocks.{L-1}.x``)."""
+def unstack_layer_names(flat: dict[Any, Any]) -> dict[Any, Any]:
+    """Name -> array, with every stacked array split into its per-layer names
+    (``blocks.stack.x`` [L, ...] -> ``blocks.0.x`` ... ``blocks.{L-1}.x``). Names are
+    '.'-joined strings or path tuples."""
     out = {}
     for name, a in flat.items():
         if not is_stacked(name):
             out[name] = a
             continue
-        for i, n in enumerate(_names(name, a.shape[0])):
+        for i, n in enumerate(_rows(name, a.shape[0])):
             out[n] = a[i]
     return out
 
 
-def unstack_layer_shapes(shapes: dict[str, tuple]) -> dict[str, tuple]:
+def unstack_layer_shapes(shapes: dict[Any, tuple]) -> dict[Any, tuple]:
     """:func:`unstack_layer_names` for shapes: name -> shape."""
     out = {}
     for name, shape in shapes.items():
         shape = tuple(shape)
         if is_stacked(name):
-            out.update({n: shape[1:] for n in _names(name, shape[0])})
+            out.update({n: shape[1:] for n in _rows(name, shape[0])})
         else:
             out[name] = shape
     return out
@@ -286,7 +291,7 @@ def stack_layer_names(flat: dict[str, Any], expected_shapes: dict[str, tuple]) -
     for name, shape in expected_shapes.items():
         if not is_stacked(name):
             continue
-        per_layer = _names(name, tuple(shape)[0])
+        per_layer = _rows(name, tuple(shape)[0])
         if all(n in out for n in per_layer):
             out[name] = np.stack([np.asarray(out.pop(n)) for n in per_layer])
     return out
