@@ -274,7 +274,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
            start_batch: int):
     import tensorflow as tf
 
-    from unclip_jax.data import degradations, images
+    from unclip_jax.data import bsr, images
 
     ds = _raw_dataset(cfg, seed, process_index, process_count)
     if cfg.shuffle_buffer > 1:
@@ -375,7 +375,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         if cfg.context_length:
             out["text_tokens"], out["text_mask"] = el["ids"], el["mask"]
         if cfg.low_res_size:
-            low = degradations.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
+            low = bsr.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
                                        seed=s[1])
             out["low_res"] = tf.ensure_shape(low, [cfg.low_res_size, cfg.low_res_size, 3])
         return out
