@@ -223,7 +223,7 @@ class VisionTransformer(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1)
         x = (x + self.position_embedding[...]).astype(cfg.compute_dtype)
         x = self.pre_ln(x)
-        x = self.encoder(x)
+        x = self.encoder(x, last_outside=True)  # only the class token is read
         return self.post_ln(x[:, 0])
 
 

@@ -353,7 +353,7 @@ class DiffusionPrior(nnx.Module):
                 raise ValueError("deterministic=False with dropout > 0 needs dropout_rng (a "
                                  "jax.random key).")
             rngs = jax.random.split(dropout_rng, cfg.num_layers)
-        h = self.blocks(h, mask, rngs=rngs)
+        h = self.blocks(h, mask, rngs=rngs, last_outside=True)  # only h[:, -1] is read
         h = self.norm_out(h[:, -1])
         return self.proj_out(h).astype(jnp.float32)
 

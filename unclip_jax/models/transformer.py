@@ -200,10 +200,12 @@ class Stack(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None = None, *, causal: bool = False,
                  rngs: Array | None = None, cache: tuple[Array, Array] | None = None,
-                 pos: Array | int = 0):
+                 pos: Array | int = 0, last_outside: bool = False):
         """x [B, T, w] through every block. ``rngs``: per-layer dropout keys [depth, ...] or
         None. ``cache``: (k, v) each [depth, B, S, heads, head_dim] (see :meth:`init_cache`).
-        Returns x, or (x, updated cache) when a cache is given."""
+        ``last_outside`` runs the last block after the scan, not in it, so that XLA computes
+        only the positions the caller reads from it (the diffusion prior reads one), as it
+        does for an unrolled stack. Returns x, or (x, updated cache) when a cache is given."""
         cfg = self.cfg
         graphdef, params = nnx.split(getattr(self, STACK))
 
@@ -215,7 +217,10 @@ class Stack(nnx.Module):
             body = jax.checkpoint(body, prevent_cse=not cfg.scan,
                                   policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
         xs = (params, rngs, cache)
-        if cfg.scan:
+        if cfg.scan and last_outside and cfg.depth > 1 and cache is None:
+            x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], xs))
+            x, new_cache = body(x, jax.tree.map(lambda a: a[-1], xs))
+        elif cfg.scan:
             x, new_cache = jax.lax.scan(body, x, xs)
         else:
             outs = []
@@ -307,8 +312,9 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs):
         self.layers = Stack(cfg, rngs)
 
-    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
-        return self.layers(x, mask, causal=causal)
+    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False,
+                 last_outside: bool = False) -> Array:
+        return self.layers(x, mask, causal=causal, last_outside=last_outside)
 
 
 @dataclasses.dataclass(frozen=True)
