@@ -33,7 +33,7 @@ def test_layer_names_round_trip():
         ("blocks", 0, "w"), ("blocks", 1, "w")]
 
 
-def test_scanned_and_looped_layers_are_bitwise_equal():
+def test_scanned_and_looped_layers_agree():
     for scan in (True, False):
         cfg = diffusion_prior.get_preset("tiny", num_layers=3, dropout=0.1, scan_layers=scan)
         m = diffusion_prior.DiffusionPrior(cfg, rngs=nnx.Rngs(0))
@@ -45,9 +45,13 @@ def test_scanned_and_looped_layers_are_bitwise_equal():
         out = (fwd(m, *args), jax.tree.leaves(nnx.state(grad(m, *args))))
         if scan:
             ref = out
-    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[0], ref[0])  # the forward pass: the same bits
+    # Gradients: the same up to float32 rounding (XLA orders the bias / LayerNorm reductions of
+    # the backward pass differently inside the scan's loop body than in the unrolled program).
+    # (Key biases have a zero gradient up to rounding: compare on the scale of all gradients.)
+    scale = max(float(np.abs(v).max()) for v in ref[1])
     for u, v in zip(out[1], ref[1]):
-        np.testing.assert_array_equal(u, v)
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_ar_cache_is_stacked():
