@@ -161,8 +161,8 @@ def test_paper_size_without_allocating():
     flat = dict(nnx.get_partition_spec(params).flat_state())
     get = lambda *p: tuple(flat[p].value)
     assert get("token_embedding") == ("vocab", "embed")
-    assert get("blocks", 0, "qkv", "kernel") == ("embed", "heads")
-    assert get("blocks", 0, "fc2", "kernel") == ("mlp", "embed")
+    assert get("blocks", "stack", "qkv", "kernel") == ("layers", "embed", "heads")  # stacked layers
+    assert get("blocks", "stack", "fc2", "kernel") == ("layers", "mlp", "embed")
     assert get("head", "kernel") == ("embed", "vocab")
     for path, var in dict(params.flat_state()).items():
         if len(var.shape) >= 2:  # every matrix is annotated with a named axis

@@ -94,7 +94,7 @@ def test_blur_downsample(image):
     ref = scipy.ndimage.gaussian_filter(area, (0.6, 0.6, 0), truncate=1.0 / 0.6, mode="mirror")
     np.testing.assert_allclose(unit(out), ref, atol=2e-5)
     assert -1.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
-    plain = D.degrade(image, 64, "none").numpy()
+    plain = B.degrade(image, 64, "none").numpy()
     assert hf(unit(out)) < 0.7 * hf(unit(plain))
     high = D.blur_downsample(image, 64, blur_at="high").numpy()
     assert hf(unit(out)) < hf(unit(high)) < hf(unit(plain))
@@ -104,7 +104,7 @@ def test_blur_downsample(image):
     u8 = D.blur_downsample(np.round(unit(image) * 255).astype(np.uint8), 64)
     assert u8.dtype == tf.uint8
     assert np.abs(u8.numpy() / 255.0 - unit(out)).max() < 3 / 255
-    np.testing.assert_array_equal(D.degrade(image, 64, "blur").numpy(), out.numpy())
+    np.testing.assert_array_equal(B.degrade(image, 64, "blur").numpy(), out.numpy())
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -159,7 +159,7 @@ def test_bsr_deterministic_shape_range(image):
         assert np.abs(o - a).mean() > 0.01
     # still the same scene, in place: its low frequencies match the clean downsampled image
     # (0.99 here) far better than a copy shifted by 3 pixels does (0.90)
-    clean = D.degrade(image, 64, "none").numpy()
+    clean = B.degrade(image, 64, "none").numpy()
     assert lowpass_corr(a, clean) > 0.97 > 0.93 > lowpass_corr(a, np.roll(clean, 3, 0))
     # uint8 in, uint8 out; batches get one sub-seed per image, each equal to a single call
     u8 = B.bsr_degrade(np.round(unit(image) * 255).astype(np.uint8), 64, 7)
@@ -215,7 +215,7 @@ def test_bsr_steps_png_strip(image, tmp_path):
     np.testing.assert_allclose(first, unit(image), atol=1 / 255 + 1e-6)
     # the final stage is the degraded image: blurrier than the input, but the same scene
     assert hf(last) < hf(first)
-    clean = D.degrade(image, 64, "none").numpy()
+    clean = B.degrade(image, 64, "none").numpy()
     assert lowpass_corr(unit(steps[-1][2]), unit(clean)) > 0.95
 
 
@@ -270,7 +270,7 @@ def test_bsr_inside_tf_data_map():
     got = next(iter(batched.map(lambda x: B.bsr_degrade(x, 16, 9)))).numpy()
     np.testing.assert_allclose(got, B.bsr_degrade(images[:2], 16, 9).numpy(), atol=2e-6)
     # the first upsampler's blur runs there too
-    blurred = tf.data.Dataset.from_tensor_slices(images).map(lambda x: D.degrade(x, 16, "blur"))
+    blurred = tf.data.Dataset.from_tensor_slices(images).map(lambda x: B.degrade(x, 16, "blur"))
     np.testing.assert_allclose(np.stack(list(blurred.as_numpy_iterator())),
                                D.blur_downsample(images, 16).numpy(), atol=1e-6)
 
@@ -289,9 +289,9 @@ def test_bad_input_errors(image):
     with pytest.raises(ValueError, match="odd"):
         D.blur_downsample(image, 64, kernel=4)
     with pytest.raises(ValueError, match="pass a seed"):
-        D.degrade(image, 64, "bsr")
+        B.degrade(image, 64, "bsr")
     with pytest.raises(ValueError, match="'blur', 'bsr' or 'none'"):
-        D.degrade(image, 64, "gaussian")
+        B.degrade(image, 64, "gaussian")
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
     def dynamic(x):

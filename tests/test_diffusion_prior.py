@@ -189,16 +189,17 @@ def test_dropout_remat_and_bfloat16():
     nnx.update(bf16, state)
     out = bf16(x, t, *cond)
     assert out.dtype == jnp.float32
-    assert bf16.blocks[0].attn.to_q.kernel[...].dtype == jnp.float32  # params stay float32
+    assert bf16.blocks.stack.attn.to_q.kernel[...].dtype == jnp.float32  # params stay float32
     assert np.abs(np.asarray(out - det)).max() < 0.1 * np.abs(np.asarray(det)).max()
 
 
 def test_logical_axes_and_sizes():
     model = _tiny()
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    assert tuple(specs["blocks"][0]["attn"]["to_q"]["kernel"].get_value()) == ("embed", "heads")
-    assert tuple(specs["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()) == ("embed", "mlp")
-    assert tuple(specs["blocks"][0]["mlp"]["fc2"]["kernel"].get_value()) == ("mlp", "embed")
+    block = specs["blocks"]["stack"]  # stacked layers: a leading "layers" axis
+    assert tuple(block["attn"]["to_q"]["kernel"].get_value()) == ("layers", "embed", "heads")
+    assert tuple(block["mlp"]["fc1"]["kernel"].get_value()) == ("layers", "embed", "mlp")
+    assert tuple(block["mlp"]["fc2"]["kernel"].get_value()) == ("layers", "mlp", "embed")
     # clip_mean / clip_std are buffers: not trained.
     assert "clip_mean" not in nnx.state(model, nnx.Param)
     # Big configs by eval_shape only: Karlo's prior is about 1.0B parameters, the paper's ~1.2B.
@@ -237,6 +238,7 @@ def test_karlo_sized_layout_holds_the_diffusers_tensors_one_to_one():
 
     from unclip_jax.convert.diffusers_prior import config_from_diffusers, param_map
     from unclip_jax.models.diffusion_prior import abstract_prior
+    from unclip_jax.models.transformer import unstack_layer_shapes
     from unclip_jax.torch_weights import theirs_shape
     with torch.device("meta"):
         karlo = PriorTransformer()  # the defaults are Karlo's prior
@@ -244,7 +246,8 @@ def test_karlo_sized_layout_holds_the_diffusers_tensors_one_to_one():
     cfg = config_from_diffusers(dict(karlo.config))
     assert cfg == get_preset("karlo")
     table = param_map(cfg)
-    ours = {table[p][0]: theirs_shape(v.shape, table[p][1])
-            for p, v in nnx.state(abstract_prior(cfg)).flat_state()}
+    shapes = {p: v.shape for p, v in nnx.state(abstract_prior(cfg)).flat_state()}
+    ours = {table[p][0]: theirs_shape(shape, table[p][1])
+            for p, shape in unstack_layer_shapes(shapes).items()}  # stacked layers, row by row
     assert ours == theirs
     assert len(ours) == len(table)

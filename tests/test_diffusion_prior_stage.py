@@ -127,10 +127,10 @@ def test_optimizer_is_table3_adamw_decaying_matrices_only():
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    k_old = model.blocks[0].attn.to_q.kernel[...]
-    k_new = new["blocks"][0]["attn"]["to_q"]["kernel"][...]
+    k_old = model.blocks.stack.attn.to_q.kernel[...]
+    k_new = new["blocks"]["stack"]["attn"]["to_q"]["kernel"][...]
     np.testing.assert_allclose(np.asarray(k_new), np.asarray(k_old) * (1 - 0.1 * 0.5), rtol=1e-6)
-    ln_new = new["blocks"][0]["norm1"]["scale"][...]
+    ln_new = new["blocks"]["stack"]["norm1"]["scale"][...]
     np.testing.assert_array_equal(np.asarray(ln_new), np.ones_like(ln_new))  # not decayed
     pos_new = new["positional_embedding"][...]
     np.testing.assert_array_equal(np.asarray(pos_new), np.asarray(model.positional_embedding[...]))

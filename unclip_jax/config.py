@@ -13,7 +13,6 @@ type of the existing field. Unknown keys and values of the wrong type are refuse
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -239,33 +238,3 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Sequence[str] 
         apply_override(config, key, value)
     config.lock()
     return config
-
-
-# --------------------------------------------------------------------------------------------
-# Model configs: frozen dataclasses with named presets
-# --------------------------------------------------------------------------------------------
-
-def from_preset(cls: type, presets: dict[str, dict[str, Any]], name: str, **overrides: Any):
-    """``cls(**presets[name], **overrides)``, refusing an unknown preset or field by name."""
-    what = cls.__name__
-    if name not in presets:
-        raise ValueError(f"Unknown {what} preset {name!r}. Known presets: {', '.join(presets)}.")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"Unknown {what} field(s) {unknown} in overrides for preset {name!r}. "
-                         f"Valid fields: {', '.join(sorted(fields))}.")
-    return cls(**{**presets[name], **overrides})
-
-
-def dtype_problems(config: Any, names: Sequence[str] = ("dtype", "param_dtype")) -> list[str]:
-    """Messages for the fields of ``config`` in ``names`` that do not name a dtype."""
-    import jax.numpy as jnp
-    problems = []
-    for name in names:
-        value = getattr(config, name)
-        try:
-            jnp.dtype(value)
-        except TypeError:
-            problems.append(f"{name} must name a dtype, got {value!r}")
-    return problems

@@ -9,6 +9,8 @@ does the rest, the same way for all of them:
 * checks the table against the file before reading any data: every parameter must come from
   exactly one tensor and every tensor must be used (names in ``ignore`` excepted); otherwise one
   :class:`CheckpointMismatchError` lists every missing, unexpected and misshapen tensor;
+* maps the stacked layers of a :class:`unclip_jax.models.transformer.Stack` row by row: tables
+  name per-layer paths (``("blocks", 3, "attn", ...)``), as checkpoints do;
 * converts layouts: ``'linear'`` torch [out, in] <-> our kernel [in, out]; ``'conv'`` OIHW <-> HWIO;
   ``'copy'`` as is; and fills an abstract (``nnx.eval_shape``) model in place, so the logical-axis
   metadata of its parameters survives.
@@ -28,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax.io.safetensors import TensorFiles
+from unclip_jax.models.transformer import layer_paths, unstack_layer_shapes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LAYOUTS = ("linear", "conv", "copy")
@@ -153,7 +156,9 @@ def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, p
     """
     graphdef, state = nnx.split(abstract)
     flat = dict(state.flat_state())
-    unmapped = sorted(path_str(p) for p in flat if p not in table)
+    rows = {p: layer_paths(p, var.shape[0] if var.shape else 0) for p, var in flat.items()}
+    shapes = unstack_layer_shapes({p: var.shape for p, var in flat.items()})  # per layer
+    unmapped = sorted(path_str(q) for q in shapes if q not in table)
     if unmapped:
         raise AssertionError(f"No checkpoint name for parameter(s): {unmapped}")
     for p, (name, kind) in table.items():
@@ -161,34 +166,47 @@ def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, p
 
     available = tensors.names()
     missing, mismatched, used = [], [], set()
-    for p, var in flat.items():
-        name, kind = table[p]
+    for q, shape in shapes.items():
+        name, kind = table[q]
         if name not in available:
             missing.append(name)
             continue
         used.add(name)
-        want = theirs_shape(var.shape, kind)
+        want = theirs_shape(shape, kind)
         if tensors.shape(name) != want:
             mismatched.append((name, tensors.shape(name), want))
     unexpected = sorted(n for n in available - used if not ignore(n))
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(path, what, sorted(missing), unexpected, mismatched, hint)
 
+    def read(q):
+        name, kind = table[q]
+        return np.array(to_ours(tensors.read(name), kind), order="C").astype(param_dtype)
+
     for p, var in flat.items():  # the abstract variables keep their logical-axis metadata
-        name, kind = table[p]
-        array = np.array(to_ours(tensors.read(name), kind), order="C")
-        var.set_value(jnp.asarray(array.astype(param_dtype)))
+        if rows[p] == [p]:
+            var.set_value(jnp.asarray(read(p)))
+        else:
+            var.set_value(jnp.asarray(np.stack([read(q) for q in rows[p]])))
     return nnx.merge(graphdef, state)
+
+
+def torch_layout_state(state, table: NameTable) -> dict[str, np.ndarray]:
+    """A flat nnx State as a torch-layout state dict of numpy float32 / float16 / float64 arrays
+    (other dtypes become float32); stacked layers are written one tensor per layer."""
+    out = {}
+    for p, var in state.flat_state():
+        array = np.asarray(jax.device_get(var[...]))
+        if array.dtype not in (np.float32, np.float16, np.float64):
+            array = array.astype(np.float32)
+        qs = layer_paths(p, array.shape[0] if array.ndim else 0)
+        for i, q in enumerate(qs):
+            name, kind = table[q]
+            out[name] = np.array(to_theirs(array if qs == [p] else array[i], kind), order="C")
+    return out
 
 
 def state_dict(module: nnx.Module, table: NameTable) -> dict[str, np.ndarray]:
     """The module's parameters as a torch-layout state dict of numpy arrays (float32 when the
-    parameters are neither float32, float16 nor float64, e.g. bfloat16)."""
-    out = {}
-    for p, var in nnx.state(module, nnx.Param).flat_state():
-        name, kind = table[p]
-        array = np.asarray(jax.device_get(var[...]))
-        if array.dtype not in (np.float32, np.float16, np.float64):
-            array = array.astype(np.float32)
-        out[name] = np.array(to_theirs(array, kind), order="C")
-    return out
+    parameters are a dtype safetensors' numpy writer cannot store)."""
+    return torch_layout_state(nnx.state(module, nnx.Param), table)

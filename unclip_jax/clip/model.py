@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.config import dtype_problems, from_preset
-from unclip_jax.models import layers
+from unclip_jax.models import layers, transformer
 from unclip_jax.models.layers import abstract_init, logical
 from unclip_jax.models.layers import count_params as count_module_params
+from unclip_jax.models.presets import dtype_problems, from_preset
 
 Array = jax.Array
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -71,6 +71,7 @@ class CLIPConfig:
     dtype: Any = "float32"               # compute dtype
     param_dtype: Any = "float32"
     remat: bool = False                  # rematerialise each Transformer block in the backward pass
+    scan_layers: bool = True             # run the blocks in one lax.scan (False: a Python loop)
 
     def __post_init__(self):
         problems = []
@@ -110,6 +111,21 @@ class CLIPConfig:
     @property
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    def text_config(self) -> transformer.TextConfig:
+        return transformer.TextConfig(
+            vocab_size=self.vocab_size, context_length=self.context_length,
+            width=self.text_width, layers=self.text_layers, heads=self.text_heads,
+            mlp_dim=self.text_mlp, eos_token_id=self.eos_token_id, activation=self.activation,
+            eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            remat=self.remat, scan=self.scan_layers)
+
+    def vision_block_config(self) -> transformer.BlockConfig:
+        return transformer.BlockConfig(
+            width=self.vision_width, heads=self.vision_heads, mlp_dim=self.vision_mlp,
+            depth=self.vision_layers, layout="clip", activation=self.activation,
+            eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            remat=self.remat, scan=self.scan_layers)
 
 
 _OPENAI = dict(activation="quick_gelu", vocab_size=49408, context_length=77)
@@ -169,121 +185,12 @@ def LayerNorm(width: int, cfg: CLIPConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
                             param_dtype=cfg.params_dtype, rngs=rngs)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention; the kernel is ``jax.nn.dot_product_attention``."""
-
-    def __init__(self, width: int, heads: int, layers: int, cfg: CLIPConfig, rngs: nnx.Rngs):
-        self.heads = heads
-        in_std = width ** -0.5 * (2 * layers) ** -0.5
-        self.q_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
-        self.k_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
-        self.v_proj = _dense(width, width, ("embed", "heads"), in_std, cfg, rngs)
-        self.out_proj = _dense(width, width, ("heads", "embed"), width ** -0.5, cfg, rngs)
-
-    def __call__(self, x: Array, mask: Array | None, causal: bool) -> Array:
-        b, t, w = x.shape
-        split = lambda y: y.reshape(b, t, self.heads, w // self.heads)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        # Logits and softmax are float32 inside dot_product_attention for 16-bit inputs.
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
-        return self.out_proj(y.reshape(b, t, w))
-
-
-class MLP(nnx.Module):
-    def __init__(self, width: int, hidden: int, layers: int, cfg: CLIPConfig, rngs: nnx.Rngs):
-        self.activation = cfg.activation
-        self.fc1 = _dense(width, hidden, ("embed", "mlp"), (2 * width) ** -0.5, cfg, rngs)
-        self.fc2 = _dense(hidden, width, ("mlp", "embed"),
-                          width ** -0.5 * (2 * layers) ** -0.5, cfg, rngs)
-
-    def __call__(self, x: Array) -> Array:
-        h = self.fc1(x)
-        if self.activation == "quick_gelu":
-            h = h * jax.nn.sigmoid(1.702 * h)
-        else:
-            h = jax.nn.gelu(h, approximate=False)
-        return self.fc2(h)
-
-
-class Block(nnx.Module):
-    """Pre-LN Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, width: int, heads: int, hidden: int, layers: int, cfg: CLIPConfig,
-                 rngs: nnx.Rngs):
-        self.ln_1 = LayerNorm(width, cfg, rngs)
-        self.attn = Attention(width, heads, layers, cfg, rngs)
-        self.ln_2 = LayerNorm(width, cfg, rngs)
-        self.mlp = MLP(width, hidden, layers, cfg, rngs)
-
-    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
-        x = x + self.attn(self.ln_1(x), mask, causal)
-        return x + self.mlp(self.ln_2(x))
-
-
-class Encoder(nnx.Module):
-    def __init__(self, width: int, heads: int, hidden: int, layers: int, cfg: CLIPConfig,
-                 rngs: nnx.Rngs):
-        self.remat = cfg.remat
-        self.layers = nnx.List([Block(width, heads, hidden, layers, cfg, rngs)
-                                for _ in range(layers)])
-
-    def __call__(self, x: Array, mask: Array | None = None, causal: bool = False) -> Array:
-        def run(block, h, m):
-            return block(h, m, causal)
-
-        step = nnx.remat(run) if self.remat else run
-        for block in self.layers:
-            x = step(block, x, mask)
-        return x
-
-
-# --------------------------------------------------------------------------------------------
-# The two towers and the full model
-# --------------------------------------------------------------------------------------------
-
-class TextTransformer(nnx.Module):
-    """Token ids [B, L] -> (pooled state [B, W] at the end-of-text token, hidden [B, L, W])."""
+class TextTransformer(transformer.TextTransformer):
+    """CLIP's text tower: the shared causal text Transformer built from a :class:`CLIPConfig`.
+    Token ids [B, L] -> (pooled state [B, W] at the end-of-text token, hidden [B, L, W])."""
 
     def __init__(self, cfg: CLIPConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        w = cfg.text_width
-        self.token_embedding = _param(nnx.initializers.normal(0.02), (cfg.vocab_size, w), ("vocab", "embed"),
-                                      cfg, rngs)
-        self.position_embedding = _param(nnx.initializers.normal(0.01), (cfg.context_length, w), (None, "embed"),
-                                         cfg, rngs)
-        self.encoder = Encoder(w, cfg.text_heads, cfg.text_mlp, cfg.text_layers, cfg, rngs)
-        self.final_ln = LayerNorm(w, cfg, rngs)
-
-    def __call__(self, token_ids: Array, attention_mask: Array | None = None
-                 ) -> tuple[Array, Array]:
-        cfg = self.cfg
-        if token_ids.ndim != 2:
-            raise ValueError(f"token_ids must be [batch, length], got shape {token_ids.shape}.")
-        b, length = token_ids.shape
-        if length > cfg.context_length:
-            raise ValueError(f"token_ids has {length} positions but the model's context_length is "
-                             f"{cfg.context_length}; tokenize with a context length of at most "
-                             f"{cfg.context_length}.")
-        token_ids = token_ids.astype(jnp.int32)
-        x = jnp.take(self.token_embedding[...], token_ids, axis=0)
-        x = (x + self.position_embedding[...][:length]).astype(cfg.compute_dtype)
-
-        mask = None
-        if attention_mask is not None:  # [B, L], 1 = real token; masks keys only
-            keep = jnp.asarray(attention_mask).astype(bool)
-            mask = jnp.broadcast_to(keep[:, None, None, :], (b, 1, length, length))
-        x = self.encoder(x, mask, causal=True)
-        hidden = self.final_ln(x)
-
-        if cfg.eos_token_id == 2:
-            # Hugging Face's legacy rule for configs with the old eos_token_id: the end-of-text
-            # token has the highest id in the CLIP vocabulary.
-            eos_pos = jnp.argmax(token_ids, axis=-1)
-        else:
-            # The first end-of-text token (padding may repeat it). A row without one pools at 0.
-            eos_pos = jnp.argmax(token_ids == cfg.eos_token_id, axis=-1)
-        pooled = jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]
-        return pooled, hidden
+        super().__init__(cfg.text_config(), rngs)
 
 
 class VisionTransformer(nnx.Module):
@@ -300,7 +207,7 @@ class VisionTransformer(nnx.Module):
         self.position_embedding = _param(nnx.initializers.normal(0.02), (cfg.num_patches + 1, w),
                                          (None, "embed"), cfg, rngs)
         self.pre_ln = LayerNorm(w, cfg, rngs)
-        self.encoder = Encoder(w, cfg.vision_heads, cfg.vision_mlp, cfg.vision_layers, cfg, rngs)
+        self.encoder = transformer.Encoder(cfg.vision_block_config(), rngs)
         self.post_ln = LayerNorm(w, cfg, rngs)
 
     def __call__(self, pixels: Array) -> Array:
@@ -316,7 +223,7 @@ class VisionTransformer(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1)
         x = (x + self.position_embedding[...]).astype(cfg.compute_dtype)
         x = self.pre_ln(x)
-        x = self.encoder(x)
+        x = self.encoder(x, last_outside=True)  # only the class token is read
         return self.post_ln(x[:, 0])
 
 

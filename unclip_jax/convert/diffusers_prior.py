@@ -31,14 +31,13 @@ import math
 import os
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from unclip_jax.io import safetensors
 from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig, abstract_prior
 from unclip_jax.torch_weights import (TORCH_METADATA, CheckpointError, check_folder, load_into,
-                                      read_json, to_theirs, weight_files)
+                                      read_json, torch_layout_state, weight_files)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -204,11 +203,8 @@ def save_prior(model: DiffusionPrior, path: str | os.PathLike) -> None:
     cfg = model.config
     table = param_map(cfg)
     config = config_to_diffusers(cfg)
-    tensors = {}
-    for p, var in nnx.state(model).flat_state():
-        name, kind = table[p]
-        tensors[name] = np.array(to_theirs(np.asarray(jax.device_get(var[...]), np.float32), kind),
-                                 order="C")
+    tensors = {name: a.astype(np.float32)
+               for name, a in torch_layout_state(nnx.state(model), table).items()}
     d = cfg.embed_dim
     if cfg.embed_norm != "mean_std":  # statistics that make x * std + mean our denormalise
         scale = cfg.embed_scale if cfg.embed_norm == "scale" else math.sqrt(d)

@@ -2,12 +2,12 @@
 
 Modules
   degradations.py          corruptions of the upsamplers' low-resolution conditioning image:
-                           `blur_downsample` (first upsampler: Gaussian blur, kernel 3, sigma 0.6),
-                           `degrade` (dispatch on a config string), and the building blocks
-                           (kernels, filtering, noise, JPEG)
+                           `blur_downsample` (first upsampler: Gaussian blur, kernel 3, sigma 0.6)
+                           and the building blocks (kernels, filtering, noise, JPEG)
   bsr.py                   the BSR degradation of BSRGAN for the second upsampler: `bsr_degrade`,
                            `bsr_steps` (each named step, for inspection); TensorFlow ops with a
-                           stateless seed, usable inside tf.data.Dataset.map
+                           stateless seed, usable inside tf.data.Dataset.map; and `degrade`
+                           (dispatch on the input pipeline's config string: blur, bsr or none)
   synthetic_embeddings.py  a caption -> image-embedding task with a known answer (testing priors)
   input_pipeline.py        the trainer's input: `make_input(cfg, global_batch_size=, seed=, ...)`
                            -> `Input` (per-process NumPy batches, `.position`, `.counts()`),

@@ -36,6 +36,9 @@ All draws are `tf.random.stateless_*` from sub-seeds of the one `seed` (one sub-
 so the result is a pure function of (image, seed), identical in eager mode and in tf.data.
 Cost: about 30 ms per 256x256 -> 64x64 image on one CPU core (graph mode, inside tf.data);
 tracing the graph takes a few seconds once.
+
+`degrade` dispatches on the config string of the input pipeline: 'blur' (the first upsampler's
+`degradations.blur_downsample`), 'bsr' or 'none'.
 """
 from __future__ import annotations
 
@@ -323,3 +326,20 @@ def bsr_steps(image, low_res, seed, scale2_prob: float = 0.25, jpeg_prob: float 
     for n, d, img in zip(names.numpy(), details.numpy(), images):
         steps.append((n.decode(), d.decode(), _d.from_unit(img, image.dtype)))
     return steps
+
+
+def degrade(image, low_res, kind: str = "blur", seed=None, **kwargs) -> tf.Tensor:
+    """Dispatch on a config string: 'blur' (blur_downsample), 'bsr' (bsr_degrade, needs
+    `seed`) or 'none' (plain area downsampling). Extra keywords go to the chosen function."""
+    if kind == "blur":
+        return _d.blur_downsample(image, low_res, **kwargs)
+    if kind == "bsr":
+        if seed is None:
+            raise ValueError("degrade(kind='bsr') is random: pass a seed (an int or a [2] "
+                             "int tensor, one per element).")
+        return bsr_degrade(image, low_res, seed, **kwargs)
+    if kind == "none":
+        image = _d._check_image(image, "degrade")
+        low = _d.resize(_d.to_unit(image), _d._size_pair(low_res), "area")
+        return _d.from_unit(low, image.dtype)
+    raise ValueError(f"degradation kind must be 'blur', 'bsr' or 'none', got {kind!r}.")

@@ -32,7 +32,7 @@ Public API
   blur_downsample(image, low_res, sigma=0.6, kernel=3, method='area', blur_at='low')
   bsr_degrade(image, low_res, seed, **probabilities)          (bsr.py)
   bsr_steps(image, low_res, seed, **probabilities)            (bsr.py) each named step
-  degrade(image, low_res, kind='blur'|'bsr'|'none', seed=None, **kw)
+  degrade(image, low_res, kind='blur'|'bsr'|'none', seed=None, **kw)   (bsr.py) dispatch
 Building blocks (TensorFlow, float32 in [0, 1], used by the chain and handy in tests)
   gaussian_kernel(size, sigma, shift=0.0, max_size=None)
   anisotropic_gaussian_kernel(size, theta, l1, l2, max_size=None)
@@ -319,26 +319,9 @@ def blur_downsample(image, low_res, sigma: float = 0.6, kernel: int = 3, method:
     return from_unit(x, image.dtype)
 
 
-def degrade(image, low_res, kind: str = "blur", seed=None, **kwargs) -> tf.Tensor:
-    """Dispatch on a config string: 'blur' (blur_downsample), 'bsr' (bsr_degrade, needs
-    `seed`) or 'none' (plain area downsampling). Extra keywords go to the chosen function."""
-    if kind == "blur":
-        return blur_downsample(image, low_res, **kwargs)
-    if kind == "bsr":
-        if seed is None:
-            raise ValueError("degrade(kind='bsr') is random: pass a seed (an int or a [2] "
-                             "int tensor, one per element).")
-        from .bsr import bsr_degrade
-        return bsr_degrade(image, low_res, seed, **kwargs)
-    if kind == "none":
-        image = _check_image(image, "degrade")
-        return from_unit(resize(to_unit(image), _size_pair(low_res), "area"), image.dtype)
-    raise ValueError(f"degradation kind must be 'blur', 'bsr' or 'none', got {kind!r}.")
-
-
 __all__ = [
     "RESIZE_METHODS", "NOISE_KINDS",
-    "blur_downsample", "degrade",
+    "blur_downsample",
     "gaussian_kernel", "anisotropic_gaussian_kernel", "filter2d", "resize", "gaussian_noise",
     "poisson_noise", "jpeg", "high_frequency_energy", "psnr", "to_unit", "from_unit", "as_seed",
 ]

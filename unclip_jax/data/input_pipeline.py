@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from unclip_jax.clip.tokenizer import get_tokenizer
-from unclip_jax.data import degradations, images, readers
+from unclip_jax.data import bsr, images, readers
 from unclip_jax.data.precompute import read_embeddings
 from unclip_jax.data.readers import process_defaults
 from unclip_jax.errors import UserError
@@ -376,7 +376,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         if cfg.context_length:
             out["text_tokens"], out["text_mask"] = el["ids"], el["mask"]
         if cfg.low_res_size:
-            low = degradations.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
+            low = bsr.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
                                        seed=s[1])
             out["low_res"] = tf.ensure_shape(low, [cfg.low_res_size, cfg.low_res_size, 3])
         return out

@@ -52,6 +52,8 @@ from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.decoder import Decoder, DecoderConfig
 from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
 from unclip_jax.models.layers import abstract_init
+from unclip_jax.models.transformer import (stack_layer_names, unstack_layer_names,
+                                           unstack_layer_shapes)
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig
 
 FORMAT = "unclip-jax-pipeline"
@@ -227,7 +229,7 @@ def module_tensors(module, dtype=None) -> dict[str, np.ndarray]:
         if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
             a = a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
         out[name] = a
-    return out
+    return unstack_layer_names(out)  # the per-layer names of stacked Transformer layers
 
 
 def component_entry(name: str, module) -> dict[str, Any]:
@@ -288,11 +290,12 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     abstract = abstract_init(lambda: build(config))
     graphdef, state = nnx.split(abstract)
     flat = {".".join(str(p) for p in path): var for path, var in state.flat_state()}
+    shapes = unstack_layer_shapes({k: tuple(v.shape) for k, v in flat.items()})  # per layer
     available = tensors.names()
-    missing = sorted(set(flat) - available)
-    unexpected = sorted(available - set(flat))
-    misshapen = sorted(f"{k} (file {tensors.shape(k)}, model {tuple(flat[k].shape)})"
-                       for k in set(flat) & available if tensors.shape(k) != tuple(flat[k].shape))
+    missing = sorted(set(shapes) - available)
+    unexpected = sorted(available - set(shapes))
+    misshapen = sorted(f"{k} (file {tensors.shape(k)}, model {shapes[k]})"
+                       for k in set(shapes) & available if tensors.shape(k) != shapes[k])
     if missing or unexpected or misshapen:
         lines = [f"{weights} does not match the {entry['class']} its manifest entry describes:"]
         if missing:
@@ -303,9 +306,10 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
             lines.append(f"  misshapen tensors ({len(misshapen)}): " + ", ".join(misshapen))
         lines.append("Re-export the folder; the weights and the manifest must be written together.")
         raise FolderError("\n".join(lines))
+    arrays = stack_layer_names({k: tensors.read(k) for k in shapes},
+                               {k: tuple(v.shape) for k, v in flat.items()})
     for key, var in flat.items():
-        a = tensors.read(key)
-        var.set_value(jnp.asarray(a).astype(var.dtype))
+        var.set_value(jnp.asarray(arrays[key]).astype(var.dtype))
     return nnx.merge(graphdef, state)
 
 

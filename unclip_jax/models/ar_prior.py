@@ -36,17 +36,16 @@ is replaced here by CLIP's hidden states, as the issue specifies.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.config import dtype_problems, from_preset
-from unclip_jax.models import layers
+from unclip_jax.models import layers, transformer
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.models.pca_quantizer import PCAQuantizer
+from unclip_jax.models.presets import dtype_problems, from_preset
 
 Array = jax.Array
 
@@ -69,6 +68,7 @@ class ARPriorConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    scan_layers: bool = True      # run the blocks in one lax.scan (False: a Python loop)
 
     def __post_init__(self):
         problems = []
@@ -95,6 +95,13 @@ class ARPriorConfig:
     def seq_len(self) -> int:
         """The whole sequence: prefix and all K z_i tokens (the model reads all but the last)."""
         return self.prefix_len + self.num_components
+
+    def block_config(self) -> transformer.BlockConfig:
+        return transformer.BlockConfig(
+            width=self.width, heads=self.heads, mlp_dim=self.mlp_ratio * self.width,
+            depth=self.depth, layout="ar", activation="gelu", eps=self.layer_norm_eps,
+            dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+            remat=self.remat, scan=self.scan_layers)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -133,39 +140,6 @@ def LayerNorm(width: int, cfg: ARPriorConfig, rngs: nnx.Rngs) -> layers.LayerNor
                             param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
 
-class Block(nnx.Module):
-    """Pre-LN block; attention writes its keys/values into a cache when one is given."""
-
-    def __init__(self, cfg: ARPriorConfig, rngs: nnx.Rngs):
-        w, out_std = cfg.width, 0.02 / math.sqrt(2 * cfg.depth)
-        self.heads, self.rate = cfg.heads, cfg.dropout
-        self.ln_1 = LayerNorm(w, cfg, rngs)
-        self.qkv = _dense(w, 3 * w, ("embed", "heads"), 0.02, cfg, rngs)
-        self.out = _dense(w, w, ("heads", "embed"), out_std, cfg, rngs)
-        self.ln_2 = LayerNorm(w, cfg, rngs)
-        self.fc1 = _dense(w, cfg.mlp_ratio * w, ("embed", "mlp"), 0.02, cfg, rngs)
-        self.fc2 = _dense(cfg.mlp_ratio * w, w, ("mlp", "embed"), out_std, cfg, rngs)
-
-    def __call__(self, x: Array, mask: Array, cache: tuple[Array, Array] | None = None,
-                 pos: Array | int = 0, rng: Array | None = None):
-        """x [B, T, w]; mask [B, 1, T, S] bool. Without a cache S == T; with one, x sits at
-        positions pos..pos+T-1 of a cache [B, S, heads, head_dim] that is returned updated."""
-        b, t, w = x.shape
-        h = self.heads
-        q, k, v = jnp.split(self.qkv(self.ln_1(x)).reshape(b, t, 3 * h, w // h), 3, axis=2)
-        if cache is not None:
-            ck, cv = cache
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
-            k, v, cache = ck, cv, (ck, cv)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        r1, r2 = (None, None) if rng is None else jax.random.split(rng)
-        x = x + layers.dropout(self.out(y.reshape(b, t, w)), self.rate, r1)
-        hid = self.fc1(self.ln_2(x))
-        x = x + layers.dropout(self.fc2(jax.nn.gelu(hid, approximate=False)), self.rate, r2)
-        return x, cache
-
-
 def _attention_mask(key_valid: Array, q_start: Array | int, q_len: int) -> Array:
     """[B, 1, q_len, S]: causal, padding keys hidden, a query always sees itself."""
     s = key_valid.shape[1]
@@ -196,7 +170,7 @@ class ARPrior(nnx.Module):
                                       cfg, rngs)
         self.position_embedding = _param(nnx.initializers.normal(0.01), (cfg.seq_len, w), (None, "embed"),
                                          cfg, rngs)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.blocks = transformer.Stack(cfg.block_config(), rngs)
         self.final_ln = LayerNorm(w, cfg, rngs)
         self.head = _dense(w, cfg.num_buckets, ("embed", "vocab"), 0.02, cfg, rngs)
 
@@ -276,33 +250,24 @@ class ARPrior(nnx.Module):
 
     def _blocks(self, x: Array, valid: Array, rng: Array | None) -> Array:
         mask = _attention_mask(valid, 0, x.shape[1])
-
-        def run(block, h, m, r):
-            return block(h, m, rng=r)[0]
-
-        step = nnx.remat(run) if self.config.remat else run
-        for i, block in enumerate(self.blocks):
-            x = step(block, x, mask, None if rng is None else jax.random.fold_in(rng, i))
-        return x
+        rngs = None
+        if rng is not None:
+            rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.config.depth))
+        return self.blocks(x, mask, rngs=rngs)
 
     # -- cached forward (sampling) --------------------------------------------------------------
 
-    def init_cache(self, batch: int) -> list[tuple[Array, Array]]:
-        cfg = self.config
-        shape = (batch, cfg.seq_len, cfg.heads, cfg.width // cfg.heads)
-        z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        return [(z, z) for _ in self.blocks]
+    def init_cache(self, batch: int) -> tuple[Array, Array]:
+        """Zero keys and values, each [depth, batch, seq_len, heads, head_dim]."""
+        return self.blocks.init_cache(batch, self.config.seq_len)
 
-    def step(self, x: Array, pos: Array | int, key_valid: Array, cache: list
-             ) -> tuple[Array, list]:
+    def step(self, x: Array, pos: Array | int, key_valid: Array, cache: tuple[Array, Array]
+             ) -> tuple[Array, tuple[Array, Array]]:
         """Run x [B, T, width] at positions pos..pos+T-1 against the cache -> (logits of the last
         position [B, num_buckets], updated cache). ``key_valid`` [B, seq_len]."""
         mask = _attention_mask(key_valid, pos, x.shape[1])
-        new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block(x, mask, c, pos)
-            new.append(c)
-        return self.logits(x[:, -1]), new
+        x, cache = self.blocks(x, mask, cache=cache, pos=pos)
+        return self.logits(x[:, -1]), cache
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.clip.model import CLIPConfig, TextTransformer
 from unclip_jax.models.layers import LayerNorm, abstract_init, logical
+from unclip_jax.models.transformer import TextConfig, TextTransformer
 from unclip_jax.models.unet_blocks import UNet, UNetConfig, dense
 
 Array = jax.Array
@@ -78,6 +78,7 @@ class DecoderConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    scan_layers: bool = True         # the text Transformer's blocks in one lax.scan
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -101,12 +102,12 @@ class DecoderConfig:
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
             param_dtype=self.param_dtype, remat=self.remat)
 
-    def xf_config(self) -> CLIPConfig:
-        return CLIPConfig(vocab_size=self.xf_vocab, context_length=self.xf_ctx,
-                          text_width=self.xf_width, text_layers=self.xf_layers,
-                          text_heads=self.xf_heads, embed_dim=self.clip_dim,
-                          eos_token_id=min(49407, self.xf_vocab - 1), dtype=self.dtype,
-                          param_dtype=self.param_dtype, remat=self.remat)
+    def xf_config(self) -> TextConfig:
+        return TextConfig(vocab_size=self.xf_vocab, context_length=self.xf_ctx,
+                          width=self.xf_width, layers=self.xf_layers, heads=self.xf_heads,
+                          mlp_dim=4 * self.xf_width, eos_token_id=min(49407, self.xf_vocab - 1),
+                          dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                          scan=self.scan_layers)
 
     @property
     def hidden_width(self) -> int:

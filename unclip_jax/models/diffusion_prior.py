@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.config import dtype_problems, from_preset
-from unclip_jax.models import layers
+from unclip_jax.models import layers, transformer
 from unclip_jax.models.layers import abstract_init
+from unclip_jax.models.presets import dtype_problems, from_preset
 
 Array = jax.Array
 EMBED_NORMS = ("scale", "mean_std", "l2_sqrt_dim")
@@ -84,6 +84,7 @@ class PriorConfig:
     dtype: Any = "float32"           # compute dtype
     param_dtype: Any = "float32"
     remat: bool = False              # rematerialise each block in the backward pass
+    scan_layers: bool = True         # run the blocks in one lax.scan (False: a Python loop)
 
     def __post_init__(self):
         problems = []
@@ -133,6 +134,13 @@ class PriorConfig:
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
+    def block_config(self) -> transformer.BlockConfig:
+        return transformer.BlockConfig(
+            width=self.width, heads=self.num_heads, mlp_dim=4 * self.width,
+            depth=self.num_layers, layout="prior", activation="gelu", eps=self.layer_norm_eps,
+            dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+            remat=self.remat, scan=self.scan_layers)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the synthetic task: seconds on a CPU.
@@ -170,58 +178,6 @@ def _param(init, shape: tuple, axes: tuple, cfg: PriorConfig, rngs: nnx.Rngs) ->
 def LayerNorm(width: int, cfg: PriorConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
     return layers.LayerNorm(width, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype, rngs=rngs)
-
-
-class Attention(nnx.Module):
-    """Multi-head self-attention with biased projections (diffusers ``Attention``)."""
-
-    def __init__(self, cfg: PriorConfig, rngs: nnx.Rngs):
-        w = cfg.width
-        self.heads, self.rate = cfg.num_heads, cfg.dropout
-        out_std = w ** -0.5 * (2 * cfg.num_layers) ** -0.5
-        self.to_q = _dense(w, w, ("embed", "heads"), cfg, rngs)
-        self.to_k = _dense(w, w, ("embed", "heads"), cfg, rngs)
-        self.to_v = _dense(w, w, ("embed", "heads"), cfg, rngs)
-        self.to_out = _dense(w, w, ("heads", "embed"), cfg, rngs, std=out_std)
-
-    def __call__(self, x: Array, mask: Array, rng: Array | None) -> Array:
-        b, n, w = x.shape
-        split = lambda y: y.reshape(b, n, self.heads, w // self.heads)  # noqa: E731
-        q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # float32 softmax inside
-        return layers.dropout(self.to_out(y.reshape(b, n, w)), self.rate, rng)
-
-
-class MLP(nnx.Module):
-    """Linear (4x) -> exact GELU -> dropout -> Linear (diffusers ``FeedForward``, 'gelu')."""
-
-    def __init__(self, cfg: PriorConfig, rngs: nnx.Rngs):
-        w = cfg.width
-        self.rate = cfg.dropout
-        self.fc1 = _dense(w, 4 * w, ("embed", "mlp"), cfg, rngs)
-        self.fc2 = _dense(4 * w, w, ("mlp", "embed"), cfg, rngs,
-                          std=(4 * w) ** -0.5 * (2 * cfg.num_layers) ** -0.5)
-
-    def __call__(self, x: Array, rng: Array | None) -> Array:
-        h = jax.nn.gelu(self.fc1(x), approximate=False)
-        return self.fc2(layers.dropout(h, self.rate, rng))
-
-
-class Block(nnx.Module):
-    """Pre-LN block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, cfg: PriorConfig, rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(cfg.width, cfg, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.norm2 = LayerNorm(cfg.width, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x: Array, mask: Array, rng: Array | None) -> Array:
-        r1 = r2 = None
-        if rng is not None:
-            r1, r2 = jax.random.split(rng)
-        x = x + self.attn(self.norm1(x), mask, r1)
-        return x + self.mlp(self.norm2(x), r2)
 
 
 class TimeEmbedding(nnx.Module):
@@ -272,7 +228,7 @@ class DiffusionPrior(nnx.Module):
         self.prd_embedding = (_param(nnx.initializers.normal(0.02), (1, 1, w),
                                      (None, None, "embed"), cfg, rngs) if cfg.prd_token else None)
         self.norm_in = LayerNorm(w, cfg, rngs) if cfg.norm_in else None
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.blocks = transformer.Stack(cfg.block_config(), rngs)
         self.norm_out = LayerNorm(w, cfg, rngs)
         self.proj_out = _dense(w, cfg.embed_dim, ("embed", None), cfg, rngs)
         self.clip_mean = Buffer(jnp.zeros((1, cfg.embed_dim), cfg.params_dtype))
@@ -391,19 +347,13 @@ class DiffusionPrior(nnx.Module):
 
         if self.norm_in is not None:
             h = self.norm_in(h)
-        rngs = [None] * cfg.num_layers
+        rngs = None
         if not deterministic and cfg.dropout > 0:
             if dropout_rng is None:
                 raise ValueError("deterministic=False with dropout > 0 needs dropout_rng (a "
                                  "jax.random key).")
-            rngs = list(jax.random.split(dropout_rng, cfg.num_layers))
-
-        def run(block, y, m, r):
-            return block(y, m, r)
-
-        step = nnx.remat(run) if cfg.remat else run
-        for block, r in zip(self.blocks, rngs):
-            h = step(block, h, mask, r)
+            rngs = jax.random.split(dropout_rng, cfg.num_layers)
+        h = self.blocks(h, mask, rngs=rngs, last_outside=True)  # only h[:, -1] is read
         h = self.norm_out(h[:, -1])
         return self.proj_out(h).astype(jnp.float32)
 
