@@ -46,7 +46,7 @@ def prior_sampler(layers: int, width: int, scan: bool) -> dict:
                       head_dim=64, num_layers=layers, learned_null=True, scan_layers=scan)
     graphdef, state = nnx.split(abstract_init(lambda: DiffusionPrior(cfg, rngs=nnx.Rngs(0))))
     sampling = PriorSamplingConfig(sampler="unclip", steps=25, guidance_scale=4.0,
-                                   num_candidates=1)
+                                   best_of=1)
     b = 2
     cond = TextConditioning(jax.ShapeDtypeStruct((b, 256), jnp.float32),
                             jax.ShapeDtypeStruct((b, 77, 256), jnp.float32),

@@ -62,7 +62,7 @@ def get_config(arg=None):
         name="warmup_cosine", warmup_steps=20 if local else 10_000))
 
     c.sample = ml_collections.ConfigDict(dict(
-        guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0, num_candidates=2))
+        guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0, best_of=2))
     c.log_every = 50 if local else 100
     if local:
         c.input = ml_collections.ConfigDict(dict(

@@ -158,7 +158,7 @@ def get_config(arg=None):
         c.text_drop_prob = 0.1
         c.sample = ml_collections.ConfigDict(dict(guidance_scale=1.0, temperature=1.0,
                                                   top_p=1.0, dot_percentile=50.0,
-                                                  num_candidates=2))
+                                                  best_of=2))
         c.batch_size = 16 if local else 64
         c.total_steps = 4 if local else 1000
         c.optimizer = _optimizer(1e-3, 2 if local else 100, b2=0.99, wd=0.0, clip=0.0)

@@ -172,7 +172,7 @@ def test_paper_size_without_allocating():
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     out = jax.eval_shape(
         lambda st, te, th, tm: sample(nnx.merge(graphdef, st), te, th, tm, jax.random.key(0),
-                                      guidance_scale=3.0, num_candidates=2, top_p=0.9),
+                                      guidance_scale=3.0, best_of=2, top_p=0.9),
         state, f32(2, 1024), f32(2, 63, 1024), jax.ShapeDtypeStruct((2, 63), bool))
     assert out["tokens"].shape == (2, 319) and out["image_embed"].shape == (2, 1024)
 
@@ -189,5 +189,5 @@ def test_bad_input_is_refused_clearly(setup):
         ARPriorConfig(width=100, heads=3)
     with pytest.raises(ValueError, match="Unknown ARPriorConfig preset"):
         get_preset("huge")
-    with pytest.raises(ValueError, match="num_candidates"):
-        sample(model, te, th, tm, jax.random.key(0), num_candidates=0)
+    with pytest.raises(ValueError, match="best_of"):
+        sample(model, te, th, tm, jax.random.key(0), best_of=0)

@@ -60,7 +60,7 @@ def test_prior_learns_the_synthetic_task_and_beats_the_unconditional_baseline():
     @nnx.jit(static_argnames=("scale", "k"))
     def draw(m, rng, scale, k):
         return sample(m, test["text_embed"], test["text_hidden"], test["text_mask"], rng,
-                      guidance_scale=scale, num_candidates=k)
+                      guidance_scale=scale, best_of=k)
 
     cond = draw(trained, jax.random.key(5), 1.0, 1)
     uncond = draw(trained, jax.random.key(5), 0.0, 1)

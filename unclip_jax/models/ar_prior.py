@@ -26,7 +26,7 @@ Sampling (:func:`sample`) runs inside ``lax.scan``: with ``use_cache=True`` the 
 and each new token costs one position against a key/value cache; ``use_cache=False`` reruns the
 whole sequence for every token (the reference the cache is tested against). Guidance combines
 the log-probabilities of the conditional and unconditional rows (``lu + s (lc - lu)``), then
-temperature and nucleus (top-p) filtering apply. ``num_candidates > 1`` draws several z_i per
+temperature and nucleus (top-p) filtering apply. ``best_of > 1`` draws several z_i per
 caption and keeps the one with the largest dot product with z_t.
 
 Sequence length: with the paper's 319 components a 63-token caption prefix gives exactly the
@@ -46,6 +46,7 @@ from unclip_jax.models import layers, transformer
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.models.pca_quantizer import PCAQuantizer
 from unclip_jax.models.presets import dtype_problems, from_preset
+from unclip_jax.models.prior_sampling import rank_candidates
 
 Array = jax.Array
 
@@ -357,23 +358,22 @@ def sample_tokens(model: ARPrior, text_embed: Array, text_hidden: Array, text_ma
 
 
 def sample(model: ARPrior, text_embed: Array, text_hidden: Array, text_mask: Array,
-           rng: Array, *, num_candidates: int = 1, guidance_scale: float = 1.0,
+           rng: Array, *, best_of: int = 1, guidance_scale: float = 1.0,
            temperature: float = 1.0, top_p: float = 1.0, dot_percentile: float | None = 50.0,
            use_cache: bool = True) -> dict[str, Array]:
-    """Sample z_i for each caption; with ``num_candidates`` > 1, keep the candidate whose z_i has
-    the largest dot product with z_t. Returns ``image_embed`` [B, D] (decoded, float32),
-    ``tokens`` [B, K], ``dot_tokens`` [B] and ``candidate_dots`` [B, num_candidates]."""
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be at least 1, got {num_candidates}.")
+    """Sample z_i for each caption; with ``best_of`` > 1, keep the candidate whose z_i has the
+    largest dot product with z_t. Returns ``image_embed`` [B, D] (decoded, float32),
+    ``tokens`` [B, K], ``dot_tokens`` [B] and ``candidate_dots`` [B, best_of]."""
+    if best_of < 1:
+        raise ValueError(f"best_of must be at least 1, got {best_of}.")
     b = text_embed.shape[0]
-    c = num_candidates
+    c = best_of
     rep = lambda a: jnp.repeat(jnp.asarray(a), c, axis=0)  # rows b*c + i: caption b, candidate i
     tokens, dot = sample_tokens(model, rep(text_embed), rep(text_hidden), rep(text_mask), rng,
                                 guidance_scale=guidance_scale, temperature=temperature,
                                 top_p=top_p, dot_percentile=dot_percentile, use_cache=use_cache)
     z = model.quantizer.decode(tokens).reshape(b, c, -1)
-    dots = jnp.einsum("bcd,bd->bc", z, jnp.asarray(text_embed, jnp.float32))
-    best = jnp.argmax(dots, axis=1)
+    best, dots = rank_candidates(z, text_embed)
     pick = lambda a: jnp.take_along_axis(a.reshape(b, c, *a.shape[1:]),
                                          best.reshape(b, 1, *([1] * (a.ndim - 1))), axis=1)[:, 0]
     return {"image_embed": pick(z.reshape(b * c, -1)), "tokens": pick(tokens),

@@ -87,18 +87,24 @@ def guided_denoiser(model: DiffusionPrior, cond: TextConditioning, guidance_scal
     return diffusion.guided_model_fn(doubled, guidance_scale, learned_variance=False)
 
 
-def keep_best(candidates: jax.Array, z_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Best-of-K: (the candidate with the largest dot product with z_t [N, D], the scores
-    [N, K]) of candidates [N, K, D]. With K = 1 and z_t of another dimension there is nothing
-    to rank: the one candidate, scores 0."""
+def rank_candidates(candidates: jax.Array, z_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Best-of-K, the one ranking both priors use: (the index [N] of the candidate with the
+    largest dot product with z_t [N, D], the scores [N, K]) of candidates [N, K, D]. With K = 1
+    and z_t of another dimension there is nothing to rank: index 0, scores 0."""
     n, k, d = candidates.shape
     if z_t.shape[-1] != d:
         if k > 1:
             raise ValueError(f"Best-of-{k} ranks candidates by their dot product with z_t, but "
                              f"z_t has {z_t.shape[-1]} dimensions and z_i {d}; use best_of=1.")
-        return candidates[:, 0], jnp.zeros((n, k), jnp.float32)
-    scores = jnp.einsum("nkd,nd->nk", candidates, z_t.astype(jnp.float32))
-    best = jnp.argmax(scores, axis=1)
+        return jnp.zeros((n,), jnp.int32), jnp.zeros((n, k), jnp.float32)
+    scores = jnp.einsum("nkd,nd->nk", candidates, jnp.asarray(z_t, jnp.float32))
+    return jnp.argmax(scores, axis=1), scores
+
+
+def keep_best(candidates: jax.Array, z_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the best candidate [N, D], the scores [N, K]) of candidates [N, K, D]: see
+    :func:`rank_candidates`."""
+    best, scores = rank_candidates(candidates, z_t)
     return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0], scores
 
 

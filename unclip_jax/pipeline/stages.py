@@ -144,7 +144,7 @@ def ar_prior_stage(rt: Runtime, ar_prior, s: dict, z_t, hidden, mask, rng):
 
     def fn(state, z_t, hidden, mask, key):
         out = ar.sample(nnx.merge(gd, state), z_t, hidden[:, :ctx], mask[:, :ctx], key,
-                        num_candidates=int(s["best_of"]),
+                        best_of=int(s["best_of"]),
                         guidance_scale=float(s["guidance_scale"]),
                         temperature=float(s["temperature"]), top_p=float(s["top_p"]),
                         dot_percentile=s["dot_percentile"])

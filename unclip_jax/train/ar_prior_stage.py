@@ -142,7 +142,7 @@ def _prepare_batches(c) -> int:
 
 def _sample(model, c, batch, rng):
     s = c.get("sample")
-    kw = {} if s is None else dict(num_candidates=s.num_candidates,
+    kw = {} if s is None else dict(best_of=s.best_of,
                                    guidance_scale=s.guidance_scale, temperature=s.temperature,
                                    top_p=s.top_p, dot_percentile=s.dot_percentile)
     z = ar_prior.sample(model, batch["text_embed"], batch["text_hidden"], batch["text_mask"], rng,
