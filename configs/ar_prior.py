@@ -1,8 +1,10 @@
 """The autoregressive prior (Ramesh et al. 2022, section 2.1; Table 3): sizes and training.
 
 Commands:
-  unclip-jax config --config configs/ar_prior.py:size=paper       print the resolved config
-  unclip-jax train  --config configs/ar_prior.py:size=paper --workdir runs/ar_prior
+  unclip-jax config --config configs/ar_prior.py:size=paper   # print the resolved config
+  unclip-jax train  --config configs/ar_prior.py:size=paper --workdir runs/ar_prior \
+      --config.input.paths=data/emb
+      (data/emb: `unclip-jax precompute --hidden` output of a CLIP ViT-H/16)
   unclip-jax train  --config configs/ar_prior.py:runlocal --workdir runs/ar_prior_tiny
       (rerun the same command to resume; the quantiser is fitted before step 0 and saved)
 

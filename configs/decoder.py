@@ -1,9 +1,16 @@
 """The unCLIP decoder: CLIP image embedding z_i (+ caption) -> 64x64 image.
 
 Commands:
-  unclip-jax config --config configs/decoder.py:size=karlo      print the resolved config
-  unclip-jax train  --config configs/decoder.py:size=paper --workdir runs/decoder
-      (rerun the same command to resume; sample grids go to WORKDIR/samples/)
+  unclip-jax config --config configs/decoder.py:size=karlo   # print the resolved config
+  unclip-jax precompute --input shapes:train --num 256 --hidden --image-size 16 --out data/emb_tiny
+  unclip-jax train  --config configs/decoder.py:runlocal --workdir runs/decoder_tiny
+      (runlocal: the tiny size on the bundled model's CLIP embeddings, 64 wide, of 256 Shapes
+      images, which the line above writes)
+  unclip-jax train  --config configs/decoder.py:size=karlo --workdir runs/decoder \
+      --config.input.paths=data/emb
+      (data/emb: `unclip-jax precompute --hidden --image-size 64` output of a CLIP as wide as
+      the size's clip_dim and text_width, 768 for karlo, e.g. ViT-L/14; rerun the same command
+      to resume; sample grids go to WORKDIR/samples/)
 
 Sizes (the `model` fields are unclip_jax.models.decoder.DecoderConfig):
   paper  Table 3: ADM UNet 512 channels, 3 res blocks, mult 1,2,3,4, heads of 64 channels at
@@ -14,7 +21,8 @@ Sizes (the `model` fields are unclip_jax.models.decoder.DecoderConfig):
          same depth and attention, context tokens 1536 wide, CLIP ViT-L/14 text states passed in
          (768): about 0.89B parameters. Released weights load with
          unclip_jax.convert.diffusers.load_decoder(pipeline_folder).
-  tiny   for tests and runlocal: 32 channels, 2 levels, 16x16 images.
+  tiny   for tests and runlocal: 32 channels, 2 levels, 16x16 images, the bundled Shapes
+         CLIP's widths (64).
 Training: hybrid loss (epsilon MSE + 0.001 * VLB, learned variance range), cosine schedule with
 1000 steps; z_i replaced by the learned null embedding 10% of the time and the caption dropped
 50% of the time (classifier-free guidance); AdamW lr 1.2e-4, beta2 0.999, eps 1e-8, EMA 0.9999,
@@ -44,8 +52,8 @@ SIZES = {
     "karlo": dict(_COMMON, channels=320, dropout=0.1, clip_dim=768, context_dim=1536,
                   use_text_embed=True, text_encoder="clip", text_width=768),
     "tiny": dict(_COMMON, image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_levels=(1,), head_dim=16, groups=8, dropout=0.0, clip_dim=32,
-                 context_dim=32, use_text_embed=True, text_encoder="clip", text_width=32),
+                 attention_levels=(1,), head_dim=16, groups=8, dropout=0.0, clip_dim=64,
+                 context_dim=32, use_text_embed=True, text_encoder="clip", text_width=64),
 }
 
 
@@ -72,7 +80,8 @@ def get_config(arg=None):
     c.ema_decay = 0.0 if arg.runlocal else 0.9999
     c.log_every = 1 if arg.runlocal else 500
     c.input = input_config(  # --config.input.paths=DIR (unclip-jax precompute output)
-        kind="embeddings", image_size=c.model.image_size, context_length=0)
+        kind="embeddings", image_size=c.model.image_size, context_length=0,
+        paths=["data/emb_tiny"] if arg.runlocal else [])
     add_trainer_sections(c, checkpoint_every=10 if arg.runlocal else 10_000,
                          eval_every=10 if arg.runlocal else 10_000)
     return c

@@ -3,7 +3,7 @@ demo` generates images with the bundled Shapes model instead).
 
 Command:
   unclip-jax demo --config configs/demo.py --out out
-  unclip-jax demo --config configs/demo.py:runlocal         (fewer samples and steps, ~1 minute)
+  unclip-jax demo --config configs/demo.py:runlocal   # fewer samples and steps
 
 Expected (2-core CPU, float32): about 45 s after installation (runlocal: about 20 s).
   1. Samplers on a 2-D mixture of 8 Gaussians (std 0.08) through its exact denoiser: every

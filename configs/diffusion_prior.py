@@ -1,8 +1,10 @@
 """The unCLIP diffusion prior: caption (z_t + encoded tokens) -> CLIP image embedding z_i.
 
 Commands:
-  unclip-jax config --config configs/diffusion_prior.py:size=karlo     print the resolved config
-  unclip-jax train  --config configs/diffusion_prior.py:size=paper --workdir runs/prior
+  unclip-jax config --config configs/diffusion_prior.py:size=karlo   # print the resolved config
+  unclip-jax train  --config configs/diffusion_prior.py:size=paper --workdir runs/prior \
+      --config.input.paths=data/emb
+      (data/emb: `unclip-jax precompute --hidden` output of a CLIP ViT-H/16)
   unclip-jax train  --config configs/diffusion_prior.py:runlocal --workdir runs/prior_tiny
       (rerun the same command to resume; launch/README.md for pods and clusters)
 

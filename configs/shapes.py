@@ -1,38 +1,54 @@
-"""The whole Shapes unCLIP cascade, small enough to train on a 2-core CPU (DESIGN.md section 5):
-the recipe of the bundled model (unclip_jax/assets/shapes).
+"""The whole Shapes unCLIP cascade, small enough to train on a 2-core CPU: the recipe of the
+bundled model (unclip_jax/assets/shapes).
+
+The Shapes world is procedural: one or two coloured circles, squares or triangles on a plain
+background, each caption stating exactly what is drawn ("a large red circle in the center", "a
+blue square to the left of a green triangle"), so every generated image can be judged exactly
+against its caption (unclip_jax.evaluate.shapes_judge; `unclip-jax eval`).
 
 One file, one stage per `stage=` argument: clip | diffusion_prior | ar_prior | decoder | sr64 |
 sr128. Every stage trains with the project trainer (`unclip-jax train`, Orbax checkpoints in
 WORKDIR; rerun the same command to resume, bitwise exactly; SIGTERM saves and exits) and stops at
-its `total_steps`, which are the steps the bundled weights had. The recipe, in order
-(D=/work/runs: data and workdirs outside the repository):
+its `total_steps`, which are the steps the bundled weights had. Data goes to data/ and workdirs to
+runs/ under the current folder (`data_dir=` and `emb_dir=` move the data). The recipe, in order:
 
   # 1. the dataset (50,000 train / 2,000 test images at 128 px)
-  unclip-jax shapes --data-dir $D/tfds
+  unclip-jax shapes --data-dir data/tfds
   # 2. CLIP from scratch (32 px ViT, 3-layer text Transformer of width 64, context 24)
-  unclip-jax train --config configs/shapes.py:stage=clip,data_dir=$D/tfds --workdir $D/clip
+  unclip-jax train --config configs/shapes.py:stage=clip --workdir runs/clip
   # 3. CLIP -> a Hugging Face CLIPModel folder (what `precompute` reads)
-  unclip-jax export --workdir $D/clip --hf-out $D/clip_hf
+  unclip-jax export --workdir runs/clip --hf-out runs/clip_hf
   # 4. CLIP embeddings of the train split (+ text states and the 32 px images)
-  unclip-jax precompute --clip $D/clip_hf --input tfds:shapes:train --data-dir $D/tfds \
-      --out $D/emb --hidden --hidden-dtype float16 --image-size 32 --batch-size 256
+  unclip-jax precompute --clip runs/clip_hf --input tfds:shapes:train --data-dir data/tfds \
+      --out data/emb --hidden --hidden-dtype float16 --image-size 32 --batch-size 256
   # 5. the priors, the decoder and the upsamplers (the upsamplers need only the dataset)
-  unclip-jax train --config configs/shapes.py:stage=diffusion_prior,emb_dir=$D/emb --workdir $D/prior
-  unclip-jax train --config configs/shapes.py:stage=ar_prior,emb_dir=$D/emb --workdir $D/ar_prior
-  unclip-jax train --config configs/shapes.py:stage=decoder,emb_dir=$D/emb --workdir $D/decoder
-  unclip-jax train --config configs/shapes.py:stage=sr64,data_dir=$D/tfds --workdir $D/sr64
-  unclip-jax train --config configs/shapes.py:stage=sr128,data_dir=$D/tfds --workdir $D/sr128
+  unclip-jax train --config configs/shapes.py:stage=diffusion_prior --workdir runs/prior
+  unclip-jax train --config configs/shapes.py:stage=ar_prior --workdir runs/ar_prior
+  unclip-jax train --config configs/shapes.py:stage=decoder --workdir runs/decoder
+  unclip-jax train --config configs/shapes.py:stage=sr64 --workdir runs/sr64
+  unclip-jax train --config configs/shapes.py:stage=sr128 --workdir runs/sr128
   # 6. the pipeline folder (bfloat16; EMA weights but CLIP's; Shapes sampling defaults)
-  B=unclip_jax/assets/shapes
-  unclip-jax export --workdir $D/clip --out $B --name clip --dtype bfloat16   # both towers
-  for s in prior ar_prior decoder sr64 sr128; do
-    unclip-jax export --workdir $D/$s --out $B --name $s --ema --dtype bfloat16 --sampling shapes
-  done
+  unclip-jax export --workdir runs/clip --out shapes_model --name clip --dtype bfloat16
+  unclip-jax export --workdir runs/prior --out shapes_model \
+      --name prior --ema --dtype bfloat16 --sampling shapes
+  unclip-jax export --workdir runs/ar_prior --out shapes_model \
+      --name ar_prior --ema --dtype bfloat16 --sampling shapes
+  unclip-jax export --workdir runs/decoder --out shapes_model \
+      --name decoder --ema --dtype bfloat16 --sampling shapes
+  unclip-jax export --workdir runs/sr64 --out shapes_model \
+      --name sr64 --ema --dtype bfloat16 --sampling shapes
+  unclip-jax export --workdir runs/sr128 --out shapes_model \
+      --name sr128 --ema --dtype bfloat16 --sampling shapes
   # 7. how well it draws (500 test captions x 2 images at 128 px; the table at 32 px)
-  unclip-jax eval --num-captions 500 --table --table-captions 50 --out out/eval_shapes.md
+  unclip-jax eval --checkpoint shapes_model --num-captions 500 --table --table-captions 50 \
+      --out out/eval_shapes.md
 
-Expected (measured on this project's 2-core CPU; wall times; stages 1-5 except the decoder ran in the
-previous session, several side by side with a load average of 5-14, so alone they are faster):
+The bundled model is that folder (copied to unclip_jax/assets/shapes). `runlocal` shrinks batch
+and steps for a smoke test and reads the tiny Shapes dataset (`unclip-jax shapes --config tiny
+--data-dir data/tfds`: 64 / 32 images).
+
+Expected (measured on this project's 2-core CPU; wall times; stages 1-5 except the decoder ran
+in the previous session, several side by side with a load average of 5-14, so alone they are faster):
   dataset          4.4 min (50,000 / 2,000 images)
   clip             563 steps x 128 in 15 min: in-batch accuracy ~0.75; retrieval of the right
                    caption among 1,152 distinct ones from z_i: one-object 0.70, two-object 0.17
@@ -55,7 +71,6 @@ Why v-prediction: the first decoder predicted eps. After 2,000 steps its eps err
 every t, which at t >= 900 is an error of 0.4-1.0 in the implied x0, so sampling (which starts
 there) drew saturated tinted backgrounds and grain and the judge read ~0% of the captions. With
 v the x0 implied at high noise is -v itself: the same step count gave clean images.
-`runlocal` shrinks batch and steps for a smoke test.
 """
 import ml_collections
 
@@ -110,7 +125,7 @@ def _optimizer(lr, warmup, b2=0.999, wd=0.0, clip=1.0):
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, stage="decoder", data_dir="/work/runs/tfds", emb_dir="/work/runs/emb",
+    arg = parse_arg(arg, stage="decoder", data_dir="data/tfds", emb_dir="data/emb",
                     runlocal=False)
     if arg.stage not in STAGES:
         raise ValueError(f"Unknown Shapes stage {arg.stage!r}; choose one of {', '.join(STAGES)}.")
@@ -121,10 +136,11 @@ def get_config(arg=None):
     add_trainer_sections(c, checkpoint_every=20 if local else 200, eval_every=0, keep=2)
     c.mesh.min_shard_bytes = 1 << 30   # everything replicated: these models are tiny
     c.log_every = 1 if local else 25
-    tfds_input = dict(kind="tfds", tfds_name="shapes", tfds_split="train", data_dir=arg.data_dir,
+    tfds_input = dict(kind="tfds", tfds_name="shapes/tiny" if local else "shapes",
+                      tfds_split="train", data_dir=arg.data_dir,
                       crop="center", resize_method="area", shuffle_buffer=256 if local else 5000,
                       cycle_length=1)
-    emb_input = dict(kind="embeddings", paths=[arg.emb_dir + "/*.tfrecord"], context_length=0,
+    emb_input = dict(kind="embeddings", paths=[arg.emb_dir], context_length=0,
                      shuffle_buffer=256 if local else 10_000)
 
     if arg.stage == "clip":

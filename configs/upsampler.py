@@ -1,9 +1,14 @@
 """The diffusion upsamplers: 64 -> 256 and 256 -> 1024, conditioned on the low-resolution image.
 
 Commands:
-  unclip-jax config --config configs/upsampler.py:size=paper_256     print the resolved config
-  unclip-jax train  --config configs/upsampler.py:size=paper_1024 --workdir runs/sr1024
-      (rerun the same command to resume; sample grids go to WORKDIR/samples/)
+  unclip-jax config --config configs/upsampler.py:size=paper_256   # print the resolved config
+  unclip-jax train  --config configs/upsampler.py:size=paper_1024 --workdir runs/sr1024 \
+      --config.input.paths='["shards/*.tar"]'
+      (webdataset shards of images; rerun the same command to resume; sample grids go to
+      WORKDIR/samples/)
+  unclip-jax shapes --config tiny --data-dir data/tfds
+  unclip-jax train  --config configs/upsampler.py:runlocal --workdir runs/sr_tiny
+      (runlocal reads the tiny Shapes dataset the line above builds)
 
 Sizes (the `model` fields are unclip_jax.models.upsampler.SuperResConfig):
   paper_256   Table 3, 64 -> 256: 320 channels, 3 res blocks, mult 1,2,3,4, no attention,
@@ -78,9 +83,10 @@ def get_config(arg=None):
         warmup_steps=0 if arg.runlocal else 10_000, grad_clip_norm=1.0))
     c.ema_decay = 0.0 if arg.runlocal else 0.9999
     c.log_every = 1 if arg.runlocal else 500
-    c.input = input_config(  # --config.input.paths='["shards/*.tar"]' (or kind=tfds ...)
-        kind="webdataset", image_size=target, low_res_size=low, context_length=0,
-        low_res_degradation=degradation)
+    data = (dict(kind="tfds", tfds_name="shapes/tiny", data_dir="data/tfds") if arg.runlocal
+            else dict(kind="webdataset"))  # --config.input.paths='["shards/*.tar"]'
+    c.input = input_config(**data, image_size=target, low_res_size=low, context_length=0,
+                           low_res_degradation=degradation)
     add_trainer_sections(c, checkpoint_every=10 if arg.runlocal else 10_000,
                          eval_every=10 if arg.runlocal else 10_000)
     return c

@@ -251,7 +251,7 @@ def run(capsys, *argv):
 def test_commands_write_pngs(folder, images, tmp_path, capsys):
     _, _, d = images
     a, b = os.path.join(d, "a.png"), os.path.join(d, "b.png")
-    common = ["--checkpoint", folder, "--steps", STEPS, "--refine-iters", REFINE]
+    common = ["--checkpoint", folder, "--decoder-steps", STEPS, "--refine-iters", REFINE]
     rc, out, err = run(capsys, "vary", "--image", a, "--num-images", N, *common,
                        "--out", tmp_path / "vary")
     assert rc == 0, err
@@ -260,6 +260,10 @@ def test_commands_write_pngs(folder, images, tmp_path, capsys):
     assert "wrote 4 file(s)" in out and str(tmp_path / "vary" / "variations.png") in out
     with Image.open(tmp_path / "vary" / "variation_01.png") as im:
         assert im.size == (32, 32)
+        assert im.text["command"] == "vary" and im.text["image"] == a and im.text["seed"] == "0"
+        assert im.text["model"] == os.path.abspath(folder)
+        settings = json.loads(im.text["settings"])
+        assert settings["decoder_steps"] == STEPS and settings["eta"] == 1.0
     with Image.open(tmp_path / "vary" / "variations.png") as im:   # input + 3, 2-pixel gaps
         assert im.size == (round(48 * 32 / 40) + 3 * 32 + 3 * 2, 32)
 
@@ -279,6 +283,8 @@ def test_commands_write_pngs(folder, images, tmp_path, capsys):
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path / "td")) == [
         "textdiff.png", "theta_0.00.png", "theta_0.50.png", "theta_1.00.png"]
+    with Image.open(tmp_path / "td" / "theta_0.50.png") as im:
+        assert json.loads(im.text["prompt"]) == ["a blue circle", "a red square"]
 
     rc, out, err = run(capsys, "probe", "--image", a, "--label", "a blue circle", "--label",
                        "a photo of a dog", "--reconstructions", N, "--checkpoint", folder,
@@ -319,11 +325,12 @@ def test_commands_refuse_bad_input_in_one_line(folder, images, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("command,flags", [
-    ("vary", ["--image", "--checkpoint", "--num-images", "--seed", "--eta", "--steps",
-              "--refine-iters", "--guidance-scale", "--upsample", "--out"]),
+    ("vary", ["--image", "--checkpoint", "--num-images", "--seed", "--eta", "--decoder-steps",
+              "--refine-iters", "--decoder-guidance", "--upsample", "--out"]),
     ("interpolate", ["--image", "--frames", "--mode", "slerp_latent", "--out"]),
     ("textdiff", ["--image", "--caption", "--target", "--thetas", "--out"]),
-    ("probe", ["--image", "--label", "--reconstructions", "--logit-scale", "--out"]),
+    ("probe", ["--image", "--label", "--reconstructions", "--logit-scale", "--decoder-steps",
+               "--decoder-guidance", "--out"]),
 ])
 def test_command_help(command, flags, capsys):
     with pytest.raises(SystemExit) as e:

@@ -119,3 +119,54 @@ def test_demo_runs_small(capsys, tmp_path):
     for name in ("demo_samplers.png", "demo_clip.png"):
         assert Image.open(tmp_path / name).size[0] > 500
     assert "DPM-Solver++ 20" in out and "zero-shot on 36 fresh images" in out
+
+
+def test_version(capsys):
+    import unclip_jax
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"unclip-jax {unclip_jax.__version__}"
+
+
+def _subparsers():
+    import argparse
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_help_writes_each_default_once():
+    for name, p in _subparsers().items():
+        assert p.formatter_class is cli.HelpFormatter, name
+        text = " ".join(p.format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        formatter = p.formatter_class(p.prog)
+        for action in p._actions:
+            help_text = formatter._get_help_string(action) or ""
+            assert help_text.lower().count("(default:") <= 1, (name, action.dest, help_text)
+    text = " ".join(_subparsers()["generate"].format_help().split())
+    assert "Images per prompt. (default: 1)" in text
+
+
+def test_flags_are_named_alike_across_commands():
+    commands = _subparsers()
+    for name in ("generate", "vary", "interpolate", "textdiff", "probe", "eval"):
+        flags = {opt: a for a in commands[name]._actions for opt in a.option_strings}
+        assert {"--decoder-steps", "--decoder-guidance", "--seed", "--out", "--checkpoint",
+                "--upsample"} <= set(flags), name
+        assert not {"--steps", "--guidance-scale", "--guidance"} & set(flags), name
+        if name != "eval":   # eval's --out is an optional markdown report
+            assert not flags["--out"].required and flags["--out"].default.startswith("out"), name
+
+
+def test_embed_defaults_to_the_bundled_clip(capsys, images, tmp_path):
+    from unclip_jax.assets import SHAPES
+    out_file = str(tmp_path / "emb.npz")
+    rc, out, err = run(capsys, "embed", "--text", "a red circle", "--image", images[0][0],
+                       "--out", out_file)
+    assert rc == 0, err
+    assert "text_embeds: (1, 64)" in out and "cosine similarity" in out
+    rc, out2, err = run(capsys, "embed", "--clip", SHAPES, "--text", "a red circle")
+    assert rc == 0, err
+    assert out2.splitlines()[0] == out.splitlines()[0]

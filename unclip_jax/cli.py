@@ -11,6 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from unclip_jax import __version__
 from unclip_jax import config as config_lib
 from unclip_jax.commands import COMMANDS, enable_compilation_cache
 
@@ -24,14 +25,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's help: the default after each flag's text, written once (not where the
+    text already says its default, and not for flags whose default is "not given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default == []
+                or default == argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip-jax", description="unCLIP (DALL-E 2) in JAX and Flax.",
-        epilog="Config fields can be overridden after --config with --config.KEY=VALUE.")
+        epilog="Config fields can be overridden after --config with --config.KEY=VALUE.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unclip-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"unclip_jax.commands.{name}").add_parser(sub)
     for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
         command.add_argument(
             "--no-compilation-cache", action="store_true",
             help="Compile every program afresh instead of loading it from the persistent cache "

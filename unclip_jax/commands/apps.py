@@ -3,12 +3,14 @@ from the command line. The work is done by :mod:`unclip_jax.applications`; this 
 the inputs, loads the pipeline, shows progress and writes PNGs (one per result plus a strip).
 
     unclip-jax vary --image cat.png --checkpoint DIR --num-images 4 --eta 1 --out out/vary
-    unclip-jax interpolate --image a.png --image b.png --frames 5 --mode slerp_latent --out out/i
+    unclip-jax interpolate --image a.png --image b.png --frames 5 --mode slerp_latent
     unclip-jax textdiff --image cat.png --caption "a photo of a cat" \
-        --target "an anime drawing of a cat" --thetas 0,0.25,0.5 --out out/td
-    unclip-jax probe --image apple.png --label "an apple" --label "an iPod" --out out/probe
+        --target "an anime drawing of a cat" --thetas 0,0.25,0.5
+    unclip-jax probe --image apple.png --label "an apple" --label "an iPod"
 
-Without ``--checkpoint`` the bundled Shapes model (``unclip_jax/assets/shapes``) is used.
+Without ``--checkpoint`` the bundled Shapes model (``unclip_jax/assets/shapes``) is used; without
+``--out`` the PNGs go to ``out/COMMAND``. Each PNG records the command, its inputs, the seed, the
+settings and the model folder as PNG text (see :func:`png_metadata`).
 """
 from __future__ import annotations
 
@@ -62,24 +64,24 @@ def _common(p, *, ddim: bool = True, batch: str | None = None) -> None:
                    help="unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained). Default: the "
                         "bundled Shapes model.")
     p.add_argument("--seed", type=int, default=0,
-                   help="Random seed; the same seed gives the same images (default: %(default)s).")
+                   help="Random seed; the same seed gives the same images.")
     if ddim:
-        p.add_argument("--steps", type=positive_int("--steps"), default=50,
-                       help="DDIM steps of the decoder, used for the inversion and for decoding "
-                            "(default: %(default)s).")
+        p.add_argument("--decoder-steps", type=positive_int("--decoder-steps"), default=50,
+                       help="DDIM steps of the decoder, used for the inversion and for "
+                            "decoding.")
         p.add_argument("--refine-iters", type=int, default=2,
                        help="Fixed-point iterations per DDIM inversion step; more makes the "
                             "inversion exact (eta 0 then reproduces the image), each costs one "
-                            "model call per step (default: %(default)s).")
+                            "model call per step.")
         p.add_argument("--decoder-caption", default=None, metavar="TEXT",
                        help="Caption for the decoder's text input while inverting and decoding "
                             "(default: the empty caption, as Karlo's image variations).")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--decoder-guidance", type=float, default=None,
                    help="Decoder classifier-free guidance (default: the pipeline's setting).")
     p.add_argument("--upsample", type=int, default=None, metavar="N",
                    help="How many upsampling stages to run (default: all the pipeline has; 0 keeps "
                         "the decoder's resolution).")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", default=os.path.join("out", p.prog.split()[-1]), metavar="DIR",
                    help="Folder for the PNGs (created if missing; files in it are overwritten).")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
@@ -98,10 +100,10 @@ def add_parser(subparsers) -> None:
         "variations.png (input, then the variations).")
     p.add_argument("--image", required=True, metavar="PATH", help="The image to vary.")
     p.add_argument("--num-images", type=positive_int("--num-images"), default=4, metavar="N",
-                   help="Number of variations (default: %(default)s).")
+                   help="Number of variations.")
     p.add_argument("--eta", type=float, default=1.0,
                    help="DDIM noise: 0 reconstructs the image, 1 is DDPM-like, larger strays "
-                        "further (default: %(default)s).")
+                        "further.")
     _common(p, batch="batch k (from 0) uses seed + k, so its images differ from the unbatched "
             "call's.")
     p.set_defaults(func=run_vary)
@@ -116,10 +118,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", required=True,
                    help="An end image; give the flag twice (A, then B).")
     p.add_argument("--frames", type=positive_int("--frames"), default=5, metavar="N",
-                   help="Number of frames, both ends included (default: %(default)s).")
+                   help="Number of frames, both ends included.")
     p.add_argument("--mode", choices=("fixed", "slerp_latent"), default="fixed",
                    help="Decoder latent: shared random noise, or slerp of the inverted latents "
-                        "(default: %(default)s).")
+                        ".")
     _common(p)
     p.set_defaults(func=run_interpolate)
 
@@ -135,7 +137,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target", required=True, metavar="TEXT",
                    help="The caption to move towards (e.g. 'an anime drawing of a cat').")
     p.add_argument("--thetas", default="0,0.25,0.5,0.75,1", metavar="T,T,...",
-                   help="Comma-separated interpolation weights in [0, 1] (default: %(default)s).")
+                   help="Comma-separated interpolation weights in [0, 1].")
     _common(p, batch="each batch inverts the image again; the images are the unbatched ones.")
     p.set_defaults(func=run_textdiff)
 
@@ -149,11 +151,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label", action="append", default=[], metavar="TEXT", required=True,
                    help="A candidate label, e.g. 'an apple' (give the flag once per label).")
     p.add_argument("--reconstructions", type=int, default=4, metavar="N",
-                   help="Number of decoder samples from the image's z_i (default: %(default)s).")
+                   help="Number of decoder samples from the image's z_i.")
     p.add_argument("--logit-scale", type=float, default=None,
                    help="Softmax temperature multiplier on the cosines (default: CLIP's learned "
                         "value, capped at 100).")
-    p.add_argument("--steps", type=positive_int("--steps"), default=None,
+    p.add_argument("--decoder-steps", type=positive_int("--decoder-steps"), default=None,
                    help="Decoder sampling steps (default: the pipeline's setting).")
     _common(p, ddim=False, batch="batch k (from 0) uses seed + k, so its reconstructions "
             "differ from the unbatched call's.")
@@ -196,13 +198,47 @@ def _strip(images, gap: int = 2):
     return np.concatenate(tiles[:-1], axis=1)
 
 
-def _write(out_dir: str, named: list) -> list[str]:
+PNG_KEYS = ("Software", "command", "prompt", "image", "seed", "settings", "model")
+"""The PNG text fields the commands write (those that apply): prompt (a caption, or JSON of
+several), image (the input files), settings (JSON of the sampling settings)."""
+
+_NOT_SETTINGS = ("func", "command", "no_compilation_cache", "out", "grid", "checkpoint", "model",
+                 "seed", "image", "prompt")
+
+
+def png_metadata(args, model: str, **fields):
+    """``PngInfo`` recording how an image was made: the command, the seed, the settings (every
+    flag of ``args`` that is not an input or an output, plus ``fields['settings']``), the model
+    folder and the given ``fields`` (e.g. prompt)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from unclip_jax import __version__
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    settings.update(fields.pop("settings", {}))
+    text = {"Software": f"unclip-jax {__version__}", "command": args.command,
+            "seed": str(args.seed), "settings": json.dumps(settings, sort_keys=True,
+                                                           default=str),
+            "model": os.path.abspath(model)}
+    images = getattr(args, "image", None)
+    if images:
+        text["image"] = json.dumps(images) if isinstance(images, list) else images
+    for key, value in fields.items():
+        text[key] = value if isinstance(value, str) else json.dumps(value)
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    return info
+
+
+def _write(out_dir: str, named: list, info=None) -> list[str]:
     from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, image in named:
         path = os.path.join(out_dir, name)
-        Image.fromarray(image).save(path)
+        Image.fromarray(image).save(path, pnginfo=info)
         paths.append(path)
     return paths
 
@@ -223,9 +259,9 @@ def _setup(args, images: list[str]):
         raise AppsCommandError(f"--refine-iters must be >= 0, got {args.refine_iters}.")
     if args.upsample is not None and args.upsample < 0:
         raise AppsCommandError(f"--upsample must be >= 0, got {args.upsample}.")
-    path = resolve_checkpoint(args.checkpoint)
+    args.model = resolve_checkpoint(args.checkpoint)
     from unclip_jax.pipeline import default_dtype
-    return rgb, load_pipeline(path, args.dtype or default_dtype())
+    return rgb, load_pipeline(args.model, args.dtype or default_dtype())
 
 
 def _batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
@@ -235,7 +271,7 @@ def _batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
 
 
 def _ddim_kw(args) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.guidance_scale,
+    return dict(steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
                 refine_iters=args.refine_iters, caption=args.decoder_caption,
                 upsample=args.upsample)
 
@@ -250,7 +286,7 @@ def run_vary(args, overrides) -> int:
         images += list(out.images)
     named = [(f"variation_{i:02d}.png", im) for i, im in enumerate(images)]
     named.append(("variations.png", _strip([image] + images)))
-    _report(_write(args.out, named))
+    _report(_write(args.out, named, png_metadata(args, args.model)))
     return 0
 
 
@@ -266,7 +302,7 @@ def run_interpolate(args, overrides) -> int:
                            progress=_Bar("interpolate"), **_ddim_kw(args))
     named = [(f"frame_{i:02d}.png", im) for i, im in enumerate(out.frames)]
     named.append(("interpolation.png", _strip([a] + list(out.frames) + [b])))
-    _report(_write(args.out, named))
+    _report(_write(args.out, named, png_metadata(args, args.model)))
     return 0
 
 
@@ -296,7 +332,8 @@ def run_textdiff(args, overrides) -> int:
         images += list(out.images)
     named = [(f"theta_{t:.2f}.png", im) for t, im in zip(thetas, images)]
     named.append(("textdiff.png", _strip([image] + images)))
-    _report(_write(args.out, named))
+    _report(_write(args.out, named, png_metadata(args, args.model,
+                                                 prompt=[args.caption, args.target])))
     return 0
 
 
@@ -311,8 +348,8 @@ def run_probe(args, overrides) -> int:
     if args.reconstructions < 0:
         raise AppsCommandError(f"--reconstructions must be >= 0, got {args.reconstructions}.")
     (image,), pipe = _setup(args, [args.image])
-    settings = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale))
-                if v is not None}
+    settings = {k: v for k, v in (("steps", args.decoder_steps),
+                                  ("guidance_scale", args.decoder_guidance)) if v is not None}
     images = []
     for k, (lo, hi) in enumerate(_batches(args.reconstructions, args.batch_size)):
         out = apps.probe(pipe, image, args.label, hi - lo, args.seed + k,
@@ -324,7 +361,7 @@ def run_probe(args, overrides) -> int:
         print(f"  {prob:7.2%}  (cosine {cos:+.3f})  {label}")
     named = [(f"reconstruction_{i:02d}.png", im) for i, im in enumerate(images)]
     named.append(("probe.png", _strip([image] + images)))
-    paths = _write(args.out, named)
+    paths = _write(args.out, named, png_metadata(args, args.model, prompt=list(args.label)))
     path = os.path.join(args.out, "probe.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"image": args.image, "labels": out.labels,

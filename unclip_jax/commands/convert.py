@@ -14,8 +14,7 @@ def add_parser(subparsers) -> None:
         "convert", help="Convert a diffusers UnCLIPPipeline (Karlo) folder to our format.",
         description="Read a diffusers UnCLIPPipeline folder (prior, text_encoder, tokenizer, "
         "text_proj, decoder, super_res_first/last, schedulers) and write an unclip-jax pipeline "
-        "folder (unclip.json + one safetensors per component).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "folder (unclip.json + one safetensors per component).")
     p.add_argument("--from", dest="source_format", choices=("diffusers",), default="diffusers",
                    help="Format of the source folder.")
     p.add_argument("src", metavar="SRC", help="The source folder.")

@@ -19,8 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "denoiser (so every error is the sampler's), and a tiny CLIP learns colour names "
         "contrastively from scratch. Writes PNGs.")
     p.add_argument("--config", default=DEMO_CONFIG,
-                   help="Config file[:arg] (default: %(default)s; `:runlocal` makes it quicker).")
-    p.add_argument("--out", default="out", help="Folder for the PNGs (default: %(default)s).")
+                   help="Config file[:arg] (default: configs/demo.py of the source tree; `:runlocal` makes "
+                   "it quicker).")
+    p.add_argument("--out", default="out", help="Folder for the PNGs.")
     p.set_defaults(func=run)
     return p
 

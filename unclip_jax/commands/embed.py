@@ -1,20 +1,55 @@
-"""``unclip-jax embed``: CLIP embeddings and similarities of captions and images, from a Hugging
-Face ``CLIPModel`` folder."""
+"""``unclip-jax embed``: CLIP embeddings and similarities of captions and images.
+
+    unclip-jax embed --text "a red circle" --text "a blue square" --image in.png
+
+The CLIP comes from ``--clip DIR``: a Hugging Face ``CLIPModel`` folder, or an unclip-jax
+pipeline folder with a CLIP component; without it, the bundled Shapes model's CLIP
+(:func:`load_clip`, which ``unclip-jax precompute`` shares)."""
 from __future__ import annotations
 
 import argparse
 import os
 from typing import Sequence
 
+from unclip_jax.assets import resolve_checkpoint
+from unclip_jax.errors import UserError
+
+CLIP_HELP = ("A Hugging Face CLIPModel folder (config.json + model.safetensors), or an unclip-jax "
+             "pipeline folder with a 'clip' component (both towers). Default: the bundled Shapes "
+             "model's CLIP.")
+
+
+class ClipFolderError(UserError, ValueError):
+    """A --clip folder that holds no usable CLIP."""
+
+
+def load_clip(path: str | None):
+    """The CLIP of ``path`` (a Hugging Face CLIPModel folder or a pipeline folder), or of the
+    bundled Shapes model when ``path`` is None; returns ``(model, folder)``."""
+    if path and not os.path.isfile(os.path.join(path, "unclip.json")):
+        from unclip_jax import clip
+        if not os.path.isdir(path):
+            raise ClipFolderError(f"--clip {path} is not a folder; pass a Hugging Face "
+                                  "CLIPModel folder or an unclip-jax pipeline folder.")
+        return clip.from_pretrained(path), path
+    folder = resolve_checkpoint(path)
+    from unclip_jax.io import pipeline_folder
+    manifest = pipeline_folder.read_manifest(folder)
+    names = [n for n, c in manifest["components"].items() if c["class"] == "CLIP"]
+    if not names:
+        raise ClipFolderError(f"{folder} has no CLIP with both towers (its components: "
+                              f"{', '.join(sorted(manifest['components']))}); pass a Hugging "
+                              "Face CLIPModel folder with --clip.")
+    return pipeline_folder.load_component(folder, names[0], manifest), folder
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "embed", help="CLIP embeddings of captions and images.",
-        description="Encode captions and images with a Hugging Face CLIPModel folder (written "
-        "by save_pretrained, safetensors) and print their cosine similarities and zero-shot "
-        "probabilities.")
-    p.add_argument("--clip", required=True, metavar="DIR",
-                   help="Folder with config.json and model.safetensors of a CLIPModel.")
+        description="Encode captions and images with a CLIP (a Hugging Face CLIPModel folder, a "
+        "pipeline folder, or the bundled Shapes model's) and print their cosine similarities and "
+        "zero-shot probabilities.")
+    p.add_argument("--clip", metavar="DIR", help=CLIP_HELP)
     p.add_argument("--text", action="append", default=[], metavar="TEXT",
                    help="A caption (repeat the flag for several).")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -48,7 +83,7 @@ def run(args, overrides) -> int:
     if not args.text and not args.image:
         raise ConfigError("Nothing to embed: pass --text and/or --image.")
     images = _load_images(args.image)  # read (and refuse) inputs before the slow model load
-    model = clip.from_pretrained(args.clip)
+    model, _ = load_clip(args.clip)
     result = {}
     if args.text:
         tokens = clip.get_tokenizer(model.config.context_length)(args.text)

@@ -44,8 +44,7 @@ def add_parser(subparsers) -> None:
         "eval", help="Caption accuracy of a pipeline on the Shapes test split.",
         description="Generate images for captions of the Shapes TEST split, judge each exactly "
         "against its caption and print one-object and two-object accuracy, each part, "
-        "attribute binding, layout diversity and speed; --table adds the paper's comparisons.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "attribute binding, layout diversity and speed; --table adds the paper's comparisons.")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder. Default: the bundled Shapes model.")
     p.add_argument("--num-captions", type=positive_int("--num-captions"), default=500,

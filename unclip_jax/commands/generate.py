@@ -3,8 +3,8 @@
     unclip-jax generate --checkpoint DIR --prompt "a red circle at the top left" \
         --num-images 4 --seed 0 --out out/generate
 
-Writes one PNG per image (``{prompt index}_{image index}.png``) and ``grid.png`` (one row per
-prompt). Stage settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
+Writes one PNG per image (``{prompt index}_{image index}.png``, recording its prompt, seed,
+settings and model folder as PNG text) and ``grid.png`` (one row per prompt). Stage settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
 defaults) and can be overridden with the flags below. Without ``--checkpoint`` the bundled Shapes
 model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command with it.
 """
@@ -26,8 +26,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="Generate images from captions with a pipeline folder.",
         description="Caption -> CLIP text encoding -> prior -> decoder -> upsamplers. Writes one "
-        "PNG per image and grid.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "PNG per image and grid.png.")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder (UnCLIPPipeline.save_pretrained or "
                    "`unclip-jax convert`). Default: the bundled Shapes model.")
@@ -107,13 +106,19 @@ def run(args, overrides) -> int:
         decoder_settings=pick(steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
                               sampler=args.decoder_sampler),
         super_res_settings=pick(steps=args.super_res_steps, start_t=args.super_res_start))
+    from unclip_jax.commands.apps import png_metadata
+    settings = {"defaults": pipe.settings}
     os.makedirs(args.out, exist_ok=True)
     for i, im in enumerate(images):
-        Image.fromarray(im).save(os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
+        info = png_metadata(args, path, prompt=prompts[i // args.num_images], settings=settings)
+        Image.fromarray(im).save(
+            os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"),
+            pnginfo=info)
     bar.close()
     grid = args.grid or os.path.join(args.out, "grid.png")
     os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-    Image.fromarray(_grid(images, len(prompts))).save(grid)
+    Image.fromarray(_grid(images, len(prompts))).save(
+        grid, pnginfo=png_metadata(args, path, prompt=prompts, settings=settings))
     print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
           f"the grid to {grid} in {time.time() - start:.1f}s (traced: "
           + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items()))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from unclip_jax.commands.embed import CLIP_HELP
+
 HELP = "Pre-compute CLIP text/image embeddings of a dataset into TFRecord shards."
 
 
@@ -11,8 +13,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "precompute", help=HELP,
         description=HELP + " Writes embeds-NNNNN-of-NNNNN.tfrecord files and manifest.json to "
         "--out; read them with unclip_jax.data.precompute.read_embeddings(OUT).")
-    p.add_argument("--clip", required=True, metavar="DIR",
-                   help="Hugging Face CLIPModel folder (config.json + model.safetensors).")
+    p.add_argument("--clip", metavar="DIR", help=CLIP_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="Empty folder for the shards.")
     p.add_argument("--input", required=True, metavar="SPEC",
                    help="'shapes:SPLIT' (Shapes generated on the fly from --seed; needs --num), "
@@ -23,8 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "else 'data', else the whole config, goes to make_input).")
     p.add_argument("--data-dir", metavar="DIR", help="TFDS data folder for --input tfds:...")
     p.add_argument("--num", type=int, help="Number of examples (default: the whole split).")
-    p.add_argument("--seed", type=int, default=0, help="Shapes / reader seed (default: 0).")
-    p.add_argument("--batch-size", type=int, default=64, help="Encoder batch (default: 64).")
+    p.add_argument("--seed", type=int, default=0, help="Shapes / reader seed.")
+    p.add_argument("--batch-size", type=int, default=64, help="Encoder batch.")
     p.add_argument("--hidden", action="store_true", help="Also store the text hidden states.")
     p.add_argument("--hidden-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--image-size", type=int, help="Also store the images (PNG) at this size.")
@@ -78,18 +79,15 @@ def run(args, overrides) -> int:
         raise UserError("--config.* overrides need --config (they apply to --input config).")
     import os
 
-    from unclip_jax import clip
+    from unclip_jax.commands.embed import load_clip
     from unclip_jax.data import precompute as pc
     batches = _input_batches(args, overrides)
-    if not os.path.isdir(args.clip):
-        raise FileNotFoundError(f"--clip {args.clip!r} is not a folder; pass a Hugging Face "
-                                "CLIPModel folder (config.json + model.safetensors).")
-    model = clip.from_pretrained(args.clip)
+    model, folder = load_clip(args.clip)
     manifest = pc.precompute(
         model, batches, args.out, batch_size=args.batch_size, with_hidden=args.hidden,
         hidden_dtype=args.hidden_dtype, image_size=args.image_size,
         examples_per_shard=args.examples_per_shard, max_examples=args.num,
-        clip_source=os.path.abspath(args.clip))
+        clip_source=os.path.abspath(folder))
     report = pc.validate_shards(args.out)
     print(f"wrote {manifest['count']} examples in {len(manifest['files'])} shards to {args.out} "
           f"({manifest['seconds']} s); fields {manifest['fields']}; validated: {report['good']} "

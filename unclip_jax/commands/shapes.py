@@ -15,7 +15,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "after importing unclip_jax.data.shapes_builder.")
     p.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data folder to write.")
     p.add_argument("--config", dest="builder_config", default="default",
-                   choices=("default", "tiny"), help="Builder config (default: %(default)s).")
+                   choices=("default", "tiny"), help="Builder config.")
     p.add_argument("--num-train", type=int, help="Train examples (overrides the config's).")
     p.add_argument("--num-test", type=int, help="Test examples (overrides the config's).")
     p.add_argument("--seed", type=int, help="Generation seed (overrides the config's).")

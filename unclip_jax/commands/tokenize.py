@@ -8,7 +8,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tokenize", help="Print CLIP token ids of captions.")
     p.add_argument("text", nargs="+", help="Captions to tokenize.")
     p.add_argument("--context-length", type=int, default=77,
-                   help="Row length including start and end tokens (default: %(default)s).")
+                   help="Row length including start and end tokens.")
     p.add_argument("--truncate", action="store_true",
                    help="Cut captions that do not fit instead of refusing them.")
     p.set_defaults(func=run)
