@@ -4,7 +4,7 @@
 
 Data, generated in a temporary folder (nothing downloaded):
   shapes128  Shapes-like 128 x 128 PNGs (flat coloured circles / squares / triangles on grey,
-             as DESIGN.md section 5), 512 records in 4 webdataset tar shards
+             as unclip_jax/data/shapes.py describes), 512 records in 4 webdataset tar shards
   jpeg512    512 x 512 JPEGs (quality 90; smooth gradients with shapes and mild noise, so the
              codec does real work), 256 records in 4 shards
 For each, the full pipeline as the trainer runs it (repeat, shuffle buffer, decode, CLIP

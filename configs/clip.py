@@ -14,7 +14,7 @@ Commands:
 Sizes are the presets of `unclip_jax.clip.model.PRESETS`: tiny, small (the Shapes demo's CLIP),
 ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14-336 (OpenAI) and ViT-H/14 (open_clip, LAION-2B). Any
 preset field can be overridden, e.g. --config.model.vision_layers=4. Released weights are not
-trained here: load them with `unclip_jax.clip.from_pretrained(hf_folder)`.
+trained here: load them with `unclip_jax.convert.hf_clip.from_pretrained(hf_folder)`.
 
 Optimiser defaults follow OpenAI CLIP (AdamW, beta2 0.98, eps 1e-6, weight decay 0.2, warmup then
 cosine). `runlocal` shrinks everything for a laptop: the tiny preset, batch 16, 20 steps, on the

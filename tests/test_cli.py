@@ -9,6 +9,7 @@ from flax import nnx
 from PIL import Image
 
 from unclip_jax import cli, clip
+from unclip_jax.convert import hf_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ def test_config_prints_overrides_and_refuses_bad_keys(capsys):
 def tiny_clip_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip")
     model = clip.CLIP(clip.get_preset("tiny"), rngs=nnx.Rngs(0))
-    clip.save_pretrained(model, path)
+    hf_clip.save_pretrained(model, path)
     return str(path), model
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPConfig as HFConfig, CLIPModel
 
-from unclip_jax.clip.hf_import import (CheckpointError, CheckpointMismatchError, from_pretrained,
+from unclip_jax.convert.hf_clip import (CheckpointError, CheckpointMismatchError, from_pretrained,
                                        save_pretrained, to_hf_state_dict)
 
 EOS = 49407

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from unclip_jax import cli, clip
+from unclip_jax.convert import hf_clip
 from unclip_jax.data import precompute as pc
 from unclip_jax.data import shapes
 
@@ -122,7 +123,7 @@ def test_errors(written, model, tmp_path):
 
 def test_cli_precompute(model, tmp_path, capsys):
     clip_dir = str(tmp_path / "clip")
-    clip.save_pretrained(model, clip_dir)
+    hf_clip.save_pretrained(model, clip_dir)
     out = str(tmp_path / "out")
     rc = cli.main(["precompute", "--clip", clip_dir, "--out", out, "--input", "shapes:train",
                    "--num", "5", "--batch-size", "4", "--image-size", "64"])

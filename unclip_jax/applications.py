@@ -40,9 +40,14 @@ import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from PIL import Image, UnidentifiedImageError
 
 from unclip_jax import diffusion
+from unclip_jax.clip.preprocess import preprocess, resize_and_crop, to_rgb
 from unclip_jax.diffusion import SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
 from unclip_jax.pipeline import TextInputs, decoder_model_fn, stage_spec, to_uint8
@@ -70,7 +75,6 @@ def slerp(a, b, theta, *, eps: float = 1e-6):
     vectors (sin w < eps) are linearly interpolated (the limit of the formula); so are exactly
     opposite ones, whose great circle is not unique. Traceable under ``jax.jit``.
     """
-    import jax.numpy as jnp
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"slerp needs a and b of one shape, got {a.shape} and {b.shape}.")
@@ -107,9 +111,7 @@ def slerp(a, b, theta, *, eps: float = 1e-6):
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 RGB [H, W, 3] (greyscale expanded, transparency onto white);
     an ApplicationError names a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
 
-    from unclip_jax.clip.preprocess import to_rgb
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ApplicationError(f"Image {path!r} does not exist; pass the path of a PNG or JPEG.")
@@ -124,7 +126,6 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def _as_image(image) -> np.ndarray:
     """One uint8 image (array [H, W(, C)] or PIL) -> uint8 RGB [H, W, 3]."""
-    from unclip_jax.clip.preprocess import to_rgb
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     arr = image if not isinstance(image, np.ndarray) else np.asarray(image)
@@ -144,7 +145,6 @@ def _as_image(image) -> np.ndarray:
 def decoder_input(pipe, images: Sequence) -> np.ndarray:
     """uint8 images -> float32 [B, s, s, 3] in [-1, 1] at the decoder's resolution (shorter side
     resized with PIL bicubic, centre crop), the form the decoder was trained on."""
-    from unclip_jax.clip.preprocess import resize_and_crop
     size = pipe.decoder.config.image_size
     out = [resize_and_crop(_as_image(im), size).astype(np.float32) / 127.5 - 1.0 for im in images]
     return np.stack(out)
@@ -159,16 +159,13 @@ def _check_image_tower(pipe) -> None:
 
 def image_embeds(pipe, images: Sequence) -> Any:
     """CLIP image embeddings z_i float32 [B, D] (not normalised) of uint8 images."""
-    import jax.numpy as jnp
 
-    from unclip_jax.clip.preprocess import preprocess
     _check_image_tower(pipe)
     pixels = preprocess([_as_image(im) for im in images], image_size=pipe.clip.config.image_size)
     rt = pipe.runtime
     gd, state = rt.split("clip", pipe.clip)
 
     def fn(state, pixels):
-        from flax import nnx
         return nnx.merge(gd, state).encode_image(pixels).astype(jnp.float32)
 
     return rt.jit("app_clip_image", (), fn)(state, rt.put(jnp.asarray(pixels)))
@@ -232,7 +229,6 @@ def ddim_spec(pipe, steps: int, *, eta: float = 0.0, clip_range: float | None = 
 
 
 def _text_rows(pipe, text, n: int):
-    import jax.numpy as jnp
     rep = lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + tuple(np.shape(a))[1:])  # noqa: E731
     rows = (rep(text.text_embed), rep(text.text_hidden), rep(np.asarray(text.mask)))
     uncond = (jnp.asarray(text.uncond_embed), jnp.asarray(text.uncond_hidden),
@@ -258,8 +254,6 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     """DDIM-invert decoder-resolution images x0 [N, s, s, 3] in [-1, 1] to x_T, through the
     decoder conditioned on z_i [N, D] and ``text`` (:func:`caption_inputs`; default the empty
     caption). Decoding x_T with :func:`ddim_decode` (eta = 0, same settings) gives x0 back."""
-    import jax
-    import jax.numpy as jnp
     _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x0 = jnp.asarray(x0, jnp.float32)
@@ -275,7 +269,6 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     rows, uncond = _text_rows(pipe, text, n)
 
     def fn(state, x0, zi, rows, uncond):
-        from flax import nnx
         with jax.ensure_compile_time_eval():
             schedule = spec.sampling_schedule()
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
@@ -293,8 +286,6 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     (default the empty caption); eta > 0 needs ``rng``. Returns [N, s, s, 3] in [-1, 1]
     (clipped). ``clip_range`` clips every x0 estimate (None: no clipping, so that eta = 0 is the
     exact inverse of :func:`invert`)."""
-    import jax
-    import jax.numpy as jnp
     _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x_T = jnp.asarray(x_T, jnp.float32)
@@ -314,7 +305,6 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     rows, uncond = _text_rows(pipe, text, n)
 
     def fn(state, x_T, zi, rows, uncond, key):
-        from flax import nnx
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale)
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key), -1.0, 1.0)
 
@@ -342,7 +332,6 @@ def upsample_stages(pipe) -> list[int]:
 def _upsample(pipe, x, rng, upsample: int | None, *, shared_noise: bool, progress=None):
     """Run the first ``upsample`` (default: all) upsampling stages. shared_noise: every row gets
     the same starting and per-step noise (rows then differ only through their input)."""
-    import jax
     stages = upsample_stages(pipe)
     count = len(stages) if upsample is None else int(upsample)
     if not 0 <= count <= len(stages):
@@ -453,7 +442,6 @@ def variations(pipe, image, num_images: int = 4, seed: int = 0, *, eta: float = 
     (eta = 0 reconstructs the image; larger eta strays further). ``guidance_scale`` (default the
     pipeline's decoder setting) is used both to invert and to decode; ``caption`` conditions the
     decoder's text input (default the empty caption). Same seed, same images."""
-    import jax
     if int(num_images) < 1:
         raise ApplicationError(f"num_images must be at least 1, got {num_images}.")
     _common(steps, refine_iters)
@@ -488,8 +476,6 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
     one random draw (from ``seed``) shared by all frames (``mode='fixed'``) or
     slerp(x_T(a), x_T(b), theta) of the two images' DDIM-inverted latents
     (``mode='slerp_latent'``: the end frames reconstruct the inputs)."""
-    import jax
-    import jax.numpy as jnp
     if mode not in MODES:
         raise ApplicationError(f"mode must be one of {MODES}, got {mode!r}.")
     if int(num_frames) < 2:
@@ -535,7 +521,6 @@ def _parse_thetas(thetas) -> np.ndarray:
 def text_diff_vector(pipe, image_embed, source_caption: str, target_caption: str):
     """z_d = normalise(z_t(target) - z_t(source)), scaled to the norm of z_i [D] so that slerp
     moves along the sphere z_i lives on."""
-    import jax.numpy as jnp
     _check_caption("source caption", source_caption)
     _check_caption("target caption", target_caption)
     z_t = jnp.asarray(pipe.encode_text([source_caption, target_caption]).text_embed, jnp.float32)
@@ -559,7 +544,6 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
     - z_t(source)) (scaled to |z_i|), z_theta = slerp(z_i, z_d, theta) for each theta, each
     decoded with DDIM eta = 0 from the image's inverted x_T. theta = 0 is :func:`reconstruct`.
     The paper keeps theta in about [0.25, 0.5]: beyond that the image loses its content."""
-    import jax
     _check_caption("source caption", source_caption)
     _check_caption("target caption", target_caption)
     t = _parse_thetas(thetas)
@@ -587,8 +571,6 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
 def zero_shot(pipe, image_embed, labels: Sequence[str], logit_scale: float | None = None):
     """(probabilities [L], cosines [L]) of ``labels`` for one z_i [D]: softmax over
     ``logit_scale`` * cosine (default CLIP's learned exp(logit_scale), capped at 100)."""
-    import jax
-    import jax.numpy as jnp
     z_t = jnp.asarray(pipe.encode_text(list(labels)).text_embed, jnp.float32)
     zi = jnp.asarray(image_embed, jnp.float32).reshape(-1)
     unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
@@ -606,7 +588,6 @@ def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed
     probabilities of ``labels`` for the image, beside ``num_reconstructions`` samples of the
     decoder from the image's z_i (the pipeline's decoder sampler and guidance, overridable with
     ``decoder_settings`` such as ``{'steps': 25}``; the empty caption)."""
-    import jax
     labels = list(labels)
     if not labels:
         raise ApplicationError("Give at least one label to probe (e.g. --label 'an apple').")

@@ -13,16 +13,7 @@ from typing import Sequence
 
 from unclip_jax import __version__
 from unclip_jax import config as config_lib
-from unclip_jax.commands import COMMANDS, enable_compilation_cache
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message tells the user what to fix (no traceback needed). Imported
-    only when a command fails: the tokenizer's package imports JAX."""
-    from unclip_jax.clip.tokenizer import CaptionError
-    from unclip_jax.errors import UserError
-    from unclip_jax.torch_weights import CheckpointError
-    return (UserError, config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
+from unclip_jax.commands import COMMANDS, enable_compilation_cache, user_errors
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         enable_compilation_cache(args)
         return args.func(args, overrides)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"unclip-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

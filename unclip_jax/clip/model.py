@@ -1,7 +1,7 @@
 """CLIP (Radford et al. 2021) as Flax NNX modules: a ViT image encoder and a causal text Transformer.
 
 The layout follows OpenAI CLIP and its Hugging Face port (``transformers`` ``CLIPModel``) so that
-released checkpoints load one to one (see :mod:`unclip_jax.clip.hf_import`):
+released checkpoints load one to one (see :mod:`unclip_jax.convert.hf_clip`):
 
 * both towers are stacks of pre-LayerNorm Transformer blocks
   (``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``);

@@ -44,3 +44,13 @@ def enable_compilation_cache(args) -> None:
         return
     from unclip_jax import compilation_cache
     compilation_cache.enable(disabled=args.no_compilation_cache)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message tells the user what to fix (printed as one line, no
+    traceback). Imported only when a command fails: the tokenizer's package imports JAX."""
+    from unclip_jax import config as config_lib
+    from unclip_jax.clip.tokenizer import CaptionError
+    from unclip_jax.errors import UserError
+    from unclip_jax.torch_weights import CheckpointError
+    return (UserError, config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)

@@ -27,11 +27,11 @@ def load_clip(path: str | None):
     """The CLIP of ``path`` (a Hugging Face CLIPModel folder or a pipeline folder), or of the
     bundled Shapes model when ``path`` is None; returns ``(model, folder)``."""
     if path and not os.path.isfile(os.path.join(path, "unclip.json")):
-        from unclip_jax import clip
+        from unclip_jax.convert import hf_clip
         if not os.path.isdir(path):
             raise ClipFolderError(f"--clip {path} is not a folder; pass a Hugging Face "
                                   "CLIPModel folder or an unclip-jax pipeline folder.")
-        return clip.from_pretrained(path), path
+        return hf_clip.from_pretrained(path), path
     folder = resolve_checkpoint(path)
     from unclip_jax.io import pipeline_folder
     manifest = pipeline_folder.read_manifest(folder)

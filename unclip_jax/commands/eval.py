@@ -39,7 +39,6 @@ def _list(name, kind):
 
 
 def add_parser(subparsers) -> None:
-    from unclip_jax.evaluate import shapes_eval as se  # numpy only: --help stays instant
     p = subparsers.add_parser(
         "eval", help="Caption accuracy of a pipeline on the Shapes test split.",
         description="Generate images for captions of the Shapes TEST split, judge each exactly "
@@ -52,11 +51,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-images", type=positive_int("--num-images"), default=2,
                    help="Images per caption (diversity needs 2 or more).")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed: same seed, same numbers.")
-    p.add_argument("--data-seed", type=int, default=se.DEFAULT_DATA_SEED,
-                   help="Seed of the Shapes dataset whose test split gives the captions.")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="Seed of the Shapes dataset whose test split gives the captions "
+                   "(default: the dataset's own default seed).")
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=32,
                    help="Images per pipeline call.")
-    p.add_argument("--prior", choices=se.PRIORS, default="diffusion",
+    p.add_argument("--prior", choices=("diffusion", "ar", "none"), default="diffusion",
                    help="Prior for the summary ('none': the decoder conditioned on z_t).")
     p.add_argument("--prior-steps", type=int, help="Prior sampling steps (None: the manifest's).")
     p.add_argument("--prior-guidance", type=float, help="Prior guidance scale.")
@@ -75,14 +75,17 @@ def add_parser(subparsers) -> None:
                    "much faster on a CPU).")
     p.add_argument("--table-captions", type=positive_int("--table-captions"), default=100,
                    help="Captions per row of the table (the first N of those evaluated).")
-    p.add_argument("--table-priors", type=_list("--table-priors", str), default=se.PRIORS,
-                   help="Priors of the table (those the pipeline has).")
-    p.add_argument("--table-guidance", type=_list("--table-guidance", float),
-                   default=se.GUIDANCE_SCALES, help="Decoder guidance scales of the table.")
-    p.add_argument("--table-samplers", type=_list("--table-samplers", str),
-                   default=se.TABLE_SAMPLERS, help="Decoder samplers of the table.")
-    p.add_argument("--table-steps", type=_list("--table-steps", int),
-                   default=se.SAMPLER_STEPS, help="Decoder step counts of the table.")
+    p.add_argument("--table-priors", type=_list("--table-priors", str), default=None,
+                   help="Priors of the table (default: each of diffusion, ar and none that the "
+                   "pipeline has).")
+    p.add_argument("--table-guidance", type=_list("--table-guidance", float), default=None,
+                   help="Decoder guidance scales of the table (default: the paper's sweep, "
+                   "unclip_jax.evaluate.shapes_eval.GUIDANCE_SCALES).")
+    p.add_argument("--table-samplers", type=_list("--table-samplers", str), default=None,
+                   help="Decoder samplers of the table (default: ddpm, ddim and dpm++).")
+    p.add_argument("--table-steps", type=_list("--table-steps", int), default=None,
+                   help="Decoder step counts of the table (default: "
+                   "unclip_jax.evaluate.shapes_eval.SAMPLER_STEPS).")
     p.add_argument("--clip-metrics", action="store_true",
                    help="Also CLIP score and FD-CLIP (the pipeline's CLIP; needs its image "
                    "tower) against the test split's true images.")
@@ -108,11 +111,11 @@ def run(args, overrides) -> int:
     if (args.clip_metrics or args.inception) and args.num_captions < 2:
         raise EvalCommandError("FD-CLIP and FID compare at least 2 generated with 2 true test "
                                f"images; raise --num-captions (got {args.num_captions}).")
-    bad = [s for s in args.table_samplers if s not in ("unclip", "ddpm", "ddim", "dpm++")]
+    bad = [s for s in args.table_samplers or () if s not in ("unclip", "ddpm", "ddim", "dpm++")]
     if bad:
         raise EvalCommandError(f"--table-samplers: unknown sampler(s) {bad}; choose from "
                                "unclip, ddpm, ddim, dpm++.")
-    bad = [p for p in args.table_priors if p not in ("diffusion", "ar", "none")]
+    bad = [p for p in args.table_priors or () if p not in ("diffusion", "ar", "none")]
     if bad:
         raise EvalCommandError(f"--table-priors: unknown prior(s) {bad}; choose from "
                                "diffusion, ar, none.")
@@ -121,6 +124,12 @@ def run(args, overrides) -> int:
 
     from unclip_jax.commands.apps import load_pipeline
     from unclip_jax.evaluate import shapes_eval as se
+    defaults = dict(data_seed=se.DEFAULT_DATA_SEED, table_priors=se.PRIORS,
+                    table_guidance=se.GUIDANCE_SCALES, table_samplers=se.TABLE_SAMPLERS,
+                    table_steps=se.SAMPLER_STEPS)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     pipe = load_pipeline(path)
     captions = se.test_captions(args.num_captions, args.data_seed)
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731

@@ -1,5 +1,6 @@
-"""Weight import from other unCLIP implementations.
+"""Weight import from other implementations.
 
+  hf_clip.py     Hugging Face transformers CLIPModel folders: from_pretrained, save_pretrained
   diffusers.py   diffusers / Karlo folders: load_prior, load_decoder, load_super_res
                  (the modules behind it: diffusers_prior.py, diffusers_unet.py)
 

@@ -36,7 +36,17 @@ import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
+
+from unclip_jax.clip.text_encoder import CLIPTextEncoder
+from unclip_jax.clip.tokenizer import Tokenizer
+from unclip_jax.convert import hf_clip
+from unclip_jax.convert.diffusers import load_decoder, load_prior, load_super_res
 from unclip_jax.errors import UserError
+from unclip_jax.io import pipeline_folder, safetensors
+from unclip_jax.io.safetensors import TensorFiles
+from unclip_jax.models.layers import abstract_init
+from unclip_jax.torch_weights import CheckpointError, load_into, weight_files
 
 REQUIRED = ("prior", "text_encoder", "tokenizer", "text_proj", "decoder")
 OPTIONAL = ("super_res_first", "super_res_last")
@@ -102,10 +112,12 @@ def _stage_component(src: str, name: str, stage_root: str, allow_pickle: bool) -
             "default because unpickling can run code. Re-save the pipeline with safetensors "
             "(diffusers save_pretrained does by default), or pass --allow-pickle to read them "
             "with torch.load(weights_only=True).")
-    import numpy as np
-    import torch
-
-    from unclip_jax.io import safetensors
+    try:  # torch is not a dependency: only pickled folders need it
+        import torch
+    except ImportError:
+        raise ConvertError(f"{folder} holds only pickled weights, and reading them needs torch, "
+                           "which is not installed: pip install torch (the CPU wheel is enough), "
+                           "or re-save the pipeline with safetensors.") from None
     tensors: dict[str, Any] = {}
     for f in pickled:
         try:
@@ -134,16 +146,11 @@ def _as_convert_error(name: str, e: Exception) -> ConvertError:
 
 def load_text_encoder(folder: str, *, dtype: str = "float32"):
     """A transformers CLIPTextModelWithProjection (or CLIPModel) folder -> (name, module)."""
-    from unclip_jax.clip import hf_import
-    from unclip_jax.clip.text_encoder import CLIPTextEncoder
-    from unclip_jax.io.safetensors import TensorFiles
-    from unclip_jax.models.layers import abstract_init
-    from unclip_jax.torch_weights import load_into, weight_files
 
     cfg = _read_json(os.path.join(folder, "config.json"))
     tensors = TensorFiles(weight_files(folder, "model", "transformers save_pretrained"))
     if cfg.get("model_type") == "clip" or any(n.startswith("vision_model.") for n in tensors.names()):
-        return "clip", hf_import.from_pretrained(folder, dtype=dtype)
+        return "clip", hf_clip.from_pretrained(folder, dtype=dtype)
     if cfg.get("model_type") not in (None, "clip_text_model"):
         raise ConvertError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; "
                            "expected a CLIP text encoder ('clip_text_model').")
@@ -151,20 +158,19 @@ def load_text_encoder(folder: str, *, dtype: str = "float32"):
               "layer_norm_eps": cfg.get("layer_norm_eps", 1e-5)}
     full = {"model_type": "clip", "text_config": cfg, "vision_config": vision,
             "projection_dim": cfg.get("projection_dim", 512)}
-    config = hf_import.config_from_hf(full, dtype=dtype)
-    table = {p: v for p, v in hf_import.param_map(config).items()
+    config = hf_clip.config_from_hf(full, dtype=dtype)
+    table = {p: v for p, v in hf_clip.param_map(config).items()
              if p[0] in ("text", "text_projection")}
     abstract = abstract_init(lambda: CLIPTextEncoder(config, __import__("flax").nnx.Rngs(0)))
     module = load_into(abstract, table, tensors, path=folder,
                        what="CLIP text encoder (with projection) built from its config.json",
-                       ignore=lambda n: n.endswith(hf_import.IGNORED_SUFFIXES),
+                       ignore=lambda n: n.endswith(hf_clip.IGNORED_SUFFIXES),
                        param_dtype=config.params_dtype)
     return "text_encoder", module
 
 
 def _tokenizer_settings(folder: str) -> dict:
     """The manifest's tokenizer section from a CLIPTokenizer folder (vocabulary checked)."""
-    from unclip_jax.clip.tokenizer import Tokenizer
     cfg = {}
     path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(path):
@@ -220,9 +226,6 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     ``dtype`` narrows float storage in the output ('float16' / 'bfloat16'; default float32).
     ``log`` (e.g. print) receives one line per converted component.
     """
-    from unclip_jax.convert.diffusers import load_decoder, load_prior, load_super_res
-    from unclip_jax.io import pipeline_folder
-    from unclip_jax.torch_weights import CheckpointError
 
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isdir(src):

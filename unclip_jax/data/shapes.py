@@ -1,4 +1,4 @@
-"""The Shapes dataset: procedural images of coloured shapes with exact captions (DESIGN.md section 5).
+"""The Shapes dataset: procedural images of coloured shapes with exact captions.
 
 Every scene is drawn on a 128 x 128 RGB canvas with background (240, 240, 240):
 

@@ -56,7 +56,7 @@ def make_config(num_train: int, num_test: int, seed: int = 0) -> ShapesConfig:
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    """Procedural coloured shapes with exact captions (unclip-jax, DESIGN.md section 5)."""
+    """Procedural coloured shapes with exact captions (unclip-jax; the rules are in unclip_jax/data/shapes.py)."""
 
     name = NAME
     VERSION = tfds.core.Version("1.0.0")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .ddim import ddim_sample
@@ -118,7 +119,6 @@ class SamplerSpec:
         """The full training schedule (float64-built; or torch's float32 cumprod)."""
         n = self.num_train_steps
         if self.schedule == "cosine" and self.float32_cumprod:
-            import jax.numpy as jnp
             # diffusers' UnCLIPScheduler: float32 betas, float32 alphas and running product. Its
             # one-step updates (prev_t = t - 1, e.g. the last step t = 0 -> clean data) use those
             # float32 betas / alphas directly, so they are kept too: betas[0] / (1 - acp[0]) is

@@ -1,4 +1,4 @@
-"""Caption accuracy of a text-to-image pipeline on the Shapes dataset (DESIGN.md section 5), and
+"""Caption accuracy of a text-to-image pipeline on the Shapes dataset, and
 the paper's comparisons as one table.
 
     pipe = UnCLIPPipeline.from_pretrained(folder)
@@ -48,8 +48,15 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
+from unclip_jax.clip.text_encoder import CLIPTextEncoder
+from unclip_jax.data import shapes
+from unclip_jax.data.shapes import parse_caption
+from unclip_jax.diffusion import SAMPLERS
 from unclip_jax.errors import UserError
+from unclip_jax.evaluate import image_metrics as im
+from unclip_jax.evaluate.shapes_judge import find_objects, judge_batch
 
 __all__ = ["ComparisonSetting", "Comparison", "EvalError", "caption_accuracy",
            "comparison_settings", "comparison_table", "diversity", "generate_for_captions",
@@ -74,7 +81,6 @@ class EvalError(UserError, ValueError):
 def test_captions(n: int, seed: int = DEFAULT_DATA_SEED, *, start: int = 0) -> list[str]:
     """The captions of examples ``start`` .. ``start + n - 1`` of the Shapes TEST split (the ones
     ``unclip_jax.data.shapes.generate(seed, 'test', n, start)`` draws, without rendering)."""
-    from unclip_jax.data import shapes
     if int(n) < 1:
         raise EvalError(f"Ask for at least one test caption, got n={n}.")
     return [shapes.sample_scene(shapes.scene_rng(seed, "test", i)).caption
@@ -87,7 +93,6 @@ test_captions.__test__ = False   # not a pytest test, whatever imports it
 def test_set(n: int, seed: int = DEFAULT_DATA_SEED, *, size: int = 128, start: int = 0
              ) -> tuple[np.ndarray, list[str]]:
     """Ground-truth renders (uint8 [n, size, size, 3]) and captions of the Shapes TEST split."""
-    from unclip_jax.data import shapes
     if int(n) < 1:
         raise EvalError(f"Ask for at least one test example, got n={n}.")
     images, scenes = shapes.generate(int(seed), "test", int(n), start=int(start), size=int(size))
@@ -103,7 +108,6 @@ test_set.__test__ = False
 
 def layout(image) -> tuple:
     """The layout of an image: sorted (colour, grid cell) of every object the judge finds."""
-    from unclip_jax.evaluate.shapes_judge import find_objects
     return tuple(sorted((r.colour, r.position) for r in find_objects(image)))
 
 
@@ -127,7 +131,6 @@ def diversity(layouts: Sequence[Sequence[tuple]]) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 def _check_captions(captions: Sequence[str]) -> list[str]:
-    from unclip_jax.data.shapes import parse_caption
     if isinstance(captions, str):
         raise EvalError("captions must be a list of Shapes captions, not one string.")
     captions = list(captions)
@@ -188,8 +191,6 @@ def generate_for_captions(pipe, captions: Sequence[str], *, seed: int = 0, num_i
 def score_images(images, captions: Sequence[str], num_images: int = 1) -> dict[str, float]:
     """Judge caption-major images (``num_images`` per caption): :func:`judge_batch`'s summary
     plus ``diversity`` / ``layouts`` overall and per kind (``one/``, ``two/``)."""
-    from unclip_jax.data.shapes import parse_caption
-    from unclip_jax.evaluate.shapes_judge import judge_batch
     captions = _check_captions(captions)
     images = np.asarray(images)
     if len(images) != len(captions) * int(num_images):
@@ -215,7 +216,6 @@ def _resize_like(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     the Shapes renders use), bicubic when enlarging; unchanged when the size already matches."""
     if images.ndim != 4 or tuple(images.shape[1:3]) == tuple(size):
         return images
-    from PIL import Image
     h, w = size
     method = Image.BOX if images.shape[1] >= h else Image.BICUBIC
     return np.stack([np.asarray(Image.fromarray(im).resize((w, h), method)) for im in images])
@@ -242,7 +242,6 @@ def caption_accuracy(pipe, captions: Sequence[str], *, seed: int = 0, num_images
             raise EvalError("Frechet distances need at least 2 generated and 2 reference "
                             "images; evaluate more captions.")
     if clip_metrics:
-        from unclip_jax.clip.text_encoder import CLIPTextEncoder
         if getattr(pipe, "clip", None) is None or isinstance(pipe.clip, CLIPTextEncoder):
             raise EvalError("CLIP score and FD-CLIP need the pipeline's CLIP image tower, but this "
                             "pipeline ships only CLIP's text encoder; leave clip_metrics "
@@ -256,7 +255,6 @@ def caption_accuracy(pipe, captions: Sequence[str], *, seed: int = 0, num_images
     out["images_per_s"] = speed
     out["seconds"] = float(seconds)
     if clip_metrics or inception is not None:
-        from unclip_jax.evaluate import image_metrics as im
         if reference_images is not None:
             reference_images = _resize_like(np.asarray(reference_images), images.shape[1:3])
         if clip_metrics:
@@ -386,7 +384,6 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     unknown = [p for p in priors if p not in PRIORS]
     if unknown:
         raise EvalError(f"Unknown prior(s) {unknown}; choose from {PRIORS}.")
-    from unclip_jax.diffusion import SAMPLERS
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad:
         raise EvalError(f"Unknown sampler(s) {bad}; choose from {SAMPLERS}.")

@@ -1,4 +1,4 @@
-"""The exact judge of a Shapes image against its caption (DESIGN.md section 5).
+"""The exact judge of a Shapes image against its caption.
 
 :func:`judge` parses the caption (:func:`unclip_jax.data.shapes.parse_caption`), finds the objects in
 the image and compares them with what the caption asks for. :func:`judge_batch` averages over a

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.diffusion import guided_model_fn
 from unclip_jax.models.layers import LayerNorm, abstract_init, logical
 from unclip_jax.models.transformer import TextConfig, TextTransformer
 from unclip_jax.models.unet_blocks import UNet, UNetConfig, dense
@@ -240,7 +241,6 @@ def guided_decoder_fn(decoder: Decoder, image_embed: Array, text_embed: Array | 
     if guidance_scale == 1.0:
         return lambda x, t: decoder(x, t, image_embed, **cond)
 
-    from unclip_jax.diffusion import guided_model_fn
     b = image_embed.shape[0]
     cat = lambda a, u: None if a is None else jnp.concatenate([a, a if u is None else u], axis=0)
     u = uncond or {}

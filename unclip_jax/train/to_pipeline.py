@@ -25,9 +25,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from unclip_jax.clip import hf_import
 from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.clip.tokenizer import get_tokenizer
+from unclip_jax.convert import hf_clip
 from unclip_jax.errors import UserError
 from unclip_jax.io import pipeline_folder
 from unclip_jax.models.layers import abstract_init
@@ -110,7 +110,7 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
     if config.stage == "clip":
         if hf_out:
             os.makedirs(hf_out, exist_ok=True)
-            hf_import.save_pretrained(module, hf_out)
+            hf_clip.save_pretrained(module, hf_out)
             summary["hf_out"] = hf_out
         if name == "text_encoder":
             module = text_encoder_of(module)
