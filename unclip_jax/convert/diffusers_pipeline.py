@@ -37,6 +37,7 @@ import tempfile
 from typing import Any
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
 
 REQUIRED = ("prior", "text_encoder", "tokenizer", "text_proj", "decoder")
 OPTIONAL = ("super_res_first", "super_res_last")
@@ -237,7 +238,7 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     if missing:
         raise ConvertError(f"{src} lacks the subfolder(s) {', '.join(m + '/' for m in missing)}; "
                            "expected a diffusers UnCLIPPipeline folder.")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if os.path.abspath(src) == paths.absolute(dst):
         raise ConvertError("--out must differ from the source folder.")
     present_sr = [d for d in OPTIONAL if os.path.isdir(os.path.join(src, d))]
 

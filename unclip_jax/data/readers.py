@@ -24,6 +24,8 @@ when ``repeat``, deterministically) and interleaves ``cycle_length`` files recor
 record-level shuffle buffer lives in input_pipeline.py. Everything is deterministic given the
 seed (``tf.data.Options().deterministic = True``).
 
+Paths (patterns, folders, files) go through unclip_jax.io.paths: local or gs://.
+
 Tar and TFRecord files are parsed in Python (``tarfile``; a 20-line TFRecord framing reader +
 ``tf.train.Example`` protobuf parsing) inside ``tf.data.Dataset.from_generator``, one generator
 per file, because that is the only way to survive damage: TensorFlow's own TFRecord reader
@@ -52,6 +54,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 CAPTION_EXTENSIONS = ("txt",)
@@ -89,10 +92,10 @@ def resolve_files(patterns: str | Sequence[str], what: str = "files") -> list[st
                           "glob patterns, e.g. ['/data/shards/*.tar'].")
     files = set()
     for pattern in patterns:
-        files.update(tf.io.gfile.glob(pattern))
+        files.update(paths.glob(pattern))
     if not files:
-        raise ReaderError(f"No {what} match {patterns}. Check the paths (globs are expanded "
-                          "with tf.io.gfile.glob) or the working directory.")
+        raise ReaderError(f"No {what} match {patterns}. Check the paths (globs: *, ? and [...], "
+                          "local or gs://) or the working directory.")
     return sorted(files)
 
 
@@ -190,8 +193,7 @@ def iter_tar_records(path) -> Iterator[dict]:
     path = _as_str(path)
     key, group = None, {}
     try:
-        tf.io.gfile.stat(path)  # GFile opens lazily: find a missing file here
-        f = tf.io.gfile.GFile(path, "rb")
+        f = paths.open(path, "rb")
     except Exception:  # noqa: BLE001 - any failure to open is reported, never raised
         yield _marker("unreadable_file", path)
         return
@@ -276,8 +278,8 @@ def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: s
     image_feature, caption_feature, key_feature = (_as_str(x) for x in
                                                    (image_feature, caption_feature, key_feature))
     try:
-        size = tf.io.gfile.stat(path).length
-        f = tf.io.gfile.GFile(path, "rb")
+        size = paths.getsize(path)
+        f = paths.open(path, "rb")
     except Exception:  # noqa: BLE001
         yield _marker("unreadable_file", path)
         return
@@ -327,13 +329,11 @@ def _folder_images(patterns) -> list[tuple[str, str]]:
         patterns = [patterns]
     found = []
     for match in resolve_files(patterns, "image folders"):
-        if tf.io.gfile.isdir(match):
-            for directory, _, names in tf.io.gfile.walk(match):
-                for name in names:
-                    if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-                        found.append((os.path.join(directory, name), match))
+        if paths.isdir(match):
+            found += [(file, match) for file in paths.files_under(match)
+                      if file.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
         elif match.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-            found.append((match, os.path.dirname(match)))
+            found.append((match, paths.dirname(match)))
     if not found:
         raise ReaderError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {patterns}. "
                           "The folder reader wants IMG.png + IMG.txt side by side.")
@@ -343,16 +343,15 @@ def _folder_images(patterns) -> list[tuple[str, str]]:
 def read_folder_record(path, root) -> dict:
     """The raw record of one image file and its caption file (same name, .txt)."""
     path, root = _as_str(path), _as_str(root)
-    key = os.path.splitext(os.path.relpath(path, root))[0]
+    key = os.path.splitext(os.path.relpath(path, root) if not paths.is_remote(path)
+                           else path[len(root.rstrip("/")) + 1:])[0]
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            image = f.read()
+        image = paths.read_bytes(path)
     except Exception:  # noqa: BLE001
         return _marker("unreadable_file", key)
     caption_path = os.path.splitext(path)[0] + ".txt"
     try:
-        with tf.io.gfile.GFile(caption_path, "rb") as f:
-            caption = f.read()
+        caption = paths.read_bytes(caption_path)
     except Exception:  # noqa: BLE001 - NotFoundError and friends
         return _marker("missing_caption", key)
     return _record(key, image, caption)
