@@ -14,7 +14,8 @@ Extras:
     cuda12   jax[cuda12]: the CUDA 12 plugin and its pip-installed CUDA libraries
     cuda13   jax[cuda13]: the same for CUDA 13
     hub      huggingface_hub, to download released weights (Karlo) by Hub id
-    test     the suite's references (torch CPU, diffusers, transformers) and pytest
+    test     the suite's references (torch CPU, diffusers, transformers), pytest, and a fake GCS
+             bucket (gcp-storage-emulator, gcsfs) for the remote-path tests
 """
 from setuptools import find_packages, setup
 
@@ -56,6 +57,9 @@ EXTRAS = {
         "diffusers>=0.32",
         "transformers>=4.45",
         "huggingface_hub>=0.24",
+        # tests/test_remote_paths.py: a fake GCS bucket on 127.0.0.1, read and written by gcsfs
+        "gcsfs>=2024.6",
+        "gcp-storage-emulator>=2024.8",
     ],
 }
 

@@ -120,9 +120,12 @@ def _require_isolated() -> None:
 
 
 # gcp-storage-emulator, plus the x-goog-generation header that real GCS sends with an object's
-# bytes and TensorStore's OCDBT reads (the emulator leaves it out).
+# bytes and TensorStore's OCDBT reads (the emulator leaves it out), serving requests in threads
+# (one slow reader must not stall the trainer's other requests).
 EMULATOR = """
 import sys
+from http import server
+server.HTTPServer = server.ThreadingHTTPServer
 from gcp_storage_emulator.handlers import objects
 _download = objects.download
 def download(request, response, storage, *args, **kwargs):

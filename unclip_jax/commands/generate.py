@@ -11,7 +11,7 @@ model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command wi
 from __future__ import annotations
 
 import argparse
-import os
+import io
 
 from unclip_jax.errors import UserError
 
@@ -80,6 +80,7 @@ def run(args, overrides) -> int:
     from PIL import Image
 
     from unclip_jax import compilation_cache
+    from unclip_jax.io import paths
     from unclip_jax.pipeline import UnCLIPPipeline
     start = time.time()
     pipe = UnCLIPPipeline.from_pretrained(path)
@@ -101,13 +102,18 @@ def run(args, overrides) -> int:
         decoder_settings=pick(steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
                               sampler=args.decoder_sampler),
         super_res_settings=pick(steps=args.super_res_steps, start_t=args.super_res_start))
-    os.makedirs(args.out, exist_ok=True)
+    def save_png(array, path):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        paths.write_bytes(path, buf.getvalue())
+
+    paths.makedirs(args.out)
     for i, im in enumerate(images):
-        Image.fromarray(im).save(os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
+        save_png(im, paths.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"))
     bar.close()
-    grid = args.grid or os.path.join(args.out, "grid.png")
-    os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-    Image.fromarray(_grid(images, len(prompts))).save(grid)
+    grid = args.grid or paths.join(args.out, "grid.png")
+    paths.makedirs(paths.dirname(paths.absolute(grid)))
+    save_png(_grid(images, len(prompts)), grid)
     print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
           f"the grid to {grid} in {time.time() - start:.1f}s (traced: "
           + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items()))

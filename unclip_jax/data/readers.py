@@ -44,6 +44,7 @@ Public API
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tarfile
@@ -153,6 +154,14 @@ def _generator_dataset(generator):
     return make
 
 
+def _open_shard(path: str):
+    """A seekable binary file of a shard: the local file, or a remote object read whole into
+    memory in one request (parsing seeks, and object-store streams serve that poorly)."""
+    if paths.is_remote(path):
+        return io.BytesIO(paths.read_bytes(path))
+    return paths.open(path, "rb")
+
+
 def _as_str(path) -> str:
     return path.decode("utf-8") if isinstance(path, bytes) else str(path)
 
@@ -193,7 +202,7 @@ def iter_tar_records(path) -> Iterator[dict]:
     path = _as_str(path)
     key, group = None, {}
     try:
-        f = paths.open(path, "rb")
+        f = _open_shard(path)
     except Exception:  # noqa: BLE001 - any failure to open is reported, never raised
         yield _marker("unreadable_file", path)
         return
@@ -278,8 +287,9 @@ def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: s
     image_feature, caption_feature, key_feature = (_as_str(x) for x in
                                                    (image_feature, caption_feature, key_feature))
     try:
-        size = paths.getsize(path)
-        f = paths.open(path, "rb")
+        f = _open_shard(path)
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
     except Exception:  # noqa: BLE001
         yield _marker("unreadable_file", path)
         return

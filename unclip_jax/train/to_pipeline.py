@@ -18,7 +18,6 @@ Shapes pipeline ships with (``sampling='shapes'``).
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import jax
@@ -109,7 +108,7 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
                                "ema": ema}
     if config.stage == "clip":
         if hf_out:
-            os.makedirs(hf_out, exist_ok=True)
+            paths.makedirs(hf_out)
             hf_import.save_pretrained(module, hf_out)
             summary["hf_out"] = hf_out
         if name == "text_encoder":
