@@ -24,7 +24,8 @@ when ``repeat``, deterministically) and interleaves ``cycle_length`` files recor
 record-level shuffle buffer lives in input_pipeline.py. Everything is deterministic given the
 seed (``tf.data.Options().deterministic = True``).
 
-Paths (patterns, folders, files) go through unclip_jax.io.paths: local or gs://.
+Paths (patterns, folders, files) go through unclip_jax.io.paths: local or gs://; a remote tar or
+TFRecord shard is read whole into memory (one request per file, ``cycle_length`` at a time).
 
 Tar and TFRecord files are parsed in Python (``tarfile``; a 20-line TFRecord framing reader +
 ``tf.train.Example`` protobuf parsing) inside ``tf.data.Dataset.from_generator``, one generator
@@ -375,9 +376,9 @@ def read_folder(patterns, *, seed: int = 0, process_index: int | None = None,
     pairs = _folder_images(patterns)
     process_index, process_count = process_defaults(process_index, process_count)
     mine, shard_records = split_for_process(pairs, process_index, process_count)
-    paths = tf.constant([p for p, _ in mine])
+    images = tf.constant([p for p, _ in mine])
     roots = tf.constant([r for _, r in mine])
-    ds = tf.data.Dataset.from_tensor_slices((paths, roots))
+    ds = tf.data.Dataset.from_tensor_slices((images, roots))
     if shuffle_files and len(mine) > 1:
         ds = ds.shuffle(len(mine), seed=int(seed), reshuffle_each_iteration=True)
     if repeat:
