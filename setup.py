@@ -14,8 +14,9 @@ Extras:
     cuda12   jax[cuda12]: the CUDA 12 plugin and its pip-installed CUDA libraries
     cuda13   jax[cuda13]: the same for CUDA 13
     hub      huggingface_hub, to download released weights (Karlo) by Hub id
-    test     the suite's references (torch CPU, diffusers, transformers), pytest, and what runs
-             the notebook headless (ipykernel, nbclient, nbformat)
+    test     the suite's references (torch CPU, diffusers, transformers), pytest, what runs the
+             notebook headless (ipykernel, nbclient, nbformat) and a fake GCS bucket
+             (gcp-storage-emulator, gcsfs) for the remote-path tests
 """
 from setuptools import find_packages, setup
 
@@ -61,6 +62,9 @@ EXTRAS = {
         "ipykernel>=6.29",
         "nbclient>=0.10",
         "nbformat>=5.10",
+        # tests/test_remote_paths.py: a fake GCS bucket on 127.0.0.1, read and written by gcsfs
+        "gcsfs>=2024.6",
+        "gcp-storage-emulator>=2024.8",
     ],
 }
 

@@ -10,8 +10,7 @@ model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command wi
 """
 from __future__ import annotations
 
-import argparse
-import os
+import io
 
 from unclip_jax.errors import UserError
 
@@ -85,6 +84,7 @@ def run(args, overrides) -> int:
     from PIL import Image
 
     from unclip_jax import compilation_cache
+    from unclip_jax.io import paths
     from unclip_jax.pipeline import UnCLIPPipeline, default_dtype
     start = time.time()
     pipe = UnCLIPPipeline.from_pretrained(path, dtype=args.dtype or default_dtype())
@@ -108,17 +108,22 @@ def run(args, overrides) -> int:
         super_res_settings=pick(steps=args.super_res_steps, start_t=args.super_res_start))
     from unclip_jax.commands.apps import png_metadata
     settings = {"defaults": pipe.settings}
-    os.makedirs(args.out, exist_ok=True)
+
+    def save_png(array, path, info):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", pnginfo=info)
+        paths.write_bytes(path, buf.getvalue())
+
+    paths.makedirs(args.out)
     for i, im in enumerate(images):
         info = png_metadata(args, path, prompt=prompts[i // args.num_images], settings=settings)
-        Image.fromarray(im).save(
-            os.path.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"),
-            pnginfo=info)
+        save_png(im, paths.join(args.out, f"{i // args.num_images}_{i % args.num_images}.png"),
+                 info)
     bar.close()
-    grid = args.grid or os.path.join(args.out, "grid.png")
-    os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-    Image.fromarray(_grid(images, len(prompts))).save(
-        grid, pnginfo=png_metadata(args, path, prompt=prompts, settings=settings))
+    grid = args.grid or paths.join(args.out, "grid.png")
+    paths.makedirs(paths.dirname(paths.absolute(grid)))
+    save_png(_grid(images, len(prompts)), grid,
+             png_metadata(args, path, prompt=prompts, settings=settings))
     print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
           f"the grid to {grid} in {time.time() - start:.1f}s (traced: "
           + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items()))

@@ -43,7 +43,7 @@ from unclip_jax.clip.tokenizer import Tokenizer
 from unclip_jax.convert import hf_clip
 from unclip_jax.convert.diffusers import load_decoder, load_prior, load_super_res
 from unclip_jax.errors import UserError
-from unclip_jax.io import pipeline_folder, safetensors
+from unclip_jax.io import paths, pipeline_folder, safetensors
 from unclip_jax.io.safetensors import TensorFiles
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.torch_weights import CheckpointError, load_into, weight_files
@@ -240,7 +240,7 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     if missing:
         raise ConvertError(f"{src} lacks the subfolder(s) {', '.join(m + '/' for m in missing)}; "
                            "expected a diffusers UnCLIPPipeline folder.")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if os.path.abspath(src) == paths.absolute(dst):
         raise ConvertError("--out must differ from the source folder.")
     present_sr = [d for d in OPTIONAL if os.path.isdir(os.path.join(src, d))]
 

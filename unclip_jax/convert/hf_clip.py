@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from unclip_jax.clip.model import ACTIVATIONS, CLIP, CLIPConfig, abstract_model
-from unclip_jax.io import safetensors
+from unclip_jax.io import paths, safetensors
 from unclip_jax.torch_weights import (  # noqa: F401 (the errors are re-exported)
     TORCH_METADATA, CheckpointError, CheckpointMismatchError, check_folder, load_into, read_json,
     state_dict, weight_files)
@@ -208,8 +208,8 @@ def to_hf_state_dict(model: CLIP) -> dict[str, np.ndarray]:
 
 def save_pretrained(model: CLIP, path: str | os.PathLike) -> None:
     """Write ``config.json`` + ``model.safetensors`` that transformers' CLIPModel loads."""
-    path = os.fspath(path)
-    safetensors.write(os.path.join(path, SAFETENSORS_NAME), to_hf_state_dict(model),
+    path = paths.check(path)
+    safetensors.write(paths.join(path, SAFETENSORS_NAME), to_hf_state_dict(model),
                       metadata=TORCH_METADATA)
-    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+    with paths.open(paths.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(model.config), f, indent=2)

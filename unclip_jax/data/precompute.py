@@ -25,6 +25,8 @@ with their attention mask, as Karlo does.
 Shards are written as ``*.tfrecord.tmp`` and renamed once the total is known, and the manifest is
 written last, so a folder with a manifest is complete. The manifest records the count, the
 fields, the dimensions, each file's count, and the CLIP used (its source and config).
+The folder may be remote (gs://): its listing, renames and manifest go through
+unclip_jax.io.paths, the shard bytes through TensorFlow's own file system (which reads gs://).
 
 :func:`read_embeddings` reads the shards back as a ``tf.data.Dataset`` of dicts with keys among
 ``caption`` (tf.string), ``text_tokens`` int32 [L], ``text_mask`` bool [L], ``text_embed`` float32
@@ -35,7 +37,6 @@ fields, the dimensions, each file's count, and the CLIP used (its source and con
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -52,6 +53,8 @@ from unclip_jax.clip.preprocess import preprocess_jax
 from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.data import shapes
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
+from unclip_jax.io.atomic import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "unclip-jax-embeddings"
@@ -144,7 +147,7 @@ class _ShardWriter:
     def write(self, record: bytes) -> None:
         if self._writer is None or self.counts[-1] >= self.per_shard:
             self._close()
-            path = os.path.join(self.out_dir, f"embeds-{len(self.tmp_paths):05d}.tfrecord.tmp")
+            path = paths.join(self.out_dir, f"embeds-{len(self.tmp_paths):05d}.tfrecord.tmp")
             self._writer = self._tf.io.TFRecordWriter(path)
             self.tmp_paths.append(path)
             self.counts.append(0)
@@ -162,7 +165,7 @@ class _ShardWriter:
         names = []
         for i, tmp in enumerate(self.tmp_paths):
             name = f"embeds-{i:05d}-of-{n:05d}.tfrecord"
-            os.replace(tmp, os.path.join(self.out_dir, name))
+            paths.replace(tmp, paths.join(self.out_dir, name))
             names.append(name)
         return names
 
@@ -212,11 +215,11 @@ def precompute(model, batches: Iterable[dict], out_dir: str, *, batch_size: int,
                               f"{batch_size} and {examples_per_shard}.")
     if hidden_dtype not in ("float32", "float16"):
         raise PrecomputeError(f"hidden_dtype must be 'float32' or 'float16', got {hidden_dtype!r}.")
-    os.makedirs(out_dir, exist_ok=True)
-    stale = glob.glob(os.path.join(out_dir, "embeds-*.tfrecord*")) + \
-        glob.glob(os.path.join(out_dir, MANIFEST))
+    paths.makedirs(out_dir)
+    stale = paths.glob(paths.join(out_dir, "embeds-*.tfrecord*")) + \
+        paths.glob(paths.join(out_dir, MANIFEST))
     if stale:
-        raise PrecomputeError(f"{out_dir} already holds embeddings ({os.path.basename(stale[0])}, "
+        raise PrecomputeError(f"{out_dir} already holds embeddings ({paths.basename(stale[0])}, "
                               "...). Choose an empty folder or delete the old files.")
 
     cfg = model.config
@@ -309,9 +312,8 @@ def precompute(model, batches: Iterable[dict], out_dir: str, *, batch_size: int,
             for k, v in dataclasses.asdict(cfg).items()}},
         "seconds": round(time.time() - t0, 2),
     }
-    with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
+    text = json.dumps(manifest, indent=2)
+    atomic_write(paths.join(out_dir, MANIFEST), lambda f: f.write(text), mode="w")
     return manifest
 
 
@@ -326,18 +328,18 @@ def _resolve(patterns: str | Sequence[str]) -> tuple[list[str], dict]:
     files: list[str] = []
     manifest_dirs = []
     for p in patterns:
-        p = os.fspath(p)
-        if os.path.isdir(p):
+        p = paths.check(p)
+        if paths.isdir(p):
             m = _load_manifest(p)
-            files += [os.path.join(p, name) for name in m["files"]]
+            files += [paths.join(p, name) for name in m["files"]]
             manifest_dirs.append(p)
         else:
-            found = sorted(glob.glob(p))
+            found = paths.glob(p)
             if not found:
                 raise PrecomputeError(f"No embedding shards match {p!r}. Pass the folder written "
                                       "by `unclip-jax precompute` or a glob of its .tfrecord files.")
             files += found
-            manifest_dirs += sorted({os.path.dirname(f) for f in found})
+            manifest_dirs += sorted({paths.dirname(f) for f in found})
     manifest = _load_manifest(manifest_dirs[0])
     for d in manifest_dirs[1:]:
         other = _load_manifest(d)
@@ -348,12 +350,12 @@ def _resolve(patterns: str | Sequence[str]) -> tuple[list[str], dict]:
 
 
 def _load_manifest(folder: str) -> dict:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
+    path = paths.join(folder, MANIFEST)
+    if not paths.isfile(path):
         raise PrecomputeError(f"{folder} has no {MANIFEST}: it is not a finished `unclip-jax "
                               "precompute` output (the manifest is written last).")
     try:
-        with open(path) as f:
+        with paths.open(path) as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise PrecomputeError(f"{path} cannot be read ({e}); re-run the pre-compute job.") from None
@@ -478,7 +480,7 @@ def read_embeddings(patterns: str | Sequence[str], *, fields: Sequence[str] | No
     parse = _parser(manifest, fields)
     if stats is not None:
         counts = dict(zip(manifest["files"], manifest["counts"]))
-        stats.expected += sum(counts.get(os.path.basename(f), 0) for f in files)
+        stats.expected += sum(counts.get(paths.basename(f), 0) for f in files)
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=num_parallel_reads)
 
     def count_seen(record):

@@ -24,6 +24,9 @@ when ``repeat``, deterministically) and interleaves ``cycle_length`` files recor
 record-level shuffle buffer lives in input_pipeline.py. Everything is deterministic given the
 seed (``tf.data.Options().deterministic = True``).
 
+Paths (patterns, folders, files) go through unclip_jax.io.paths: local or gs://; a remote tar or
+TFRecord shard is read whole into memory (one request per file, ``cycle_length`` at a time).
+
 Tar and TFRecord files are parsed in Python (``tarfile``; a 20-line TFRecord framing reader +
 ``tf.train.Example`` protobuf parsing) inside ``tf.data.Dataset.from_generator``, one generator
 per file, because that is the only way to survive damage: TensorFlow's own TFRecord reader
@@ -42,6 +45,7 @@ Public API
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tarfile
@@ -52,6 +56,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 CAPTION_EXTENSIONS = ("txt",)
@@ -89,10 +94,10 @@ def resolve_files(patterns: str | Sequence[str], what: str = "files") -> list[st
                           "glob patterns, e.g. ['/data/shards/*.tar'].")
     files = set()
     for pattern in patterns:
-        files.update(tf.io.gfile.glob(pattern))
+        files.update(paths.glob(pattern))
     if not files:
-        raise ReaderError(f"No {what} match {patterns}. Check the paths (globs are expanded "
-                          "with tf.io.gfile.glob) or the working directory.")
+        raise ReaderError(f"No {what} match {patterns}. Check the paths (globs: *, ? and [...], "
+                          "local or gs://) or the working directory.")
     return sorted(files)
 
 
@@ -150,6 +155,14 @@ def _generator_dataset(generator):
     return make
 
 
+def _open_shard(path: str):
+    """A seekable binary file of a shard: the local file, or a remote object read whole into
+    memory in one request (parsing seeks, and object-store streams serve that poorly)."""
+    if paths.is_remote(path):
+        return io.BytesIO(paths.read_bytes(path))
+    return paths.open(path, "rb")
+
+
 def _as_str(path) -> str:
     return path.decode("utf-8") if isinstance(path, bytes) else str(path)
 
@@ -190,8 +203,7 @@ def iter_tar_records(path) -> Iterator[dict]:
     path = _as_str(path)
     key, group = None, {}
     try:
-        tf.io.gfile.stat(path)  # GFile opens lazily: find a missing file here
-        f = tf.io.gfile.GFile(path, "rb")
+        f = _open_shard(path)
     except Exception:  # noqa: BLE001 - any failure to open is reported, never raised
         yield _marker("unreadable_file", path)
         return
@@ -276,8 +288,9 @@ def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: s
     image_feature, caption_feature, key_feature = (_as_str(x) for x in
                                                    (image_feature, caption_feature, key_feature))
     try:
-        size = tf.io.gfile.stat(path).length
-        f = tf.io.gfile.GFile(path, "rb")
+        f = _open_shard(path)
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
     except Exception:  # noqa: BLE001
         yield _marker("unreadable_file", path)
         return
@@ -327,13 +340,11 @@ def _folder_images(patterns) -> list[tuple[str, str]]:
         patterns = [patterns]
     found = []
     for match in resolve_files(patterns, "image folders"):
-        if tf.io.gfile.isdir(match):
-            for directory, _, names in tf.io.gfile.walk(match):
-                for name in names:
-                    if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-                        found.append((os.path.join(directory, name), match))
+        if paths.isdir(match):
+            found += [(file, match) for file in paths.files_under(match)
+                      if file.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
         elif match.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
-            found.append((match, os.path.dirname(match)))
+            found.append((match, paths.dirname(match)))
     if not found:
         raise ReaderError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {patterns}. "
                           "The folder reader wants IMG.png + IMG.txt side by side.")
@@ -343,16 +354,15 @@ def _folder_images(patterns) -> list[tuple[str, str]]:
 def read_folder_record(path, root) -> dict:
     """The raw record of one image file and its caption file (same name, .txt)."""
     path, root = _as_str(path), _as_str(root)
-    key = os.path.splitext(os.path.relpath(path, root))[0]
+    key = os.path.splitext(os.path.relpath(path, root) if not paths.is_remote(path)
+                           else path[len(root.rstrip("/")) + 1:])[0]
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            image = f.read()
+        image = paths.read_bytes(path)
     except Exception:  # noqa: BLE001
         return _marker("unreadable_file", key)
     caption_path = os.path.splitext(path)[0] + ".txt"
     try:
-        with tf.io.gfile.GFile(caption_path, "rb") as f:
-            caption = f.read()
+        caption = paths.read_bytes(caption_path)
     except Exception:  # noqa: BLE001 - NotFoundError and friends
         return _marker("missing_caption", key)
     return _record(key, image, caption)
@@ -366,9 +376,9 @@ def read_folder(patterns, *, seed: int = 0, process_index: int | None = None,
     pairs = _folder_images(patterns)
     process_index, process_count = process_defaults(process_index, process_count)
     mine, shard_records = split_for_process(pairs, process_index, process_count)
-    paths = tf.constant([p for p, _ in mine])
+    images = tf.constant([p for p, _ in mine])
     roots = tf.constant([r for _, r in mine])
-    ds = tf.data.Dataset.from_tensor_slices((paths, roots))
+    ds = tf.data.Dataset.from_tensor_slices((images, roots))
     if shuffle_files and len(mine) > 1:
         ds = ds.shuffle(len(mine), seed=int(seed), reshuffle_each_iteration=True)
     if repeat:

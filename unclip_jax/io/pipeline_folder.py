@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -46,7 +47,7 @@ from flax import nnx
 from unclip_jax.clip.model import CLIP, CLIPConfig
 from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.errors import UserError
-from unclip_jax.io import safetensors
+from unclip_jax.io import paths, safetensors
 from unclip_jax.io.atomic import atomic_write, umask
 from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.decoder import Decoder, DecoderConfig
@@ -144,26 +145,26 @@ def _tuplify(v):
 # --------------------------------------------------------------------------------------------
 
 def manifest_path(folder: str) -> str:
-    return os.path.join(os.fspath(folder), MANIFEST)
+    return paths.join(folder, MANIFEST)
 
 
 def _check_folder(folder: str) -> None:
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
         raise FolderError(f"Pipeline folder {folder!r} does not exist; pass a folder written by "
                           "UnCLIPPipeline.save_pretrained or `unclip-jax convert`.")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The validated manifest of a pipeline folder."""
-    folder = os.fspath(folder)
+    folder = paths.check(folder)
     _check_folder(folder)
     path = manifest_path(folder)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FolderError(f"{folder} has no {MANIFEST}: it is not an unclip-jax pipeline folder "
                           "(write one with UnCLIPPipeline.save_pretrained, or convert a diffusers "
                           "folder with `unclip-jax convert --from diffusers SRC --out DST`).")
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FolderError(f"{path} is not valid JSON ({e}); the folder is damaged, re-export it.") from None
@@ -194,9 +195,9 @@ def save_manifest(folder: str | os.PathLike, *, components: dict | None = None,
                   replace: bool = False) -> dict[str, Any]:
     """Write (atomically) the manifest of ``folder``, merged into an existing one unless
     ``replace``; ``components`` entries are added or replaced by name. Returns the manifest."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    if not replace and os.path.isfile(manifest_path(folder)):
+    folder = paths.check(folder)
+    paths.makedirs(folder)
+    if not replace and paths.isfile(manifest_path(folder)):
         manifest = read_manifest(folder)
     else:
         manifest = {"format": FORMAT, "version": VERSION, "components": {}, "tokenizer": {},
@@ -244,14 +245,14 @@ def save_component(folder: str | os.PathLike, name: str, module, *, dtype=None,
     ``dtype`` (e.g. 'bfloat16' or 'float16') narrows float tensors for storage; they are cast
     back to the config's dtypes on load. Returns the manifest entry.
     """
-    folder = os.fspath(folder)
+    folder = paths.check(folder)
     if not name or not name.replace("_", "").isalnum():
         raise FolderError(f"Component name {name!r} must be letters, digits and underscores.")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
         raise FolderError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}.")
     entry = component_entry(name, module)
-    os.makedirs(folder, exist_ok=True)
-    safetensors.write(os.path.join(folder, entry["weights"]), module_tensors(module, dtype),
+    paths.makedirs(folder)
+    safetensors.write(paths.join(folder, entry["weights"]), module_tensors(module, dtype),
                       metadata={"format": FORMAT, "class": entry["class"]})
     if update_manifest:
         save_manifest(folder, components={name: entry})
@@ -266,7 +267,7 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     must be used; otherwise one FolderError lists every missing, unexpected and misshapen tensor.
     ``config_overrides`` replace config fields that do not change shapes (e.g. ``dtype``).
     """
-    folder = os.fspath(folder)
+    folder = paths.check(folder)
     manifest = manifest or read_manifest(folder)
     comps = manifest["components"]
     if name not in comps:
@@ -278,8 +279,8 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     fields.update(config_overrides or {})
     config = config_from_dict(entry["class"], fields, where)
     build = _REGISTRY[entry["class"]][1]
-    weights = os.path.join(folder, entry["weights"])
-    if not os.path.isfile(weights):
+    weights = paths.join(folder, entry["weights"])
+    if not paths.isfile(weights):
         raise FolderError(f"{folder} lacks {entry['weights']}, the weights of component {name!r}; "
                           "the folder is incomplete: re-export it.")
     try:
@@ -315,15 +316,26 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
 
 def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_folder)`` to fill a fresh sibling folder, then swap it in for ``folder``:
-    an existing good folder is replaced only once the new one is complete."""
-    folder = os.path.abspath(os.fspath(folder))
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    an existing good folder is replaced only once the new one is complete (remotely, where
+    there is no rename, the old folder is deleted and the new one copied in its place)."""
+    folder = paths.absolute(folder)
+    parent = paths.dirname(folder)
+    paths.makedirs(parent)
+    if paths.isfile(folder):
         raise FolderError(f"{folder} exists and is not a folder; choose another output path.")
-    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(manifest_path(folder)):
+    if paths.isdir(folder) and paths.listdir(folder) and not paths.isfile(manifest_path(folder)):
         raise FolderError(f"{folder} exists, is not empty and is not an unclip-jax pipeline "
                           "folder; refusing to replace it. Choose an empty or new folder.")
+    if paths.is_remote(folder):
+        tmp = paths.join(parent, f".{paths.basename(folder)}.{uuid.uuid4().hex}.tmp")
+        try:
+            write(tmp)
+            paths.rmtree(folder)
+            paths.replace(tmp, folder)
+        except BaseException:
+            paths.rmtree(tmp)
+            raise
+        return
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=parent)
     try:
         os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes 0700

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
 from unclip_jax.io.atomic import atomic_write
 
 METADATA = "__metadata__"
@@ -92,7 +93,7 @@ def write(path: str | os.PathLike, tensors: dict[str, Any],
         for name in order:
             f.write(arrays[name].tobytes())
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    paths.makedirs(paths.dirname(paths.absolute(path)))
     atomic_write(path, write_to)
 
 
@@ -105,8 +106,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     safetensors file, every entry checked against the file's size before any data is read."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = paths.getsize(path)
+        with paths.open(path, "rb") as f:
             first = f.read(8)
             if len(first) < 8:
                 raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
@@ -182,9 +183,14 @@ class TensorFiles:
         file, info = self.headers[name]
         start, end = info["data_offsets"]
         buf = np.empty(end - start, np.uint8)
-        with open(file, "rb") as f:
+        with paths.open(file, "rb") as f:
             f.seek(self._data_start[file] + start)
-            got = f.readinto(buf)
+            if paths.is_remote(file):   # remote file objects (gfile) may lack readinto
+                data = f.read(end - start)
+                got = len(data)
+                buf[:got] = np.frombuffer(data, np.uint8)
+            else:
+                got = f.readinto(buf)
         if got != end - start:
             raise _invalid(file, f"truncated: tensor {name!r} has {got} of its {end - start} "
                                  "bytes")

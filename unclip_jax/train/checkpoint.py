@@ -9,7 +9,9 @@ A checkpoint ``WORKDIR/checkpoints/<step>/`` holds two items:
          iterator's own position), the full config, and the shape/dtype of every state leaf
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint as the latest. Restoring reads into abstract
+killed mid-save leaves the previous checkpoint as the latest (on gs:// a commit marker plays
+the rename's part). A remote WORKDIR (gs://...) is written directly: Orbax goes through
+etils.epath and TensorStore, like unclip_jax.io.paths. Restoring reads into abstract
 arrays that carry the CURRENT mesh's shardings: a checkpoint saved by 8 devices with FSDP
 restores onto 2 devices, or data-parallel only. Before restoring (and before the trainer writes
 anything), :func:`check_compatible` compares the saved shapes and stage with the current run and
@@ -18,7 +20,6 @@ refuses a mismatch with one message naming what differs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unclip_jax.errors import UserError
+from unclip_jax.io import paths
 
 
 class CheckpointMismatch(UserError, ValueError):
@@ -34,7 +36,8 @@ class CheckpointMismatch(UserError, ValueError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """``WORKDIR/checkpoints`` (absolute when local; gs://... as given)."""
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = False):

@@ -5,6 +5,11 @@ Only process 0 writes (``MetricWriter(active=False)`` does nothing elsewhere). S
 per logging step to ``WORKDIR/metrics.jsonl`` (easy to read in tests and notebooks). Images go to
 ``WORKDIR/samples/<tag>_<step>.png`` and to TensorBoard.
 
+A remote WORKDIR (gs://...) is written through unclip_jax.io.paths, nothing on local disk:
+object stores cannot append, so metrics.jsonl and train.log are rewritten whole after each
+write (:class:`paths.AppendFile`) and TensorBoard events are framed in memory and written as
+whole event files (:class:`RemoteEventWriter`, a new file every ``max_bytes``).
+
 :func:`model_flops` counts the FLOPs of a step's jaxpr (2 x the multiply-adds of its matrix
 products and convolutions; the trainer divides by the devices of the mesh for TFLOP/s per
 device). :func:`compiled_flops` reads XLA's cost analysis of the compiled program instead: close
@@ -17,6 +22,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 import types
@@ -24,6 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
+
+from unclip_jax.io import paths
 
 
 def model_flops(jaxpr) -> float:
@@ -76,28 +84,71 @@ def compiled_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
-def _avoid_tensorflow_import(workdir: str) -> None:
+def _avoid_tensorflow_import() -> None:
     """TensorBoard's writer imports TensorFlow (seconds) just for its file layer unless
-    ``tensorboard.compat.notf`` exists; for a local workdir its own stub is enough. Remote
-    workdirs (gs://...) keep TensorFlow's gfile."""
-    if "://" not in workdir and "tensorflow" not in sys.modules:
+    ``tensorboard.compat.notf`` exists; its own stub serves local files."""
+    if "tensorflow" not in sys.modules:
         sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
+class RemoteEventWriter:
+    """TensorBoard events for a remote logdir: records framed in memory (TensorBoard's
+    RecordWriter) and the event file written whole through unclip_jax.io.paths on ``flush()``;
+    past ``max_bytes`` the next events go to a new file (TensorBoard reads every file of the
+    folder)."""
+
+    def __init__(self, logdir: str, max_bytes: int = 8 << 20):
+        self.logdir, self.max_bytes = logdir, max_bytes
+        self._index = 0
+        self._start_file()
+
+    def _start_file(self) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        self._name = paths.join(self.logdir, "events.out.tfevents.%010d.%s.%s.%s" % (
+            time.time(), socket.gethostname(), os.getpid(), self._index))
+        self._buffer = io.BytesIO()
+        self._records = RecordWriter(self._buffer)
+        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event) -> None:
+        self._records.write(event.SerializeToString())
+        self._dirty = True
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        paths.write_bytes(self._name, self._buffer.getvalue())
+        self._dirty = False
+        if self._buffer.tell() > self.max_bytes:
+            self._index += 1
+            self._start_file()
+            self._dirty = False   # an empty file is written with its first event
+
+    def close(self) -> None:
+        self.flush()
 
 
 class MetricWriter:
     def __init__(self, workdir: str, active: bool = True):
         self.active = active
-        self.workdir = workdir
+        self.workdir = paths.check(workdir)
         self._tb = None
         self._jsonl = None
+        self._log = None
+        self._closed = False
         if not active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        paths.makedirs(workdir)
+        self._jsonl = paths.AppendFile(paths.join(workdir, "metrics.jsonl"))
+        logdir = paths.join(workdir, "tensorboard")
+        if paths.is_remote(workdir):
+            self._tb = RemoteEventWriter(logdir)
+            return
         try:  # TensorBoard is imported here, after the stub that keeps TensorFlow out
-            _avoid_tensorflow_import(workdir)
+            _avoid_tensorflow_import()
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
-            self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = EventFileWriter(logdir)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self._tb = None
 
@@ -115,41 +166,52 @@ class MetricWriter:
             from tensorboard.compat.proto.summary_pb2 import Summary
             self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
                                              for k, v in values.items()]))
+            self._flush_remote_events()
 
     def image(self, step: int, tag: str, grid_uint8: np.ndarray) -> str | None:
         """Write a [H, W, 3] uint8 grid as PNG (file and TensorBoard); returns the file path."""
         if not self.active:
             return None
-        folder = os.path.join(self.workdir, "samples")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{tag}_{int(step):08d}.png")
-        Image.fromarray(grid_uint8).save(path)
+        folder = paths.join(self.workdir, "samples")
+        paths.makedirs(folder)
+        path = paths.join(folder, f"{tag}_{int(step):08d}.png")
+        buf = io.BytesIO()
+        Image.fromarray(grid_uint8).save(buf, format="PNG")
+        paths.write_bytes(path, buf.getvalue())
         if self._tb is not None:
             from tensorboard.compat.proto.summary_pb2 import Summary
-            buf = io.BytesIO()
-            Image.fromarray(grid_uint8).save(buf, format="PNG")
             img = Summary.Image(height=grid_uint8.shape[0], width=grid_uint8.shape[1],
                                 colorspace=grid_uint8.shape[2], encoded_image_string=buf.getvalue())
             self._event(step, Summary(value=[Summary.Value(tag=tag, image=img)]))
+            self._flush_remote_events()
         return path
 
+    def _flush_remote_events(self) -> None:
+        if isinstance(self._tb, RemoteEventWriter):
+            self._tb.flush()
+
     def text(self, message: str) -> None:
-        if self.active:
-            with open(os.path.join(self.workdir, "train.log"), "a", encoding="utf-8") as f:
-                f.write(message + "\n")
+        if not self.active:
+            return
+        log = self._log or paths.AppendFile(paths.join(self.workdir, "train.log"))
+        log.write(message + "\n")
+        if self._closed:   # a last line after close()
+            log.close()
+        else:
+            self._log = log
+            log.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._closed = True
+        for name in ("_jsonl", "_log", "_tb"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
 
 def read_jsonl(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

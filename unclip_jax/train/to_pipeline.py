@@ -18,7 +18,6 @@ Shapes pipeline ships with (``sampling='shapes'``).
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import jax
@@ -29,7 +28,7 @@ from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.convert import hf_clip
 from unclip_jax.errors import UserError
-from unclip_jax.io import pipeline_folder
+from unclip_jax.io import paths, pipeline_folder
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.pipeline.settings import SAMPLING_PRESETS
 from unclip_jax.train import checkpoint as ckpt
@@ -56,8 +55,8 @@ def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
     """(module, config, step) of the latest (or ``step``) checkpoint of a trainer workdir.
 
     ``ema=True`` takes the EMA of the parameters (an error if the run kept none)."""
-    workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
+    workdir = paths.check(workdir)
+    if not paths.isdir(workdir):
         raise TrainedExportError(f"--workdir {workdir!r} does not exist; pass the folder given to "
                                  "`unclip-jax train --workdir`.")
     manager = ckpt.make_manager(workdir)
@@ -94,7 +93,7 @@ def text_encoder_of(clip_model):
 
 def _manifest_sampling(out: str) -> dict:
     """The sampling section already in ``out``'s manifest ({} if none)."""
-    if os.path.isfile(pipeline_folder.manifest_path(out)):
+    if paths.isfile(pipeline_folder.manifest_path(out)):
         return copy.deepcopy(pipeline_folder.read_manifest(out).get("sampling", {}))
     return {}
 
@@ -109,7 +108,7 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
                                "ema": ema}
     if config.stage == "clip":
         if hf_out:
-            os.makedirs(hf_out, exist_ok=True)
+            paths.makedirs(hf_out)
             hf_clip.save_pretrained(module, hf_out)
             summary["hf_out"] = hf_out
         if name == "text_encoder":
@@ -122,8 +121,8 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
                                  f"{config.stage!r}.")
     if out:
         entry = pipeline_folder.save_component(out, name, module, dtype=dtype)
-        path = os.path.join(out, entry["weights"])
-        summary.update(out=out, name=name, cls=entry["class"], bytes=os.path.getsize(path))
+        path = paths.join(out, entry["weights"])
+        summary.update(out=out, name=name, cls=entry["class"], bytes=paths.getsize(path))
         extra = {}
         existing = _manifest_sampling(out)   # the folder's sampling section, read once
         if sampling is not None:
