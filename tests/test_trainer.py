@@ -92,5 +92,12 @@ def test_two_processes_of_four_devices_match_one_of_eight(reference, tmp_path):
     assert "2 process(es), 8 devices" in out.stdout
     final, meta = ckpt.load_arrays(workdir)
     assert meta["step"] == STEPS
-    for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(reference["params"])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final["params"]),
+                            jax.tree.leaves(reference["params"])):
+        if "to_k" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+            # A key bias adds the same logit to every key of a query, which softmax ignores: its
+            # gradient is exactly zero, and what Adam makes of the rounding noise (~lr * 1e-2)
+            # depends on the order of the cross-device sums. Both runs must keep it at that level.
+            assert np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4
+            continue
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

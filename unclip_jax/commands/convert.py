@@ -6,7 +6,6 @@ tensor must map: missing or unexpected tensors are listed and nothing is written
 """
 from __future__ import annotations
 
-import argparse
 
 
 def add_parser(subparsers) -> None:

@@ -33,6 +33,16 @@ from PIL import Image
 
 from unclip_jax.io import paths
 
+# TensorBoard's writer imports TensorFlow (seconds) just for its file layer unless
+# ``tensorboard.compat.notf`` exists: with TensorFlow not loaded, its own stub serves local files
+# (remote logdirs are written by RemoteEventWriter through unclip_jax.io.paths).
+if "tensorflow" not in sys.modules:
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+from tensorboard.compat.proto.event_pb2 import Event  # noqa: E402
+from tensorboard.compat.proto.summary_pb2 import Summary  # noqa: E402
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
+from tensorboard.summary.writer.record_writer import RecordWriter  # noqa: E402
+
 
 def model_flops(jaxpr) -> float:
     """2 x the multiply-adds of every ``dot_general`` and ``conv_general_dilated`` of a (closed)
@@ -84,13 +94,6 @@ def compiled_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
-def _avoid_tensorflow_import() -> None:
-    """TensorBoard's writer imports TensorFlow (seconds) just for its file layer unless
-    ``tensorboard.compat.notf`` exists; its own stub serves local files."""
-    if "tensorflow" not in sys.modules:
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
-
-
 class RemoteEventWriter:
     """TensorBoard events for a remote logdir: records framed in memory (TensorBoard's
     RecordWriter) and the event file written whole through unclip_jax.io.paths on ``flush()``;
@@ -103,8 +106,6 @@ class RemoteEventWriter:
         self._start_file()
 
     def _start_file(self) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.summary.writer.record_writer import RecordWriter
         self._name = paths.join(self.logdir, "events.out.tfevents.%010d.%s.%s.%s" % (
             time.time(), socket.gethostname(), os.getpid(), self._index))
         self._buffer = io.BytesIO()
@@ -145,15 +146,9 @@ class MetricWriter:
         if paths.is_remote(workdir):
             self._tb = RemoteEventWriter(logdir)
             return
-        try:  # TensorBoard is imported here, after the stub that keeps TensorFlow out
-            _avoid_tensorflow_import()
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-            self._tb = EventFileWriter(logdir)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            self._tb = None
+        self._tb = EventFileWriter(logdir)
 
     def _event(self, step: int, summary) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
         self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
@@ -163,7 +158,6 @@ class MetricWriter:
         self._jsonl.write(json.dumps(dict(values, step=int(step))) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            from tensorboard.compat.proto.summary_pb2 import Summary
             self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
                                              for k, v in values.items()]))
             self._flush_remote_events()
@@ -179,7 +173,6 @@ class MetricWriter:
         Image.fromarray(grid_uint8).save(buf, format="PNG")
         paths.write_bytes(path, buf.getvalue())
         if self._tb is not None:
-            from tensorboard.compat.proto.summary_pb2 import Summary
             img = Summary.Image(height=grid_uint8.shape[0], width=grid_uint8.shape[1],
                                 colorspace=grid_uint8.shape[2], encoded_image_string=buf.getvalue())
             self._event(step, Summary(value=[Summary.Value(tag=tag, image=img)]))
