@@ -180,6 +180,9 @@ def test_interpolation(pipe, images, mode):
         assert _levels(out.decoded[0], out.decoded[-1]) < 10
         again = apps.interpolate(pipe, a, b, N, seed=0, mode=mode, steps=STEPS, refine_iters=REFINE)
         np.testing.assert_array_equal(again.frames, out.frames)
+        batched = apps.interpolate(pipe, a, b, N, seed=0, mode=mode, steps=STEPS,
+                                   refine_iters=REFINE, batch_size=2)
+        assert _levels(batched.frames, out.frames) <= 1   # frames 0-1, then 2: the same frames
 
 
 def test_textdiff_theta0_is_the_reconstruction(pipe, images):

@@ -42,7 +42,7 @@ STEPS = 16
 TRAIN = ["--config", os.path.join(REPO, "configs", "upsampler.py") + ":runlocal",
          "--no-progress", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=4",
          "--config.eval_every=4", "--config.log_every=2", "--config.sampling.steps=2",
-         f'--config.input.paths=["gs://{BUCKET}/data/*.tar"]']
+         "--config.input.kind=webdataset", f'--config.input.paths=["gs://{BUCKET}/data/*.tar"]']
 
 
 # ------------------------------------------------------------------------------ pytest side

@@ -469,17 +469,21 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
                 mode: str = "fixed", steps: int = DEFAULT_STEPS,
                 guidance_scale: float | None = None, refine_iters: int = DEFAULT_REFINE_ITERS,
                 caption: str | None = None, upsample: int | None = None,
-                clip_range: float | None = None, progress: Callable | None = None
-                ) -> Interpolation:
+                clip_range: float | None = None, progress: Callable | None = None,
+                batch_size: int | None = None) -> Interpolation:
     """Frames between two images (paper section 3.2, figure 4): z_theta = slerp(z_a, z_b, theta)
     for ``num_frames`` thetas from 0 to 1, decoded with DDIM eta = 0 from x_T that is either
     one random draw (from ``seed``) shared by all frames (``mode='fixed'``) or
     slerp(x_T(a), x_T(b), theta) of the two images' DDIM-inverted latents
-    (``mode='slerp_latent'``: the end frames reconstruct the inputs)."""
+    (``mode='slerp_latent'``: the end frames reconstruct the inputs). ``batch_size`` decodes
+    and upsamples at most that many frames per call (default: all at once); every frame's
+    computation is its own, so the frames are the same."""
     if mode not in MODES:
         raise ApplicationError(f"mode must be one of {MODES}, got {mode!r}.")
     if int(num_frames) < 2:
         raise ApplicationError(f"num_frames must be at least 2 (the two images), got {num_frames}.")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ApplicationError(f"batch_size must be at least 1, got {batch_size}.")
     _common(steps, refine_iters)
     f = int(num_frames)
     prog = _Progress(progress, 2 + (mode == "slerp_latent") + _n_upsample(pipe, upsample))
@@ -501,10 +505,15 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
                      clip_range=clip_range)
         x_T = slerp(lat[0].reshape(-1), lat[1].reshape(-1), thetas).reshape((f,) + shape)
     prog("DDIM decoding")
-    x = ddim_decode(pipe, z, x_T, text, eta=0.0, steps=steps, guidance_scale=guidance_scale,
-                    clip_range=clip_range)
+    size = f if batch_size is None else int(batch_size)
+    chunks = [slice(lo, min(f, lo + size)) for lo in range(0, f, size)]
+    x = jnp.concatenate([ddim_decode(pipe, z[c], x_T[c], text, eta=0.0, steps=steps,
+                                     guidance_scale=guidance_scale, clip_range=clip_range)
+                         for c in chunks])
     low = to_uint8(x)
-    x = _upsample(pipe, x, k_up, upsample, shared_noise=True, progress=prog)
+    x = jnp.concatenate([_upsample(pipe, x[c], k_up, upsample, shared_noise=True,
+                                   progress=prog if i == 0 else None)
+                         for i, c in enumerate(chunks)])
     prog.finish()
     return Interpolation(to_uint8(x), low, thetas, mode)
 

@@ -120,9 +120,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--frames", type=positive_int("--frames"), default=5, metavar="N",
                    help="Number of frames, both ends included.")
     p.add_argument("--mode", choices=("fixed", "slerp_latent"), default="fixed",
-                   help="Decoder latent: shared random noise, or slerp of the inverted latents "
-                        ".")
-    _common(p)
+                   help="Decoder latent: shared random noise, or slerp of the inverted latents.")
+    _common(p, batch="frames are decoded and upsampled in batches; the frames are the unbatched "
+            "ones.")
     p.set_defaults(func=run_interpolate)
 
     p = subparsers.add_parser(
@@ -299,7 +299,8 @@ def run_interpolate(args, overrides) -> int:
         raise AppsCommandError(f"--frames must be at least 2 (the two ends), got {args.frames}.")
     (a, b), pipe = _setup(args, args.image)
     out = apps.interpolate(pipe, a, b, args.frames, args.seed, mode=args.mode,
-                           progress=_Bar("interpolate"), **_ddim_kw(args))
+                           progress=_Bar("interpolate"), batch_size=args.batch_size,
+                           **_ddim_kw(args))
     named = [(f"frame_{i:02d}.png", im) for i, im in enumerate(out.frames)]
     named.append(("interpolation.png", _strip([a] + list(out.frames) + [b])))
     _report(_write(args.out, named, png_metadata(args, args.model)))

@@ -25,6 +25,7 @@ import sys
 from unclip_jax.assets import SHAPES
 from unclip_jax.compilation_cache import user_cache_dir
 from unclip_jax.convert.diffusers_pipeline import convert_diffusers_pipeline
+from unclip_jax.io import paths
 from unclip_jax.io.pipeline_folder import manifest_path
 from unclip_jax.pipeline.settings import PipelineError
 
@@ -37,11 +38,11 @@ _CONFIGS = ("model_index.json", "*/*.json", "*/*.txt")
 
 
 def is_pipeline_folder(path: str) -> bool:
-    return os.path.isfile(manifest_path(path))
+    return paths.isfile(manifest_path(path))
 
 
 def is_diffusers_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
+    return paths.isfile(paths.join(path, "model_index.json"))
 
 
 def resolve(source=None, *, cache_dir: str | None = None, local_files_only: bool = False,
@@ -59,6 +60,8 @@ def resolve(source=None, *, cache_dir: str | None = None, local_files_only: bool
             raise PipelineError(f"The bundled {source!r} model is missing from {folder} (an "
                                 "install without package data?); reinstall unclip-jax.")
         return folder
+    if paths.is_remote(source) and is_pipeline_folder(source):
+        return source   # a pipeline folder in a bucket is read in place
     if os.path.isdir(source):
         if is_pipeline_folder(source):
             return source
