@@ -55,7 +55,8 @@ _COND_DEFAULTS = dict(
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
     conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None, transformer_layers_per_block=1,
-    dual_cross_attention=False, use_linear_projection=False, upcast_attention=False)
+    dual_cross_attention=False, use_linear_projection=False, upcast_attention=False,
+    sample_size=None)
 _TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768)
 
 
@@ -251,6 +252,10 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
                                   f"{unet[key]!r}.")
     if not _scale_shift(unet, where):
         raise CheckpointError(f"Unsupported {where}: resnet_time_scale_shift must be 'scale_shift'.")
+    size = unet["sample_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"Unsupported {where}: sample_size={size!r} (UnCLIPPipeline "
+                              "samples square images of sample_size: a positive int).")
     widths = list(unet["block_out_channels"])
     base = widths[0]
     emb = unet["time_embedding_dim"] or 4 * base
@@ -273,6 +278,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],
         clip_tokens=proj["clip_extra_context_tokens"], use_text_embed=True, text_encoder="clip",
         text_width=proj["clip_embeddings_dim"])
+    if size is not None:  # else our default
+        fields["image_size"] = size
     fields.update(overrides)
     return DecoderConfig(**fields)
 

@@ -1,0 +1,154 @@
+"""Every PriorTransformer option diffusers' unCLIP pipelines can run loads and matches diffusers
+on random weights; the rest are refused naming the option. The decoder keeps its sample_size."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from torch_reference import random_prior, randomize
+from unclip_jax.convert.diffusers_prior import load_prior, save_prior
+from unclip_jax.convert.diffusers_unet import load_decoder
+from unclip_jax.torch_weights import CheckpointError
+
+BASE = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
+            num_embeddings=6, additional_embeddings=4)
+VARIANTS = {
+    "clip_embed_dim": dict(clip_embed_dim=24),
+    "clip_embed_dim_narrow": dict(clip_embed_dim=5),
+    "embedding_proj_dim": dict(embedding_proj_dim=10),
+    "time_embed_dim": dict(time_embed_dim=20),
+    "norm_in_type": dict(norm_in_type="layer"),
+    "embedding_proj_norm_type": dict(embedding_proj_norm_type="layer", embedding_proj_dim=7),
+    "encoder_hid_proj_type_none": dict(encoder_hid_proj_type=None),
+    "added_emb_type_none": dict(added_emb_type=None, additional_embeddings=3),
+    "num_embeddings_1": dict(num_embeddings=1),
+    "act_gelu": dict(time_embed_act_fn="gelu"),
+    "act_swish": dict(time_embed_act_fn="swish"),
+    "act_mish": dict(time_embed_act_fn="mish"),
+    "act_relu": dict(time_embed_act_fn="relu"),
+    "act_upper_case": dict(time_embed_act_fn="SiLU"),
+    "dropout": dict(dropout=0.1),
+    "all_at_once": dict(clip_embed_dim=20, embedding_proj_dim=9, time_embed_dim=24,
+                        norm_in_type="layer", embedding_proj_norm_type="layer",
+                        encoder_hid_proj_type=None, added_emb_type=None,
+                        additional_embeddings=3, num_embeddings=5, time_embed_act_fn="mish",
+                        dropout=0.2),
+}
+
+
+def _inputs(c, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    n, d = c["num_embeddings"], c["embedding_dim"]
+    width = d if c.get("encoder_hid_proj_type", "linear") else \
+        c["num_attention_heads"] * c["attention_head_dim"]
+    mask = np.zeros((batch, n), bool)
+    for row, k in enumerate([n, 3, 1][:batch]):
+        mask[row, :min(k, n)] = True
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return dict(x=f(batch, d), t=np.array([0, 437, 999][:batch]),
+                text_embed=f(batch, c.get("embedding_proj_dim") or d),
+                text_hidden=f(batch, n, width), mask=mask)
+
+
+def _reference(model, a):
+    with torch.no_grad():
+        out = model(hidden_states=torch.tensor(a["x"]), timestep=torch.tensor(a["t"]),
+                    proj_embedding=torch.tensor(a["text_embed"]),
+                    encoder_hidden_states=torch.tensor(a["text_hidden"]),
+                    attention_mask=torch.tensor(a["mask"])).predicted_image_embedding
+    return out.numpy().reshape(len(a["x"]), -1)  # [B, 1, D] without the prd token
+
+
+def _check(ours, ref_model, config):
+    a = _inputs(config)
+    ref = _reference(ref_model, a)
+    out = np.asarray(ours(a["x"], a["t"], a["text_embed"], a["text_hidden"], a["mask"]))
+    assert out.shape == ref.shape == (3, config.get("clip_embed_dim") or config["embedding_dim"])
+    rel = np.abs(out - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4, rel
+    np.testing.assert_array_equal(np.asarray(ours.clip_mean[...]),
+                                  ref_model.clip_mean.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(ours.clip_std[...]),
+                                  ref_model.clip_std.detach().numpy())
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prior_option_matches_diffusers(tmp_path, name):
+    config = {**BASE, **VARIANTS[name]}
+    ref_model = random_prior(seed=len(name), **config)
+    ref_model.save_pretrained(tmp_path)
+    ours = load_prior(tmp_path)
+    _check(ours, ref_model, config)
+    if name in ("all_at_once", "clip_embed_dim"):  # and back to diffusers
+        from diffusers import PriorTransformer
+        save_prior(ours, tmp_path / "back")
+        again = PriorTransformer.from_pretrained(tmp_path / "back").eval()
+        for key, value in config.items():
+            want = value.lower() if isinstance(value, str) else value
+            assert again.config[key] == want, key
+        _check(ours, again, config)
+
+
+def test_wider_prediction_cannot_normalise_or_sample(tmp_path):
+    random_prior(**BASE, clip_embed_dim=24).save_pretrained(tmp_path)
+    ours = load_prior(tmp_path)
+    assert ours.config.out_dim == 24 and ours.config.output_dim == 24
+    with pytest.raises(ValueError, match="clip_embed_dim"):
+        ours.denormalise(np.zeros((1, 12), np.float32))
+
+
+def _write(folder, **config):
+    random_prior(**BASE).save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw.update(config)
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(additional_embeddings=5), "additional_embeddings=5"),
+    (dict(added_emb_type=None), "additional_embeddings=4"),  # 3 needed without the prd token
+    (dict(num_embeddings=0), "num_embeddings=0"),
+    (dict(norm_in_type="batch"), "norm_in_type='batch'"),
+    (dict(embedding_proj_norm_type="group"), "embedding_proj_norm_type='group'"),
+    (dict(encoder_hid_proj_type="mlp"), "encoder_hid_proj_type='mlp'"),
+    (dict(added_emb_type="clip"), "added_emb_type='clip'"),
+    (dict(time_embed_act_fn="tanh"), "time_embed_act_fn='tanh'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_prior_options_diffusers_cannot_run_are_refused(tmp_path, config, message):
+    _write(tmp_path, **config)
+    with pytest.raises(CheckpointError, match="Unsupported PriorTransformer") as err:
+        load_prior(tmp_path)
+    assert message in str(err.value)
+
+
+def _decoder_folder(folder, sample_size):
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=3, out_channels=6, block_out_channels=(8, 16),
+        layers_per_block=1, attention_head_dim=8, cross_attention_dim=16, norm_num_groups=4,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type="identity",
+        resnet_time_scale_shift="scale_shift").eval()
+    proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=12,
+                               time_embed_dim=32, cross_attention_dim=16).eval()
+    randomize(unet, 0)
+    unet.save_pretrained(os.path.join(folder, "decoder"))
+    proj.save_pretrained(os.path.join(folder, "text_proj"))
+
+
+def test_load_decoder_builds_at_the_folders_sample_size(tmp_path):
+    _decoder_folder(tmp_path, 32)
+    assert load_decoder(tmp_path).config.image_size == 32
+    assert load_decoder(tmp_path, image_size=48).config.image_size == 48  # an override wins
+    path = tmp_path / "decoder" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(raw, sample_size=[32, 16])))
+    with pytest.raises(CheckpointError, match=r"sample_size=\[32, 16\]"):
+        load_decoder(tmp_path)
