@@ -126,21 +126,62 @@ def test_prior_options_diffusers_cannot_run_are_refused(tmp_path, config, messag
     assert message in str(err.value)
 
 
-def _decoder_folder(folder, sample_size):
+DECODER = dict(
+    in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
+    attention_head_dim=8, cross_attention_dim=16, norm_num_groups=4,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type="identity",
+    resnet_time_scale_shift="scale_shift")
+CLIP = 12
+
+
+def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
+    """decoder/ + text_proj/ as UnCLIPPipeline.save_pretrained writes them (random weights)."""
     from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=3, out_channels=6, block_out_channels=(8, 16),
-        layers_per_block=1, attention_head_dim=8, cross_attention_dim=16, norm_num_groups=4,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type="identity",
-        resnet_time_scale_shift="scale_shift").eval()
-    proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=12,
-                               time_embed_dim=32, cross_attention_dim=16).eval()
-    randomize(unet, 0)
+    unet = UNet2DConditionModel(sample_size=sample_size, **{**DECODER, **overrides}).eval()
+    proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
+                               time_embed_dim=4 * unet.config.block_out_channels[0],
+                               cross_attention_dim=unet.config.cross_attention_dim).eval()
+    randomize(unet, seed)
+    randomize(proj, seed + 100)
     unet.save_pretrained(os.path.join(folder, "decoder"))
     proj.save_pretrained(os.path.join(folder, "text_proj"))
+    return unet, proj
+
+
+def _decoder_reference(unet, proj, d):
+    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance)."""
+    import torch.nn.functional as F
+    t = {k: torch.from_numpy(v) for k, v in d.items()}
+    with torch.no_grad():
+        context, emb_add = proj(image_embeddings=t["zi"], prompt_embeds=t["zt"],
+                                text_encoder_hidden_states=t["hid"],
+                                do_classifier_free_guidance=False)
+        out = unet(t["x"].permute(0, 3, 1, 2), t["t"], encoder_hidden_states=context,
+                   class_labels=emb_add, attention_mask=F.pad(t["mask"], (4, 0), value=True))
+    return out.sample.numpy().transpose(0, 2, 3, 1)
+
+
+DECODER_VARIANTS = {
+    "karlo": dict(),
+    "resnet_time_scale_shift_default": dict(resnet_time_scale_shift="default"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODER_VARIANTS))
+def test_decoder_option_matches_diffusers(tmp_path, name):
+    unet, proj = _decoder_folder(tmp_path, seed=len(name), **DECODER_VARIANTS[name])
+    ours = load_decoder(tmp_path)
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    d = dict(x=f(2, 8, 8, 3), t=np.array([5, 901]), zi=f(2, CLIP), zt=f(2, CLIP),
+             hid=f(2, 5, CLIP), mask=np.array([[True] * 5, [True] * 2 + [False] * 3]))
+    ref = _decoder_reference(unet, proj, d)
+    out = np.asarray(ours(d["x"], d["t"], d["zi"], d["zt"], d["hid"], d["mask"]))
+    assert out.shape == ref.shape == (2, 8, 8, 6)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
 
 
 def test_load_decoder_builds_at_the_folders_sample_size(tmp_path):

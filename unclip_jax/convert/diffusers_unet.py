@@ -250,8 +250,6 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         if not isinstance(unet[key], int):
             raise CheckpointError(f"Unsupported {where}: {key} must be a single int, got "
                                   f"{unet[key]!r}.")
-    if not _scale_shift(unet, where):
-        raise CheckpointError(f"Unsupported {where}: resnet_time_scale_shift must be 'scale_shift'.")
     size = unet["sample_size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise CheckpointError(f"Unsupported {where}: sample_size={size!r} (UnCLIPPipeline "
@@ -273,6 +271,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         channel_mult=tuple(w // base for w in widths), num_res_blocks=unet["layers_per_block"],
         attention_levels=attn_down, mid_attention=True, head_dim=unet["attention_head_dim"],
         groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
+        scale_shift=_scale_shift(unet, where),
         dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
         flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
         clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],
