@@ -9,7 +9,7 @@ import torch
 
 from torch_reference import random_prior, randomize
 from unclip_jax.convert.diffusers_prior import load_prior, save_prior
-from unclip_jax.convert.diffusers_unet import load_decoder
+from unclip_jax.convert.diffusers_unet import load_decoder, load_super_res
 from unclip_jax.torch_weights import CheckpointError
 
 BASE = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
@@ -167,6 +167,9 @@ def _decoder_reference(unet, proj, d):
 DECODER_VARIANTS = {
     "karlo": dict(),
     "resnet_time_scale_shift_default": dict(resnet_time_scale_shift="default"),
+    "act_fn_gelu": dict(act_fn="gelu"),
+    "act_fn_mish": dict(act_fn="mish"),
+    "act_fn_swish": dict(act_fn="swish"),
 }
 
 
@@ -192,4 +195,45 @@ def test_load_decoder_builds_at_the_folders_sample_size(tmp_path):
     raw = json.loads(path.read_text())
     path.write_text(json.dumps(dict(raw, sample_size=[32, 16])))
     with pytest.raises(CheckpointError, match=r"sample_size=\[32, 16\]"):
+        load_decoder(tmp_path)
+
+
+SUPER_RES = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=(8, 16),
+                 layers_per_block=1, norm_num_groups=4, add_attention=False,
+                 down_block_types=("ResnetDownsampleBlock2D",) * 2,
+                 up_block_types=("ResnetUpsampleBlock2D",) * 2)
+SUPER_RES_VARIANTS = {
+    "karlo": dict(),
+    "resnet_time_scale_shift": dict(resnet_time_scale_shift="scale_shift"),
+    "act_fn_relu": dict(act_fn="relu"),  # the resnets only: UNet2DModel's outer SiLU stays
+    "act_fn_mish": dict(act_fn="mish"),
+    "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
+                                       flip_sin_to_cos=False, freq_shift=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SUPER_RES_VARIANTS))
+def test_super_res_option_matches_diffusers(tmp_path, name):
+    from diffusers import UNet2DModel
+    config = {**SUPER_RES, **SUPER_RES_VARIANTS[name]}
+    ref_model = UNet2DModel(**config).eval()
+    randomize(ref_model, len(name))
+    ref_model.save_pretrained(tmp_path)
+    ours = load_super_res(tmp_path)
+    rng = np.random.default_rng(0)
+    x_t, low = (rng.standard_normal((2, 8, 8, 3)).astype(np.float32) for _ in range(2))
+    t = np.array([3, 811])
+    with torch.no_grad():
+        nchw = torch.from_numpy(np.concatenate([x_t, low], -1).transpose(0, 3, 1, 2).copy())
+        ref = ref_model(nchw, torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(ours(x_t, t, low))
+    assert out.shape == ref.shape == (2, 8, 8, config["out_channels"])
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_unknown_unet_activation_is_refused(tmp_path):
+    _decoder_folder(tmp_path)
+    path = tmp_path / "decoder" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), act_fn="tanh")))
+    with pytest.raises(CheckpointError, match="act_fn='tanh'"):
         load_decoder(tmp_path)

@@ -21,7 +21,7 @@ from typing import Any
 
 
 from unclip_jax.models.decoder import Decoder, DecoderConfig, abstract_decoder
-from unclip_jax.models.unet_blocks import UNetConfig
+from unclip_jax.models.unet_blocks import ACTIVATIONS, UNetConfig
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig, abstract_super_res
 from unclip_jax.io.safetensors import TensorFiles
 from unclip_jax.torch_weights import (CheckpointError, NameTable, check_folder, load_into,
@@ -191,13 +191,23 @@ def _scale_shift(cfg: dict, where: str) -> bool:
     return mode == "scale_shift"
 
 
+def _act(cfg: dict, where: str) -> str:
+    """act_fn as diffusers' get_activation reads it (any case; 'swish' is SiLU)."""
+    name = cfg["act_fn"]
+    act = {"swish": "silu"}.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"Unsupported {where}: act_fn={name!r} (diffusers knows "
+                              "'silu', 'swish', 'mish', 'gelu', 'relu').")
+    return act
+
+
 def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     where = "UNet2DModel config (the super-res loader reads Karlo's super_res layout)"
     n = len(cfg["block_out_channels"])
     _require(cfg, where, down_block_types=["ResnetDownsampleBlock2D"] * n,
              up_block_types=["ResnetUpsampleBlock2D"] * n, mid_block_type="UNetMidBlock2D",
              add_attention=False, center_input_sample=False, time_embedding_type="positional",
-             act_fn="silu", class_embed_type=None, num_class_embeds=None)
+             class_embed_type=None, num_class_embeds=None)
     if float(cfg["mid_block_scale_factor"]) != 1.0:
         raise CheckpointError(f"Unsupported {where}: mid_block_scale_factor must be 1.")
     cfg = dict(cfg, down_block_types=list(cfg["down_block_types"]),
@@ -213,6 +223,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg["layers_per_block"],
         groups=cfg["norm_num_groups"], norm_eps=float(cfg["norm_eps"]),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
+        act=_act(cfg, where),
         time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
         freq_shift=float(cfg["freq_shift"]))
     fields.update(overrides)
@@ -236,7 +247,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
                               f"(attention at levels {attn_down} going down, {attn_up} going up).")
     _require(unet, where, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
              class_embed_type="identity", center_input_sample=False,
-             time_embedding_type="positional", act_fn="silu", only_cross_attention=False,
+             time_embedding_type="positional", only_cross_attention=False,
              addition_embed_type=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
              time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
              conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
@@ -271,7 +282,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         channel_mult=tuple(w // base for w in widths), num_res_blocks=unet["layers_per_block"],
         attention_levels=attn_down, mid_attention=True, head_dim=unet["attention_head_dim"],
         groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
-        scale_shift=_scale_shift(unet, where),
+        scale_shift=_scale_shift(unet, where), act=_act(unet, where),
         dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
         flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
         clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],
