@@ -170,6 +170,8 @@ DECODER_VARIANTS = {
     "act_fn_gelu": dict(act_fn="gelu"),
     "act_fn_mish": dict(act_fn="mish"),
     "act_fn_swish": dict(act_fn="swish"),
+    "resnet_skip_time_act": dict(resnet_skip_time_act=True),
+    "center_input_sample": dict(center_input_sample=True),
 }
 
 
@@ -207,6 +209,7 @@ SUPER_RES_VARIANTS = {
     "resnet_time_scale_shift": dict(resnet_time_scale_shift="scale_shift"),
     "act_fn_relu": dict(act_fn="relu"),  # the resnets only: UNet2DModel's outer SiLU stays
     "act_fn_mish": dict(act_fn="mish"),
+    "center_input_sample": dict(center_input_sample=True),
     "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
                                        flip_sin_to_cos=False, freq_shift=1),
 }

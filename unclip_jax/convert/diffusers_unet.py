@@ -12,7 +12,12 @@
 
 Each is a name table (our parameter path -> diffusers tensor name and layout) handed to
 ``unclip_jax.torch_weights.load_into``, which checks every tensor before reading any.
-Configurations outside these layouts are refused with a message naming the offending key.
+Within these layouts the options that change the computation are read: in/out channels,
+block_out_channels (multiples of the first), layers_per_block, attention_head_dim,
+cross_attention_dim, norm_num_groups / norm_eps, resnet_time_scale_shift, act_fn (UNet2DModel
+keeps SiLU outside its resnets, as diffusers does), resnet_skip_time_act, center_input_sample,
+dropout, time_embedding_dim, flip_sin_to_cos / freq_shift, and the decoder's sample_size
+(our ``image_size``). Anything else is refused with a message naming the offending key.
 """
 from __future__ import annotations
 
@@ -206,7 +211,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     n = len(cfg["block_out_channels"])
     _require(cfg, where, down_block_types=["ResnetDownsampleBlock2D"] * n,
              up_block_types=["ResnetUpsampleBlock2D"] * n, mid_block_type="UNetMidBlock2D",
-             add_attention=False, center_input_sample=False, time_embedding_type="positional",
+             add_attention=False, time_embedding_type="positional",
              class_embed_type=None, num_class_embeds=None)
     if float(cfg["mid_block_scale_factor"]) != 1.0:
         raise CheckpointError(f"Unsupported {where}: mid_block_scale_factor must be 1.")
@@ -223,7 +228,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg["layers_per_block"],
         groups=cfg["norm_num_groups"], norm_eps=float(cfg["norm_eps"]),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
-        act=_act(cfg, where),
+        act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
         time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
         freq_shift=float(cfg["freq_shift"]))
     fields.update(overrides)
@@ -246,12 +251,12 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise CheckpointError(f"Unsupported {where}: the up path must mirror the down path "
                               f"(attention at levels {attn_down} going down, {attn_up} going up).")
     _require(unet, where, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-             class_embed_type="identity", center_input_sample=False,
+             class_embed_type="identity",
              time_embedding_type="positional", only_cross_attention=False,
              addition_embed_type=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
              time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
              conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
-             cross_attention_norm=None, resnet_skip_time_act=False, num_attention_heads=None)
+             cross_attention_norm=None, num_attention_heads=None)
     if unet["mid_block_only_cross_attention"] not in (None, False):
         raise CheckpointError(f"Unsupported {where}: mid_block_only_cross_attention must be false.")
     for key in ("mid_block_scale_factor", "resnet_out_scale_factor"):
@@ -283,6 +288,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         attention_levels=attn_down, mid_attention=True, head_dim=unet["attention_head_dim"],
         groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
         scale_shift=_scale_shift(unet, where), act=_act(unet, where),
+        res_time_act=not unet["resnet_skip_time_act"],
+        center_input=bool(unet["center_input_sample"]),
         dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
         flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
         clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],

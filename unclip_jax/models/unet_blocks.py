@@ -164,15 +164,17 @@ class ResBlock(nnx.Module):
     otherwise:   h = norm2(h + proj(silu(emb)))
     h = conv2(dropout(silu(h)));  out = skip(x) + h, skip a 1x1 conv when the width changes.
     conv2 starts at zero, so a fresh block is the identity on its skip path. ``act`` replaces
-    every SiLU (diffusers' resnet_act_fn).
+    every SiLU (diffusers' resnet_act_fn); ``time_act=False`` feeds emb to the projection as it
+    is (diffusers' skip_time_act).
     """
 
     def __init__(self, n_in: int, n_out: int, emb_dim: int, *, groups: int = 32,
                  eps: float = 1e-5, scale_shift: bool = True, up: bool = False,
                  down: bool = False, dropout: float = 0.0, act: str = "silu",
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 time_act: bool = True, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.act = act
+        self.act, self.time_act = act, time_act
         self.up, self.down, self.scale_shift, self.rate = up, down, scale_shift, dropout
         self.norm1 = GroupNorm(n_in, groups, eps, **kw)
         self.conv1 = conv(n_in, n_out, 3, **kw)
@@ -190,7 +192,7 @@ class ResBlock(nnx.Module):
         elif self.down:
             x, h = _avg_down(x), _avg_down(h)
         h = self.conv1(h)
-        e = self.time_emb_proj(act(emb))[:, None, None, :]
+        e = self.time_emb_proj(act(emb) if self.time_act else emb)[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -314,6 +316,8 @@ class UNetConfig:
     freq_shift: float = 0.0
     act: str = "silu"                # inside the residual blocks
     outer_act: str = "silu"          # in the timestep MLP and before conv_out
+    res_time_act: bool = True        # act(emb) before each block's projection (not skip_time_act)
+    center_input: bool = False       # x -> 2x - 1 first (diffusers' center_input_sample)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -417,8 +421,8 @@ class UNet(nnx.Module):
 
         def res(n_in, n_out, **extra):
             return ResBlock(n_in, n_out, emb, groups=c.groups, eps=c.norm_eps,
-                            scale_shift=c.scale_shift, dropout=c.dropout, act=c.act, **extra,
-                            **kw)
+                            scale_shift=c.scale_shift, dropout=c.dropout, act=c.act,
+                            time_act=c.res_time_act, **extra, **kw)
 
         def attn(width):
             return AttentionBlock(width, c.head_dim, c.context_dim, groups=c.groups,
@@ -488,6 +492,8 @@ class UNet(nnx.Module):
         def run_attn(block, h):
             return _call(block, c.remat, h, context, context_mask)
 
+        if c.center_input:
+            x = 2 * x - 1.0
         h = self.conv_in(x.astype(c.compute_dtype))
         skips = [h]
         for level in self.down:

@@ -48,6 +48,7 @@ class SuperResConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     act: str = "silu"                # inside the residual blocks (diffusers UNet2DModel act_fn)
+    center_input: bool = False       # [x_t, low_res] -> 2 [x_t, low_res] - 1 first
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -59,6 +60,7 @@ class SuperResConfig:
             num_res_blocks=self.num_res_blocks, attention_levels=(), mid_attention=False,
             context_dim=None, time_embed_dim=self.time_embed_dim, groups=self.groups,
             norm_eps=self.norm_eps, scale_shift=self.scale_shift, act=self.act,
+            center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
             param_dtype=self.param_dtype, remat=self.remat)
