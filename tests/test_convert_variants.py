@@ -210,6 +210,9 @@ SUPER_RES_VARIANTS = {
     "act_fn_relu": dict(act_fn="relu"),  # the resnets only: UNet2DModel's outer SiLU stays
     "act_fn_mish": dict(act_fn="mish"),
     "center_input_sample": dict(center_input_sample=True),
+    "add_attention": dict(add_attention=True, attention_head_dim=4),
+    "add_attention_one_head": dict(add_attention=True, attention_head_dim=None,
+                                   attn_norm_num_groups=4, resnet_time_scale_shift="scale_shift"),
     "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
                                        flip_sin_to_cos=False, freq_shift=1),
 }
@@ -240,3 +243,11 @@ def test_unknown_unet_activation_is_refused(tmp_path):
     path.write_text(json.dumps(dict(json.loads(path.read_text()), act_fn="tanh")))
     with pytest.raises(CheckpointError, match="act_fn='tanh'"):
         load_decoder(tmp_path)
+
+
+def test_super_res_attention_without_group_norm_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+    UNet2DModel(**dict(SUPER_RES, add_attention=True, resnet_time_scale_shift="scale_shift")
+                ).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="attn_norm_num_groups=None"):
+        load_super_res(tmp_path)

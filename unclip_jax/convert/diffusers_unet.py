@@ -2,8 +2,8 @@
 
 * :func:`load_super_res` reads a ``UNet2DModel`` folder (``config.json`` +
   ``diffusion_pytorch_model.safetensors``) in Karlo's ``super_res_first`` / ``super_res_last``
-  layout (``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, ``UNetMidBlock2D`` without
-  attention) and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
+  layout (``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, ``UNetMidBlock2D`` with or
+  without attention) and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
 * :func:`load_decoder` reads a diffusers ``UnCLIPPipeline`` folder, its ``decoder/``
   (``UNet2DConditionModel``: ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttnDownBlock2D``,
   ``UNetMidBlock2DSimpleCrossAttn``, ``SimpleCrossAttnUpBlock2D`` / ``ResnetUpsampleBlock2D``,
@@ -16,6 +16,7 @@ Within these layouts the options that change the computation are read: in/out ch
 block_out_channels (multiples of the first), layers_per_block, attention_head_dim,
 cross_attention_dim, norm_num_groups / norm_eps, resnet_time_scale_shift, act_fn (UNet2DModel
 keeps SiLU outside its resnets, as diffusers does), resnet_skip_time_act, center_input_sample,
+the super-res add_attention (with its attention_head_dim, normalised with norm_num_groups),
 dropout, time_embedding_dim, flip_sin_to_cos / freq_shift, and the decoder's sample_size
 (our ``image_size``). Anything else is refused with a message naming the offending key.
 """
@@ -45,7 +46,7 @@ _UNET2D_DEFAULTS = dict(
     block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
     dropout=0.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
     resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-    num_class_embeds=None)
+    num_class_embeds=None, attention_head_dim=8, attn_norm_num_groups=None)
 _COND_DEFAULTS = dict(
     in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -211,10 +212,16 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     n = len(cfg["block_out_channels"])
     _require(cfg, where, down_block_types=["ResnetDownsampleBlock2D"] * n,
              up_block_types=["ResnetUpsampleBlock2D"] * n, mid_block_type="UNetMidBlock2D",
-             add_attention=False, time_embedding_type="positional",
+             time_embedding_type="positional",
              class_embed_type=None, num_class_embeds=None)
     if float(cfg["mid_block_scale_factor"]) != 1.0:
         raise CheckpointError(f"Unsupported {where}: mid_block_scale_factor must be 1.")
+    groups, attn_groups = cfg["norm_num_groups"], cfg["attn_norm_num_groups"]
+    if cfg["add_attention"] and (attn_groups not in (None, groups) or (
+            attn_groups is None and cfg["resnet_time_scale_shift"] != "default")):
+        raise CheckpointError(f"Unsupported {where}: add_attention=True with attn_norm_num_groups="
+                              f"{attn_groups!r} (supported: the middle attention normalised with "
+                              f"norm_num_groups={groups}).")
     cfg = dict(cfg, down_block_types=list(cfg["down_block_types"]),
                up_block_types=list(cfg["up_block_types"]))
     widths = list(cfg["block_out_channels"])
@@ -229,6 +236,8 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         groups=cfg["norm_num_groups"], norm_eps=float(cfg["norm_eps"]),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
         act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
+        mid_attention=bool(cfg["add_attention"]),
+        head_dim=cfg["attention_head_dim"] or widths[-1],
         time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
         freq_shift=float(cfg["freq_shift"]))
     fields.update(overrides)
