@@ -318,9 +318,9 @@ def _sampleable_prior(prior):
     cfg = prior.config
     if cfg.output_dim != cfg.embed_dim:
         raise ConvertError(f"prior/config.json has clip_embed_dim={cfg.output_dim} but "
-                           f"embedding_dim={cfg.embed_dim}: the prior's prediction is not an image "
-                           "embedding, so neither UnCLIPPipeline nor ours can sample it (load it "
-                           "alone with unclip_jax.convert.diffusers.load_prior).")
+                           f"embedding_dim={cfg.embed_dim}: the prior's prediction is not an "
+                           "image embedding, so neither UnCLIPPipeline nor ours can sample it "
+                           "(load it alone with unclip_jax.convert.diffusers.load_prior).")
     return prior
 
 

@@ -219,9 +219,9 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     groups, attn_groups = cfg["norm_num_groups"], cfg["attn_norm_num_groups"]
     if cfg["add_attention"] and (attn_groups not in (None, groups) or (
             attn_groups is None and cfg["resnet_time_scale_shift"] != "default")):
-        raise CheckpointError(f"Unsupported {where}: add_attention=True with attn_norm_num_groups="
-                              f"{attn_groups!r} (supported: the middle attention normalised with "
-                              f"norm_num_groups={groups}).")
+        raise CheckpointError(f"Unsupported {where}: add_attention=True with "
+                              f"attn_norm_num_groups={attn_groups!r} (supported: the middle "
+                              f"attention normalised with norm_num_groups={groups}).")
     cfg = dict(cfg, down_block_types=list(cfg["down_block_types"]),
                up_block_types=list(cfg["up_block_types"]))
     widths = list(cfg["block_out_channels"])
