@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_reference import build_tiny_karlo
+from torch_reference import D, build_tiny_karlo, random_prior
 from unclip_jax import cli
 from unclip_jax.convert.diffusers_pipeline import ConvertError, convert_diffusers_pipeline
 from unclip_jax.io.safetensors import TensorFiles, write
@@ -70,6 +70,16 @@ def test_pickled_weights_need_allow_pickle(karlo, tmp_path):
     assert a.names() == b.names()
     for n in a.names():
         np.testing.assert_array_equal(a.read(n), b.read(n))
+
+
+def test_prior_predicting_other_than_an_embedding_is_refused(karlo, tmp_path):
+    src = _copy(karlo, tmp_path)
+    shutil.rmtree(src / "prior")
+    random_prior(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=D,
+                 num_embeddings=77, clip_embed_dim=2 * D).save_pretrained(src / "prior")
+    with pytest.raises(ConvertError, match=f"clip_embed_dim={2 * D} but embedding_dim={D}"):
+        convert_diffusers_pipeline(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_then_generate_cli(karlo, tmp_path, capsys):

@@ -75,9 +75,13 @@ def test_loader_refusals(tmp_path):
     karlo_super_res(tmp_path, 0, block_out_channels=(16, 32), layers_per_block=1,
                     out_channels=3, norm_num_groups=4)
     config = json.loads((tmp_path / "config.json").read_text())
-    # An attention middle block is not the super-res layout: named in one clear error.
+    # An option outside the super-res layout: named in one clear error.
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, mid_block_type=None)))
+    with pytest.raises(CheckpointError, match="mid_block_type"):
+        load_super_res(tmp_path)
+    # A config whose middle attention these weights lack: the missing tensors are named.
     (tmp_path / "config.json").write_text(json.dumps(dict(config, add_attention=True)))
-    with pytest.raises(CheckpointError, match="add_attention"):
+    with pytest.raises(CheckpointMismatchError, match="mid_block.attentions.0.to_q.weight"):
         load_super_res(tmp_path)
     # A config that does not belong to the weights: every misshapen tensor listed.
     (tmp_path / "config.json").write_text(json.dumps(dict(config, layers_per_block=2)))

@@ -291,8 +291,8 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
 
         jobs = [("text_encoder", lambda: load_text_encoder(
                     _stage_component(src, "text_encoder", stage_root, allow_pickle))),
-                ("prior", lambda: ("prior", load_prior(
-                    _stage_component(src, "prior", stage_root, allow_pickle)))),
+                ("prior", lambda: ("prior", _sampleable_prior(load_prior(
+                    _stage_component(src, "prior", stage_root, allow_pickle))))),
                 ("decoder", lambda: ("decoder", _load_decoder(src, stage_root, allow_pickle,
                                                               dec_size, load_decoder)))]
         jobs += [(n, (lambda n=n: (n, load_super_res(
@@ -312,6 +312,16 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
     return report
+
+
+def _sampleable_prior(prior):
+    cfg = prior.config
+    if cfg.output_dim != cfg.embed_dim:
+        raise ConvertError(f"prior/config.json has clip_embed_dim={cfg.output_dim} but "
+                           f"embedding_dim={cfg.embed_dim}: the prior's prediction is not an "
+                           "image embedding, so neither UnCLIPPipeline nor ours can sample it "
+                           "(load it alone with unclip_jax.convert.diffusers.load_prior).")
+    return prior
 
 
 def _load_decoder(src, stage_root, allow_pickle, size, load_decoder):

@@ -9,10 +9,14 @@ Config mapping (diffusers -> :class:`PriorConfig`): embedding_dim -> embed_dim,
 embedding_proj_dim -> text_embed_dim, num_embeddings -> context_length, num_attention_heads /
 attention_head_dim / num_layers, time_embed_dim, time_embed_act_fn -> time_embed_act,
 norm_in_type='layer' -> norm_in, embedding_proj_norm_type='layer' -> text_embed_norm,
-encoder_hid_proj_type='linear' -> text_proj, added_emb_type='prd' -> prd_token. The text tokens'
-width is embedding_dim (diffusers projects them with a Linear(embedding_dim, inner)).
-``clip_embed_dim``, when set, must equal ``embedding_dim`` (the prior maps z_i to itself), and
-``additional_embeddings`` must be 3 + (1 if prd): the position table covers exactly the sequence.
+encoder_hid_proj_type='linear' -> text_proj, added_emb_type='prd' -> prd_token, clip_embed_dim
+-> out_dim. The text tokens' width is embedding_dim (diffusers projects them with a
+Linear(embedding_dim, inner)), or inner = heads * head_dim when encoder_hid_proj_type is None
+(fed as they are). Activation names are read as diffusers reads them (any case; 'swish' is SiLU).
+
+Refused, because diffusers' forward cannot run them with a text mask (as every unCLIP pipeline
+passes it): ``additional_embeddings`` other than 3 + (1 if prd), ``num_embeddings`` < 1. Values
+diffusers' constructor itself rejects are refused too.
 
 ``clip_mean`` / ``clip_std`` load into the module's buffers, and ``embed_norm`` defaults to
 'mean_std' (Karlo's normalisation). One difference from diffusers: its forward drops the causal
@@ -35,7 +39,8 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax.io import safetensors
-from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig, abstract_prior
+from unclip_jax.models.diffusion_prior import (TIME_ACTIVATIONS, DiffusionPrior, PriorConfig,
+                                               abstract_prior)
 from unclip_jax.torch_weights import (TORCH_METADATA, CheckpointError, check_folder, load_into,
                                       read_json, torch_layout_state, weight_files)
 
@@ -53,6 +58,9 @@ _DEFAULTS = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, e
                  embedding_proj_dim=None, clip_embed_dim=None)
 
 
+_ACT_ALIASES = {"swish": "silu"}  # diffusers' get_activation: lower-cased, swish = SiLU
+
+
 def config_from_diffusers(d: dict[str, Any], **overrides: Any) -> PriorConfig:
     """Our :class:`PriorConfig` from a diffusers PriorTransformer ``config.json`` dict."""
     cls = d.get("_class_name")
@@ -61,9 +69,12 @@ def config_from_diffusers(d: dict[str, Any], **overrides: Any) -> PriorConfig:
                               "folder of the prior (in a pipeline folder: its 'prior' subfolder).")
     c = {**_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
     problems = []
+    act = c["time_embed_act_fn"]
+    c["time_embed_act_fn"] = _ACT_ALIASES.get(act.lower(), act.lower()) if isinstance(act, str) \
+        else act
     choices = dict(norm_in_type=("layer", None), embedding_proj_norm_type=("layer", None),
                    encoder_hid_proj_type=("linear", None), added_emb_type=("prd", None),
-                   time_embed_act_fn=("silu", "gelu"))
+                   time_embed_act_fn=TIME_ACTIVATIONS)
     for key, allowed in choices.items():
         if c[key] not in allowed:
             problems.append(f"{key}={c[key]!r} (supported: {allowed})")
@@ -71,16 +82,19 @@ def config_from_diffusers(d: dict[str, Any], **overrides: Any) -> PriorConfig:
     if c["additional_embeddings"] != 3 + prd:
         problems.append(f"additional_embeddings={c['additional_embeddings']} (a prior over a "
                         f"single embedding needs {3 + prd}: z_t, timestep, x_t"
-                        f"{', prd token' if prd else ''})")
-    if c["clip_embed_dim"] not in (None, c["embedding_dim"]):
-        problems.append(f"clip_embed_dim={c['clip_embed_dim']} differs from embedding_dim="
-                        f"{c['embedding_dim']}")
+                        f"{', prd token' if prd else ''}; with any other value diffusers' "
+                        "forward fails on a text mask)")
+    if not isinstance(c["num_embeddings"], int) or c["num_embeddings"] < 1:
+        problems.append(f"num_embeddings={c['num_embeddings']!r} (unCLIP pipelines pass text "
+                        "tokens: at least 1)")
     if problems:
         raise CheckpointError("Unsupported PriorTransformer config.json: " + "; ".join(problems)
                               + ".")
+    inner = c["num_attention_heads"] * c["attention_head_dim"]
     fields = dict(
         embed_dim=c["embedding_dim"], text_embed_dim=c["embedding_proj_dim"],
-        text_width=None, context_length=c["num_embeddings"],  # tokens are embedding_dim wide
+        text_width=None if c["encoder_hid_proj_type"] == "linear" else inner,
+        out_dim=c["clip_embed_dim"], context_length=c["num_embeddings"],
         num_heads=c["num_attention_heads"], head_dim=c["attention_head_dim"],
         num_layers=c["num_layers"], time_embed_dim=c["time_embed_dim"],
         time_embed_act=c["time_embed_act_fn"], norm_in=c["norm_in_type"] == "layer",
@@ -194,7 +208,7 @@ def config_to_diffusers(config: PriorConfig) -> dict[str, Any]:
         encoder_hid_proj_type="linear" if config.text_proj else None,
         added_emb_type="prd" if config.prd_token else None,
         time_embed_dim=config.time_embed_dim, embedding_proj_dim=config.text_embed_dim,
-        clip_embed_dim=None)
+        clip_embed_dim=config.out_dim)
 
 
 def save_prior(model: DiffusionPrior, path: str | os.PathLike) -> None:
@@ -205,7 +219,7 @@ def save_prior(model: DiffusionPrior, path: str | os.PathLike) -> None:
     config = config_to_diffusers(cfg)
     tensors = {name: a.astype(np.float32)
                for name, a in torch_layout_state(nnx.state(model), table).items()}
-    d = cfg.embed_dim
+    d = cfg.output_dim
     if cfg.embed_norm != "mean_std":  # statistics that make x * std + mean our denormalise
         scale = cfg.embed_scale if cfg.embed_norm == "scale" else math.sqrt(d)
         tensors["clip_mean"] = np.zeros((1, d), np.float32)

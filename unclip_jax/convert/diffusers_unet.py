@@ -2,8 +2,8 @@
 
 * :func:`load_super_res` reads a ``UNet2DModel`` folder (``config.json`` +
   ``diffusion_pytorch_model.safetensors``) in Karlo's ``super_res_first`` / ``super_res_last``
-  layout (``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, ``UNetMidBlock2D`` without
-  attention) and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
+  layout (``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, ``UNetMidBlock2D`` with or
+  without attention) and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
 * :func:`load_decoder` reads a diffusers ``UnCLIPPipeline`` folder, its ``decoder/``
   (``UNet2DConditionModel``: ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttnDownBlock2D``,
   ``UNetMidBlock2DSimpleCrossAttn``, ``SimpleCrossAttnUpBlock2D`` / ``ResnetUpsampleBlock2D``,
@@ -12,7 +12,13 @@
 
 Each is a name table (our parameter path -> diffusers tensor name and layout) handed to
 ``unclip_jax.torch_weights.load_into``, which checks every tensor before reading any.
-Configurations outside these layouts are refused with a message naming the offending key.
+Within these layouts the options that change the computation are read: in/out channels,
+block_out_channels (multiples of the first), layers_per_block, attention_head_dim,
+cross_attention_dim, norm_num_groups / norm_eps, resnet_time_scale_shift, act_fn (UNet2DModel
+keeps SiLU outside its resnets, as diffusers does), resnet_skip_time_act, center_input_sample,
+the super-res add_attention (with its attention_head_dim, normalised with norm_num_groups),
+dropout, time_embedding_dim, flip_sin_to_cos / freq_shift, and the decoder's sample_size
+(our ``image_size``). Anything else is refused with a message naming the offending key.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any
 
 
 from unclip_jax.models.decoder import Decoder, DecoderConfig, abstract_decoder
-from unclip_jax.models.unet_blocks import UNetConfig
+from unclip_jax.models.unet_blocks import ACTIVATIONS, UNetConfig
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig, abstract_super_res
 from unclip_jax.io.safetensors import TensorFiles
 from unclip_jax.torch_weights import (CheckpointError, NameTable, check_folder, load_into,
@@ -40,7 +46,7 @@ _UNET2D_DEFAULTS = dict(
     block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
     dropout=0.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
     resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-    num_class_embeds=None)
+    num_class_embeds=None, attention_head_dim=8, attn_norm_num_groups=None)
 _COND_DEFAULTS = dict(
     in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -55,7 +61,8 @@ _COND_DEFAULTS = dict(
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
     conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None, transformer_layers_per_block=1,
-    dual_cross_attention=False, use_linear_projection=False, upcast_attention=False)
+    dual_cross_attention=False, use_linear_projection=False, upcast_attention=False,
+    sample_size=None)
 _TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768)
 
 
@@ -190,15 +197,31 @@ def _scale_shift(cfg: dict, where: str) -> bool:
     return mode == "scale_shift"
 
 
+def _act(cfg: dict, where: str) -> str:
+    """act_fn as diffusers' get_activation reads it (any case; 'swish' is SiLU)."""
+    name = cfg["act_fn"]
+    act = {"swish": "silu"}.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"Unsupported {where}: act_fn={name!r} (diffusers knows "
+                              "'silu', 'swish', 'mish', 'gelu', 'relu').")
+    return act
+
+
 def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     where = "UNet2DModel config (the super-res loader reads Karlo's super_res layout)"
     n = len(cfg["block_out_channels"])
     _require(cfg, where, down_block_types=["ResnetDownsampleBlock2D"] * n,
              up_block_types=["ResnetUpsampleBlock2D"] * n, mid_block_type="UNetMidBlock2D",
-             add_attention=False, center_input_sample=False, time_embedding_type="positional",
-             act_fn="silu", class_embed_type=None, num_class_embeds=None)
+             time_embedding_type="positional",
+             class_embed_type=None, num_class_embeds=None)
     if float(cfg["mid_block_scale_factor"]) != 1.0:
         raise CheckpointError(f"Unsupported {where}: mid_block_scale_factor must be 1.")
+    groups, attn_groups = cfg["norm_num_groups"], cfg["attn_norm_num_groups"]
+    if cfg["add_attention"] and (attn_groups not in (None, groups) or (
+            attn_groups is None and cfg["resnet_time_scale_shift"] != "default")):
+        raise CheckpointError(f"Unsupported {where}: add_attention=True with "
+                              f"attn_norm_num_groups={attn_groups!r} (supported: the middle "
+                              f"attention normalised with norm_num_groups={groups}).")
     cfg = dict(cfg, down_block_types=list(cfg["down_block_types"]),
                up_block_types=list(cfg["up_block_types"]))
     widths = list(cfg["block_out_channels"])
@@ -212,6 +235,9 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg["layers_per_block"],
         groups=cfg["norm_num_groups"], norm_eps=float(cfg["norm_eps"]),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
+        act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
+        mid_attention=bool(cfg["add_attention"]),
+        head_dim=cfg["attention_head_dim"] or widths[-1],
         time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
         freq_shift=float(cfg["freq_shift"]))
     fields.update(overrides)
@@ -234,12 +260,12 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise CheckpointError(f"Unsupported {where}: the up path must mirror the down path "
                               f"(attention at levels {attn_down} going down, {attn_up} going up).")
     _require(unet, where, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-             class_embed_type="identity", center_input_sample=False,
-             time_embedding_type="positional", act_fn="silu", only_cross_attention=False,
+             class_embed_type="identity",
+             time_embedding_type="positional", only_cross_attention=False,
              addition_embed_type=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
              time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
              conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
-             cross_attention_norm=None, resnet_skip_time_act=False, num_attention_heads=None)
+             cross_attention_norm=None, num_attention_heads=None)
     if unet["mid_block_only_cross_attention"] not in (None, False):
         raise CheckpointError(f"Unsupported {where}: mid_block_only_cross_attention must be false.")
     for key in ("mid_block_scale_factor", "resnet_out_scale_factor"):
@@ -249,8 +275,10 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         if not isinstance(unet[key], int):
             raise CheckpointError(f"Unsupported {where}: {key} must be a single int, got "
                                   f"{unet[key]!r}.")
-    if not _scale_shift(unet, where):
-        raise CheckpointError(f"Unsupported {where}: resnet_time_scale_shift must be 'scale_shift'.")
+    size = unet["sample_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"Unsupported {where}: sample_size={size!r} (UnCLIPPipeline "
+                              "samples square images of sample_size: a positive int).")
     widths = list(unet["block_out_channels"])
     base = widths[0]
     emb = unet["time_embedding_dim"] or 4 * base
@@ -268,11 +296,16 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         channel_mult=tuple(w // base for w in widths), num_res_blocks=unet["layers_per_block"],
         attention_levels=attn_down, mid_attention=True, head_dim=unet["attention_head_dim"],
         groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
+        scale_shift=_scale_shift(unet, where), act=_act(unet, where),
+        res_time_act=not unet["resnet_skip_time_act"],
+        center_input=bool(unet["center_input_sample"]),
         dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
         flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
         clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],
         clip_tokens=proj["clip_extra_context_tokens"], use_text_embed=True, text_encoder="clip",
         text_width=proj["clip_embeddings_dim"])
+    if size is not None:  # else our default
+        fields["image_size"] = size
     fields.update(overrides)
     return DecoderConfig(**fields)
 

@@ -62,6 +62,10 @@ class DecoderConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     resblock_updown: bool = True
+    scale_shift: bool = True         # timestep scale-shift norm (ADM, Karlo); False: additive
+    act: str = "silu"                # UNet activation (unet_blocks.ACTIVATIONS), everywhere
+    res_time_act: bool = True        # False: diffusers' resnet_skip_time_act
+    center_input: bool = False       # x_t -> 2 x_t - 1 first (diffusers' center_input_sample)
     # Conditioning.
     clip_dim: int = 768              # width of z_i and z_t
     context_dim: int = 512           # width of the context tokens inside attention
@@ -98,7 +102,9 @@ class DecoderConfig:
             num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
             mid_attention=self.mid_attention, head_dim=self.head_dim,
             context_dim=self.context_dim, time_embed_dim=self.time_embed_dim,
-            groups=self.groups, norm_eps=self.norm_eps, scale_shift=True,
+            groups=self.groups, norm_eps=self.norm_eps, scale_shift=self.scale_shift,
+            act=self.act, outer_act=self.act, res_time_act=self.res_time_act,
+            center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
             param_dtype=self.param_dtype, remat=self.remat)

@@ -20,6 +20,8 @@ so :func:`unclip_jax.convert.diffusers.load_prior` fills it one tensor to one pa
   width; every projection has a bias;
 * ``clip_mean`` / ``clip_std`` hold per-dimension statistics of z_i (Karlo's normalisation).
   They are buffers (:class:`Buffer`), not trained parameters.
+* ``out_dim`` (diffusers' ``clip_embed_dim``) sets the width of the final linear map and of
+  the statistics; a prior whose out_dim differs from D runs, but cannot be sampled.
 
 Embedding normalisation before diffusion (``PriorConfig.embed_norm``):
   'scale'        z * embed_scale (the paper: 17.2)
@@ -50,7 +52,7 @@ from unclip_jax.models.presets import dtype_problems, from_preset
 
 Array = jax.Array
 EMBED_NORMS = ("scale", "mean_std", "l2_sqrt_dim")
-TIME_ACTIVATIONS = ("silu", "gelu")
+TIME_ACTIVATIONS = ("silu", "gelu", "mish", "relu")
 
 
 class Buffer(nnx.Variable):
@@ -65,12 +67,13 @@ class PriorConfig:
     embed_dim: int = 768             # D: the CLIP image embedding z_i (diffusers embedding_dim)
     text_embed_dim: int | None = None  # z_t's dimension; None = embed_dim (embedding_proj_dim)
     text_width: int | None = None    # width of the encoded text tokens; None = embed_dim
+    out_dim: int | None = None       # width of the prediction; None = embed_dim (clip_embed_dim)
     context_length: int = 77         # L: number of text tokens (diffusers num_embeddings)
     num_heads: int = 32
     head_dim: int = 64
     num_layers: int = 20
     time_embed_dim: int | None = None  # hidden width of the timestep MLP; None = model width
-    time_embed_act: str = "silu"     # 'silu' | 'gelu'
+    time_embed_act: str = "silu"     # 'silu' | 'gelu' | 'mish' | 'relu'
     norm_in: bool = False            # LayerNorm after the position table (norm_in_type='layer')
     text_embed_norm: bool = False    # LayerNorm on z_t before its projection
     text_proj: bool = True           # project the text tokens (encoder_hid_proj_type='linear');
@@ -116,6 +119,10 @@ class PriorConfig:
     @property
     def token_width(self) -> int:
         return self.text_width or self.embed_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.out_dim or self.embed_dim
 
     @property
     def time_hidden(self) -> int:
@@ -180,6 +187,10 @@ def LayerNorm(width: int, cfg: PriorConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
                             param_dtype=cfg.params_dtype, rngs=rngs)
 
 
+_ACTIVATIONS = dict(silu=jax.nn.silu, gelu=lambda h: jax.nn.gelu(h, approximate=False),
+                    mish=jax.nn.mish, relu=jax.nn.relu)
+
+
 class TimeEmbedding(nnx.Module):
     """Sinusoidal embedding of the timestep (cos half first) -> Linear -> act -> Linear."""
 
@@ -196,8 +207,7 @@ class TimeEmbedding(nnx.Module):
         if self.width % 2:
             emb = jnp.pad(emb, ((0, 0), (0, 1)))
         h = self.linear_1(emb)
-        h = jax.nn.silu(h) if self.act == "silu" else jax.nn.gelu(h, approximate=False)
-        return self.linear_2(h)
+        return self.linear_2(_ACTIVATIONS[self.act](h))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,9 +240,9 @@ class DiffusionPrior(nnx.Module):
         self.norm_in = LayerNorm(w, cfg, rngs) if cfg.norm_in else None
         self.blocks = transformer.Stack(cfg.block_config(), rngs)
         self.norm_out = LayerNorm(w, cfg, rngs)
-        self.proj_out = _dense(w, cfg.embed_dim, ("embed", None), cfg, rngs)
-        self.clip_mean = Buffer(jnp.zeros((1, cfg.embed_dim), cfg.params_dtype))
-        self.clip_std = Buffer(jnp.ones((1, cfg.embed_dim), cfg.params_dtype))
+        self.proj_out = _dense(w, cfg.output_dim, ("embed", None), cfg, rngs)
+        self.clip_mean = Buffer(jnp.zeros((1, cfg.output_dim), cfg.params_dtype))
+        self.clip_std = Buffer(jnp.ones((1, cfg.output_dim), cfg.params_dtype))
         if cfg.learned_null:
             self.null_text_embed = _param(nnx.initializers.normal(0.02), (cfg.cond_dim,),
                                           (None,), cfg, rngs)
@@ -244,7 +254,7 @@ class DiffusionPrior(nnx.Module):
 
     def set_embedding_stats(self, mean: Array, std: Array) -> None:
         """Store per-dimension z_i statistics (used by embed_norm='mean_std')."""
-        d = self.config.embed_dim
+        d = self.config.output_dim
         mean, std = jnp.asarray(mean).reshape(-1), jnp.asarray(std).reshape(-1)
         if mean.shape != (d,) or std.shape != (d,):
             raise ValueError(f"mean and std must have {d} entries, got {mean.shape} and {std.shape}.")
@@ -257,6 +267,7 @@ class DiffusionPrior(nnx.Module):
         if cfg.embed_norm == "scale":
             return z * cfg.embed_scale
         if cfg.embed_norm == "mean_std":
+            self._check_stats_fit()
             return (z - self.clip_mean[...]) / self.clip_std[...]
         norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
         return z / jnp.maximum(norm, 1e-12) * math.sqrt(cfg.embed_dim)
@@ -267,8 +278,17 @@ class DiffusionPrior(nnx.Module):
         if cfg.embed_norm == "scale":
             return x / cfg.embed_scale
         if cfg.embed_norm == "mean_std":
+            self._check_stats_fit()
             return x * self.clip_std[...] + self.clip_mean[...]
         return x / math.sqrt(cfg.embed_dim)
+
+    def _check_stats_fit(self) -> None:
+        cfg = self.config
+        if cfg.output_dim != cfg.embed_dim:
+            raise ValueError(f"This prior predicts {cfg.output_dim} values per row (out_dim, "
+                             f"diffusers' clip_embed_dim) for embeddings of {cfg.embed_dim}; its "
+                             "clip_mean / clip_std cannot normalise those embeddings, and it "
+                             "cannot sample them.")
 
     # -- null conditioning ---------------------------------------------------------------------
 
@@ -297,7 +317,8 @@ class DiffusionPrior(nnx.Module):
         bool (True = a real token; None = all real). drop_text [B] bool replaces a row's text
         conditioning by the learned null (needs learned_null=True). Dropout runs only when
         ``deterministic`` is False, drawing from the explicit ``dropout_rng``.
-        Returns [B, D] in float32: diffusers' ``predicted_image_embedding``.
+        Returns [B, out_dim] (normally [B, D]) in float32: diffusers'
+        ``predicted_image_embedding``.
         """
         cfg = self.config
         x_t = jnp.asarray(x_t)

@@ -42,6 +42,9 @@ from flax import nnx
 from unclip_jax.models.layers import logical
 
 Array = jax.Array
+# Activations by diffusers' names (get_activation); SiLU is ADM's and Karlo's.
+ACTIVATIONS = dict(silu=jax.nn.silu, mish=jax.nn.mish, relu=jax.nn.relu,
+                   gelu=lambda x: jax.nn.gelu(x, approximate=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,15 +117,17 @@ class GroupNorm(nnx.Module):
 
 
 class TimeEmbedding(nnx.Module):
-    """Sinusoidal features -> Linear -> SiLU -> Linear."""
+    """Sinusoidal features -> Linear -> SiLU (or ``act``) -> Linear."""
 
-    def __init__(self, n_in: int, n_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, n_in: int, n_out: int, *, act: str = "silu", dtype, param_dtype,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
         self.linear_1 = dense(n_in, n_out, ("embed", "mlp"), **kw)
         self.linear_2 = dense(n_out, n_out, ("mlp", "embed"), **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+        return self.linear_2(ACTIVATIONS[self.act](self.linear_1(x)))
 
 
 def _nearest_up(x: Array) -> Array:
@@ -158,14 +163,18 @@ class ResBlock(nnx.Module):
     scale_shift: h = norm2(h) * (1 + scale) + shift, with [scale, shift] = proj(silu(emb))
     otherwise:   h = norm2(h + proj(silu(emb)))
     h = conv2(dropout(silu(h)));  out = skip(x) + h, skip a 1x1 conv when the width changes.
-    conv2 starts at zero, so a fresh block is the identity on its skip path.
+    conv2 starts at zero, so a fresh block is the identity on its skip path. ``act`` replaces
+    every SiLU (diffusers' resnet_act_fn); ``time_act=False`` feeds emb to the projection as it
+    is (diffusers' skip_time_act).
     """
 
     def __init__(self, n_in: int, n_out: int, emb_dim: int, *, groups: int = 32,
                  eps: float = 1e-5, scale_shift: bool = True, up: bool = False,
-                 down: bool = False, dropout: float = 0.0, dtype: Any = jnp.float32,
+                 down: bool = False, dropout: float = 0.0, act: str = "silu",
+                 time_act: bool = True, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act, self.time_act = act, time_act
         self.up, self.down, self.scale_shift, self.rate = up, down, scale_shift, dropout
         self.norm1 = GroupNorm(n_in, groups, eps, **kw)
         self.conv1 = conv(n_in, n_out, 3, **kw)
@@ -176,19 +185,20 @@ class ResBlock(nnx.Module):
 
     def __call__(self, x: Array, emb: Array, deterministic: bool = True,
                  rng: Array | None = None) -> Array:
-        h = jax.nn.silu(self.norm1(x))
+        act = ACTIVATIONS[self.act]
+        h = act(self.norm1(x))
         if self.up:
             x, h = _nearest_up(x), _nearest_up(h)
         elif self.down:
             x, h = _avg_down(x), _avg_down(h)
         h = self.conv1(h)
-        e = self.time_emb_proj(jax.nn.silu(emb))[:, None, None, :]
+        e = self.time_emb_proj(act(emb) if self.time_act else emb)[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h + e)
-        h = dropout(jax.nn.silu(h), self.rate, deterministic, rng)
+        h = dropout(act(h), self.rate, deterministic, rng)
         h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -304,6 +314,10 @@ class UNetConfig:
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
+    act: str = "silu"                # inside the residual blocks
+    outer_act: str = "silu"          # in the timestep MLP and before conv_out
+    res_time_act: bool = True        # act(emb) before each block's projection (not skip_time_act)
+    center_input: bool = False       # x -> 2x - 1 first (diffusers' center_input_sample)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -312,6 +326,10 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         problems = []
+        for name in ("act", "outer_act"):
+            if getattr(self, name) not in ACTIVATIONS:
+                problems.append(f"{name} must be one of {tuple(ACTIVATIONS)}, got "
+                                f"{getattr(self, name)!r}")
         n = len(self.channel_mult)
         if n < 1:
             problems.append("channel_mult must name at least one level")
@@ -403,14 +421,15 @@ class UNet(nnx.Module):
 
         def res(n_in, n_out, **extra):
             return ResBlock(n_in, n_out, emb, groups=c.groups, eps=c.norm_eps,
-                            scale_shift=c.scale_shift, dropout=c.dropout, **extra, **kw)
+                            scale_shift=c.scale_shift, dropout=c.dropout, act=c.act,
+                            time_act=c.res_time_act, **extra, **kw)
 
         def attn(width):
             return AttentionBlock(width, c.head_dim, c.context_dim, groups=c.groups,
                                   eps=c.attn_norm_eps, **kw)
 
         self.conv_in = conv(c.in_channels, widths[0], 3, **kw)
-        self.time_embed = TimeEmbedding(widths[0], emb, **kw)
+        self.time_embed = TimeEmbedding(widths[0], emb, act=c.outer_act, **kw)
 
         down, skips, width = [], [widths[0]], widths[0]
         for lvl, out in enumerate(widths):
@@ -473,6 +492,8 @@ class UNet(nnx.Module):
         def run_attn(block, h):
             return _call(block, c.remat, h, context, context_mask)
 
+        if c.center_input:
+            x = 2 * x - 1.0
         h = self.conv_in(x.astype(c.compute_dtype))
         skips = [h]
         for level in self.down:
@@ -498,5 +519,5 @@ class UNet(nnx.Module):
             if level.resample is not None:
                 h = run_res(level.resample, h)
 
-        h = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        h = self.conv_out(ACTIVATIONS[c.outer_act](self.norm_out(h)))
         return h.astype(jnp.float32)

@@ -47,6 +47,10 @@ class SuperResConfig:
     time_embed_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
+    act: str = "silu"                # inside the residual blocks (diffusers UNet2DModel act_fn)
+    center_input: bool = False       # [x_t, low_res] -> 2 [x_t, low_res] - 1 first
+    mid_attention: bool = False      # self-attention in the middle block (Karlo: none)
+    head_dim: int = 64               # its head width
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -55,9 +59,11 @@ class SuperResConfig:
         return UNetConfig(
             in_channels=2 * self.image_channels, out_channels=self.out_channels,
             channels=self.channels, channel_mult=tuple(self.channel_mult),
-            num_res_blocks=self.num_res_blocks, attention_levels=(), mid_attention=False,
+            num_res_blocks=self.num_res_blocks, attention_levels=(),
+            mid_attention=self.mid_attention, head_dim=self.head_dim, attn_norm_eps=self.norm_eps,
             context_dim=None, time_embed_dim=self.time_embed_dim, groups=self.groups,
-            norm_eps=self.norm_eps, scale_shift=self.scale_shift,
+            norm_eps=self.norm_eps, scale_shift=self.scale_shift, act=self.act,
+            center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
             param_dtype=self.param_dtype, remat=self.remat)

@@ -1,0 +1,253 @@
+"""Every PriorTransformer option diffusers' unCLIP pipelines can run loads and matches diffusers
+on random weights; the rest are refused naming the option. The decoder keeps its sample_size."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from torch_reference import random_prior, randomize
+from unclip_jax.convert.diffusers_prior import load_prior, save_prior
+from unclip_jax.convert.diffusers_unet import load_decoder, load_super_res
+from unclip_jax.torch_weights import CheckpointError
+
+BASE = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12,
+            num_embeddings=6, additional_embeddings=4)
+VARIANTS = {
+    "clip_embed_dim": dict(clip_embed_dim=24),
+    "clip_embed_dim_narrow": dict(clip_embed_dim=5),
+    "embedding_proj_dim": dict(embedding_proj_dim=10),
+    "time_embed_dim": dict(time_embed_dim=20),
+    "norm_in_type": dict(norm_in_type="layer"),
+    "embedding_proj_norm_type": dict(embedding_proj_norm_type="layer", embedding_proj_dim=7),
+    "encoder_hid_proj_type_none": dict(encoder_hid_proj_type=None),
+    "added_emb_type_none": dict(added_emb_type=None, additional_embeddings=3),
+    "num_embeddings_1": dict(num_embeddings=1),
+    "act_gelu": dict(time_embed_act_fn="gelu"),
+    "act_swish": dict(time_embed_act_fn="swish"),
+    "act_mish": dict(time_embed_act_fn="mish"),
+    "act_relu": dict(time_embed_act_fn="relu"),
+    "act_upper_case": dict(time_embed_act_fn="SiLU"),
+    "dropout": dict(dropout=0.1),
+    "all_at_once": dict(clip_embed_dim=20, embedding_proj_dim=9, time_embed_dim=24,
+                        norm_in_type="layer", embedding_proj_norm_type="layer",
+                        encoder_hid_proj_type=None, added_emb_type=None,
+                        additional_embeddings=3, num_embeddings=5, time_embed_act_fn="mish",
+                        dropout=0.2),
+}
+
+
+def _inputs(c, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    n, d = c["num_embeddings"], c["embedding_dim"]
+    width = d if c.get("encoder_hid_proj_type", "linear") else \
+        c["num_attention_heads"] * c["attention_head_dim"]
+    mask = np.zeros((batch, n), bool)
+    for row, k in enumerate([n, 3, 1][:batch]):
+        mask[row, :min(k, n)] = True
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return dict(x=f(batch, d), t=np.array([0, 437, 999][:batch]),
+                text_embed=f(batch, c.get("embedding_proj_dim") or d),
+                text_hidden=f(batch, n, width), mask=mask)
+
+
+def _reference(model, a):
+    with torch.no_grad():
+        out = model(hidden_states=torch.tensor(a["x"]), timestep=torch.tensor(a["t"]),
+                    proj_embedding=torch.tensor(a["text_embed"]),
+                    encoder_hidden_states=torch.tensor(a["text_hidden"]),
+                    attention_mask=torch.tensor(a["mask"])).predicted_image_embedding
+    return out.numpy().reshape(len(a["x"]), -1)  # [B, 1, D] without the prd token
+
+
+def _check(ours, ref_model, config):
+    a = _inputs(config)
+    ref = _reference(ref_model, a)
+    out = np.asarray(ours(a["x"], a["t"], a["text_embed"], a["text_hidden"], a["mask"]))
+    assert out.shape == ref.shape == (3, config.get("clip_embed_dim") or config["embedding_dim"])
+    rel = np.abs(out - ref).max() / np.abs(ref).max()
+    assert rel < 1e-4, rel
+    np.testing.assert_array_equal(np.asarray(ours.clip_mean[...]),
+                                  ref_model.clip_mean.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(ours.clip_std[...]),
+                                  ref_model.clip_std.detach().numpy())
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prior_option_matches_diffusers(tmp_path, name):
+    config = {**BASE, **VARIANTS[name]}
+    ref_model = random_prior(seed=len(name), **config)
+    ref_model.save_pretrained(tmp_path)
+    ours = load_prior(tmp_path)
+    _check(ours, ref_model, config)
+    if name in ("all_at_once", "clip_embed_dim"):  # and back to diffusers
+        from diffusers import PriorTransformer
+        save_prior(ours, tmp_path / "back")
+        again = PriorTransformer.from_pretrained(tmp_path / "back").eval()
+        for key, value in config.items():
+            want = value.lower() if isinstance(value, str) else value
+            assert again.config[key] == want, key
+        _check(ours, again, config)
+
+
+def test_wider_prediction_cannot_normalise_or_sample(tmp_path):
+    random_prior(**BASE, clip_embed_dim=24).save_pretrained(tmp_path)
+    ours = load_prior(tmp_path)
+    assert ours.config.out_dim == 24 and ours.config.output_dim == 24
+    with pytest.raises(ValueError, match="clip_embed_dim"):
+        ours.denormalise(np.zeros((1, 12), np.float32))
+
+
+def _write(folder, **config):
+    random_prior(**BASE).save_pretrained(folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw.update(config)
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(additional_embeddings=5), "additional_embeddings=5"),
+    (dict(added_emb_type=None), "additional_embeddings=4"),  # 3 needed without the prd token
+    (dict(num_embeddings=0), "num_embeddings=0"),
+    (dict(norm_in_type="batch"), "norm_in_type='batch'"),
+    (dict(embedding_proj_norm_type="group"), "embedding_proj_norm_type='group'"),
+    (dict(encoder_hid_proj_type="mlp"), "encoder_hid_proj_type='mlp'"),
+    (dict(added_emb_type="clip"), "added_emb_type='clip'"),
+    (dict(time_embed_act_fn="tanh"), "time_embed_act_fn='tanh'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_prior_options_diffusers_cannot_run_are_refused(tmp_path, config, message):
+    _write(tmp_path, **config)
+    with pytest.raises(CheckpointError, match="Unsupported PriorTransformer") as err:
+        load_prior(tmp_path)
+    assert message in str(err.value)
+
+
+DECODER = dict(
+    in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
+    attention_head_dim=8, cross_attention_dim=16, norm_num_groups=4,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type="identity",
+    resnet_time_scale_shift="scale_shift")
+CLIP = 12
+
+
+def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
+    """decoder/ + text_proj/ as UnCLIPPipeline.save_pretrained writes them (random weights)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    unet = UNet2DConditionModel(sample_size=sample_size, **{**DECODER, **overrides}).eval()
+    proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
+                               time_embed_dim=4 * unet.config.block_out_channels[0],
+                               cross_attention_dim=unet.config.cross_attention_dim).eval()
+    randomize(unet, seed)
+    randomize(proj, seed + 100)
+    unet.save_pretrained(os.path.join(folder, "decoder"))
+    proj.save_pretrained(os.path.join(folder, "text_proj"))
+    return unet, proj
+
+
+def _decoder_reference(unet, proj, d):
+    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance)."""
+    import torch.nn.functional as F
+    t = {k: torch.from_numpy(v) for k, v in d.items()}
+    with torch.no_grad():
+        context, emb_add = proj(image_embeddings=t["zi"], prompt_embeds=t["zt"],
+                                text_encoder_hidden_states=t["hid"],
+                                do_classifier_free_guidance=False)
+        out = unet(t["x"].permute(0, 3, 1, 2), t["t"], encoder_hidden_states=context,
+                   class_labels=emb_add, attention_mask=F.pad(t["mask"], (4, 0), value=True))
+    return out.sample.numpy().transpose(0, 2, 3, 1)
+
+
+DECODER_VARIANTS = {
+    "karlo": dict(),
+    "resnet_time_scale_shift_default": dict(resnet_time_scale_shift="default"),
+    "act_fn_gelu": dict(act_fn="gelu"),
+    "act_fn_mish": dict(act_fn="mish"),
+    "act_fn_swish": dict(act_fn="swish"),
+    "resnet_skip_time_act": dict(resnet_skip_time_act=True),
+    "center_input_sample": dict(center_input_sample=True),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODER_VARIANTS))
+def test_decoder_option_matches_diffusers(tmp_path, name):
+    unet, proj = _decoder_folder(tmp_path, seed=len(name), **DECODER_VARIANTS[name])
+    ours = load_decoder(tmp_path)
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    d = dict(x=f(2, 8, 8, 3), t=np.array([5, 901]), zi=f(2, CLIP), zt=f(2, CLIP),
+             hid=f(2, 5, CLIP), mask=np.array([[True] * 5, [True] * 2 + [False] * 3]))
+    ref = _decoder_reference(unet, proj, d)
+    out = np.asarray(ours(d["x"], d["t"], d["zi"], d["zt"], d["hid"], d["mask"]))
+    assert out.shape == ref.shape == (2, 8, 8, 6)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_load_decoder_builds_at_the_folders_sample_size(tmp_path):
+    _decoder_folder(tmp_path, 32)
+    assert load_decoder(tmp_path).config.image_size == 32
+    assert load_decoder(tmp_path, image_size=48).config.image_size == 48  # an override wins
+    path = tmp_path / "decoder" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(raw, sample_size=[32, 16])))
+    with pytest.raises(CheckpointError, match=r"sample_size=\[32, 16\]"):
+        load_decoder(tmp_path)
+
+
+SUPER_RES = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=(8, 16),
+                 layers_per_block=1, norm_num_groups=4, add_attention=False,
+                 down_block_types=("ResnetDownsampleBlock2D",) * 2,
+                 up_block_types=("ResnetUpsampleBlock2D",) * 2)
+SUPER_RES_VARIANTS = {
+    "karlo": dict(),
+    "resnet_time_scale_shift": dict(resnet_time_scale_shift="scale_shift"),
+    "act_fn_relu": dict(act_fn="relu"),  # the resnets only: UNet2DModel's outer SiLU stays
+    "act_fn_mish": dict(act_fn="mish"),
+    "center_input_sample": dict(center_input_sample=True),
+    "add_attention": dict(add_attention=True, attention_head_dim=4),
+    "add_attention_one_head": dict(add_attention=True, attention_head_dim=None,
+                                   attn_norm_num_groups=4, resnet_time_scale_shift="scale_shift"),
+    "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
+                                       flip_sin_to_cos=False, freq_shift=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SUPER_RES_VARIANTS))
+def test_super_res_option_matches_diffusers(tmp_path, name):
+    from diffusers import UNet2DModel
+    config = {**SUPER_RES, **SUPER_RES_VARIANTS[name]}
+    ref_model = UNet2DModel(**config).eval()
+    randomize(ref_model, len(name))
+    ref_model.save_pretrained(tmp_path)
+    ours = load_super_res(tmp_path)
+    rng = np.random.default_rng(0)
+    x_t, low = (rng.standard_normal((2, 8, 8, 3)).astype(np.float32) for _ in range(2))
+    t = np.array([3, 811])
+    with torch.no_grad():
+        nchw = torch.from_numpy(np.concatenate([x_t, low], -1).transpose(0, 3, 1, 2).copy())
+        ref = ref_model(nchw, torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(ours(x_t, t, low))
+    assert out.shape == ref.shape == (2, 8, 8, config["out_channels"])
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_unknown_unet_activation_is_refused(tmp_path):
+    _decoder_folder(tmp_path)
+    path = tmp_path / "decoder" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), act_fn="tanh")))
+    with pytest.raises(CheckpointError, match="act_fn='tanh'"):
+        load_decoder(tmp_path)
+
+
+def test_super_res_attention_without_group_norm_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+    UNet2DModel(**dict(SUPER_RES, add_attention=True, resnet_time_scale_shift="scale_shift")
+                ).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="attn_norm_num_groups=None"):
+        load_super_res(tmp_path)
