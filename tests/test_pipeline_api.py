@@ -140,6 +140,7 @@ def test_diffusers_folder_and_hub_id_convert_once(karlo, tmp_path, monkeypatch):
 class _FakePipe:
     """Records what the commands pass; returns blank images."""
     trace_counts: dict = {}
+    settings: dict = {}   # the defaults generate records in each PNG's metadata
 
     def __init__(self):
         self.calls = []
