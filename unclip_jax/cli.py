@@ -1,8 +1,14 @@
 """The ``unclip-jax`` command: the parser of every subcommand in :mod:`unclip_jax.commands`, and
 ``main``.
 
-Heavy imports (JAX, TensorFlow) happen inside the subcommands, so ``--help`` is instant. Errors
-that a user can fix are printed as one line, without a traceback, and exit with status 2.
+Heavy imports (JAX, TensorFlow) happen inside the subcommands, so ``--help`` is instant.
+
+Every failure ends in one line on stderr and no traceback (``--debug`` shows it):
+- a :class:`unclip_jax.errors.UserError` (a bad flag, file, folder, config, manifest or
+  checkpoint), an argument the parser refuses, an operating-system error on a file (full disk,
+  permission denied) and running out of memory exit with status 2;
+- anything else is a bug of ours: one line naming it and asking for a report, status 1;
+- Ctrl-C exits with status 130.
 """
 from __future__ import annotations
 
@@ -13,7 +19,14 @@ from typing import Sequence
 
 from unclip_jax import __version__
 from unclip_jax import config as config_lib
-from unclip_jax.commands import COMMANDS, enable_compilation_cache, user_errors
+from unclip_jax.commands import COMMANDS, enable_compilation_cache, one_line, user_errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a refused argument is one line (the usage is in ``--help``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help').\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,12 +43,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="unclip-jax", description="unCLIP (DALL-E 2) in JAX and Flax.",
         epilog="Config fields can be overridden after --config with --config.KEY=VALUE.",
         formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"unclip-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=ArgumentParser)
     for name in COMMANDS:
         importlib.import_module(f"unclip_jax.commands.{name}").add_parser(sub)
     for command in sub.choices.values():
@@ -44,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--no-compilation-cache", action="store_true",
             help="Compile every program afresh instead of loading it from the persistent cache "
             "in the user cache folder (UNCLIP_JAX_COMPILATION_CACHE=0 does the same).")
+        command.add_argument("--debug", action="store_true",
+                             help="Show the Python traceback of an error instead of one line.")
     return parser
 
 
@@ -60,9 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         enable_compilation_cache(args)
         return args.func(args, overrides)
-    except user_errors() as e:
-        print(f"unclip-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"unclip-jax {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure is reported
+        if args.debug:
+            raise
+        line, status = one_line(e, user_errors())
+        print(f"unclip-jax {args.command}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

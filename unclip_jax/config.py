@@ -21,10 +21,12 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from unclip_jax.errors import UserError
+
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, argument or override that cannot be used as given."""
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unclip_jax.errors import UserError
 from unclip_jax.io.safetensors import TensorFiles
 from unclip_jax.models.transformer import layer_paths, unstack_layer_shapes
 
@@ -40,7 +41,7 @@ TORCH_METADATA = {"format": "pt"}  # the safetensors metadata torch-side loaders
 NameTable = dict[tuple, tuple[str, str]]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be loaded as asked; the message says what to do."""
 
 

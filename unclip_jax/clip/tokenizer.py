@@ -28,6 +28,8 @@ import ftfy
 import numpy as np
 import regex
 
+from unclip_jax.errors import UserError
+
 DEFAULT_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN = "<|startoftext|>"
@@ -42,7 +44,7 @@ _SPLIT = regex.compile(
     regex.IGNORECASE)
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError, ValueError):
     """A caption that cannot be tokenized as asked (empty, or longer than the context)."""
 
 

@@ -48,9 +48,27 @@ def enable_compilation_cache(args) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message tells the user what to fix (printed as one line, no
-    traceback). Imported only when a command fails: the tokenizer's package imports JAX."""
-    from unclip_jax import config as config_lib
-    from unclip_jax.clip.tokenizer import CaptionError
+    traceback, status 2). Every error of ours that a user can cause is a ``UserError``."""
     from unclip_jax.errors import UserError
-    from unclip_jax.torch_weights import CheckpointError
-    return (UserError, config_lib.ConfigError, CaptionError, CheckpointError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)[:200]
+
+
+def one_line(e: BaseException, expected: tuple[type[BaseException], ...]) -> tuple[str, int]:
+    """The line ``main`` prints for an exception, and the exit status: 2 for what a user can fix
+    (``expected``, file-system errors, memory), 1 for a bug of ours."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    if isinstance(e, expected):
+        return f"error: {text}", 2
+    if _out_of_memory(e):
+        return ("error: out of memory (" + text[:200] + "). Ask for less at once: fewer "
+                "images or a smaller --batch-size.", 2)
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        why = e.strerror or text or type(e).__name__
+        return f"error: cannot use{where}: {why}. Check the path, its permissions and free space.", 2
+    return (f"internal error: {type(e).__name__}: {text[:300]}. This is a bug in unclip-jax: "
+            "rerun with --debug for the traceback and report it.", 1)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.errors import UserError
+
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_pp_sample
@@ -37,7 +39,7 @@ SAMPLERS = ("unclip", "ddpm", "ddim", "dpm++")
 SCHEDULES = ("cosine", "linear")
 
 
-class SamplerSpecError(ValueError):
+class SamplerSpecError(UserError, ValueError):
     """Sampler settings that cannot run; the message says what to change."""
 
 
