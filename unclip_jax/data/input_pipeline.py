@@ -12,11 +12,14 @@ process count rows):
 
 The pipeline (tf.data, deterministic given the seed):
 
-  reader (readers.py: per-host file split, seeded file order, repeat)
-  -> shuffle buffer of raw encoded records (seeded)  -> enumerate: each record's index i
+  reader (readers.py: per-host file split, seeded file order; one pass = one epoch)
+  -> shuffle buffer of raw encoded records (seeded, within the epoch) -> end-of-epoch marker
+  -> repeat (every epoch reshuffled, deterministically) -> enumerate: each record's index i
+  -> header check (images.header_reason: too large / no readable header: skipped undecoded)
   -> decode (images.decode_rgb; undecodable bytes raise here) -> ignore_errors
   -> validate + tokenize (reason code, conversion flags)
-  -> scan: running counts by reason (undecodable = gaps in i), attached to every element
+  -> scan: running counts by reason (undecodable = gaps in i), attached to every element;
+     stops the input with InputDataError when nothing is usable (below)
   -> filter (keep good records)  -> [skip start_batch * b records when resuming]
   -> crop + resize + degrade (random crop / BSR seeded by fold_in(seed, process, i))
   -> batch(b) -> prefetch
@@ -24,11 +27,13 @@ The pipeline (tf.data, deterministic given the seed):
 Counts travel *with the data*: every element carries the running totals up to itself, so
 ``Input.counts()`` is exact for the batches consumed so far (prefetching does not leak into it)
 and a resumed Input reports what an uninterrupted one would. Names: 'read' (records seen),
-'kept' (passed validation), skip reasons 'undecodable', 'empty_caption', 'too_small',
+'kept' (passed validation), skip reasons 'undecodable', 'too_large' (more pixels than
+max_image_pixels, or more bytes than max_image_bytes), 'empty_caption', 'too_small',
 'caption_too_long' (only with long_caption='skip'), and the readers' 'truncated_shard',
-'unreadable_file', 'missing_caption', 'missing_image', 'bad_record'; conversions (records
-kept) 'converted_rgba', 'converted_greyscale', 'converted_cmyk', 'converted_16bit',
-'caption_truncated'; and, once a finite (repeat=False) input is exhausted,
+'unreadable_file', 'missing_caption', 'missing_image', 'bad_record', 'caption_too_large'
+(more bytes than max_caption_bytes); conversions (records kept) 'converted_rgba',
+'converted_greyscale', 'converted_cmyk', 'converted_16bit', 'caption_truncated',
+'caption_recoded'; and, once a finite (repeat=False) input is exhausted,
 'dropped_remainder' (kept records that did not fill a last batch). A damaged shard counts
 'truncated_shard' once; the records it lost cannot be counted.
 
@@ -40,7 +45,32 @@ what producing them cost minus resizing and degradation; for Shapes-size PNGs ro
 images/s per core). tf.data iterator checkpointing is not used because Python-backed stages
 (tar / TFRecord parsing, tokenization) cannot be saved in it.
 
-Captions. Empty after stripping (or with no tokens): skipped as 'empty_caption'. Longer than the
+Resource limits. ``max_image_pixels`` (default 8192 x 8192 = 67,108,864, "64 megapixels"):
+an image whose header declares more (height x width, times the frames of a GIF) is skipped
+as 'too_large' *before* it is decoded. Why this default: it keeps every camera photo (the
+largest common sensors are 61 MP) while bounding what one decode can take: 192 MiB as uint8
+RGB, and with AUTOTUNE decoding one image per core at once that is already several GB on a
+large host; a 20000 x 20000 image (1.1 GiB decoded, 6.7 GB peak before this guard) or a PNG
+bomb declaring 60000 x 60000 is never decoded. Training images are cropped to S <= 1024 px,
+so nothing useful is lost. ``max_image_bytes`` (128 MiB) and ``max_caption_bytes`` (64 KiB)
+bound what a reader loads at all (see readers.py).
+
+Nothing usable. A pass over the input (one epoch) that keeps no record stops the Input with
+InputDataError (a UserError), its message giving the counts by reason and what to check: an
+empty tar shard, a folder of non-images, every record damaged or skipped. This happens at the
+end of the first epoch, or earlier once ``stop_after_unusable`` records (default 20,000) were
+read without one kept (0: only at the end of an epoch), so that a misconfigured input over
+millions of records (a wrong caption_feature) also stops soon. With repeat=True the input
+never spins forever on nothing. (A finite input behaves the same way.)
+
+Captions. Decoded from bytes by this rule: a UTF-8 byte-order mark is dropped and valid
+UTF-8 is taken as is; otherwise the caption is *recoded* and counted 'caption_recoded':
+UTF-16 (or UTF-32) when it starts with a byte-order mark, UTF-16 without one when it has NUL
+bytes and decodes as UTF-16 (little- or big-endian, by where the NULs are), else Windows
+cp1252 (a superset of latin-1 for text; the five bytes cp1252 leaves undefined are taken as
+latin-1). Control characters other than tab and newline become spaces. The result is UTF-8
+from then on (the batch's 'caption', the tokens). A caption file over max_caption_bytes is
+not read at all ('caption_too_large'). Empty after stripping (or with no tokens): skipped as 'empty_caption'. Longer than the
 context (more than context_length - 2 BPE tokens) or than max_caption_chars (when > 0):
 long_caption='truncate' (default) keeps the record, truncates the tokens (and the caption string
 to max_caption_chars) and counts 'caption_truncated'; 'skip' drops it as 'caption_too_long'.
@@ -50,6 +80,7 @@ anyway), which keeps a pathological caption from stalling the tokenizer.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterator
 
 import ml_collections
@@ -68,15 +99,68 @@ LONG_CAPTION = ("truncate", "skip")
 
 SKIP_REASONS = ("undecodable", "empty_caption", "too_small", "caption_too_long",
                 "truncated_shard", "unreadable_file", "missing_caption", "missing_image",
-                "bad_record")
+                "bad_record", "too_large", "caption_too_large")
 CONVERSIONS = ("converted_greyscale", "converted_rgba", "converted_cmyk", "converted_16bit",
-               "caption_truncated")
+               "caption_truncated", "caption_recoded")
 COUNTERS = ("read", "kept") + SKIP_REASONS + CONVERSIONS
 _END = "end_of_data"  # the sentinel after the last record of a finite input (not counted)
+_EPOCH = "end_of_epoch"  # the marker after each pass over the input (not counted)
+_STOP_TAG = "unclip_jax_input_unusable"
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class InputConfigError(UserError, ValueError):
     """An input config or batch size that cannot be used as given."""
+
+
+class InputDataError(UserError, ValueError):
+    """The input yields no usable record (empty shards, every record damaged or skipped)."""
+
+
+# ----------------------------------------------------------------------------- captions
+
+_CP1252 = {b: (bytes([b]).decode("cp1252", "ignore") or chr(b)) for b in range(128, 256)}
+_CONTROLS = {c: " " for c in (*range(0, 9), 11, 12, *range(14, 32), 127)}
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    if len(raw) % 2 or b"\0" not in raw:
+        return None
+    odd_nuls = raw[1::2].count(0)
+    order = "utf-16-le" if odd_nuls >= raw[0::2].count(0) else "utf-16-be"
+    try:
+        text = raw.decode(order)
+    except UnicodeDecodeError:
+        return None
+    return text if "\0" not in text else None
+
+
+def decode_caption(raw: bytes) -> tuple[str, bool]:
+    """(text, recoded): caption bytes as text by the rule in the module docstring (UTF-8; else
+    UTF-16/32 with a byte-order mark; else UTF-16 without one; else cp1252), ``recoded`` when
+    it was not UTF-8. Control characters (but tab, newline, CR) become spaces."""
+    raw = bytes(raw)
+    recoded = False
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        recoded = True
+        text = None
+        for bom, codec in ((b"\xff\xfe\0\0", "utf-32"), (b"\0\0\xfe\xff", "utf-32"),
+                           (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+            if raw.startswith(bom):
+                try:
+                    text = raw.decode(codec)
+                except UnicodeDecodeError:
+                    pass
+                break
+        if text is None:
+            text = _utf16_without_bom(raw)
+        if text is None:
+            text = "".join(_CP1252.get(b, chr(b)) for b in raw)
+    return text.translate(_CONTROLS), recoded
 
 
 def default_input_config():
@@ -96,6 +180,10 @@ def default_input_config():
     c.crop = "center"            # 'center' | 'random' (of the shorter side's square)
     c.resize_method = "bicubic"  # 'bicubic' | 'area' | 'bilinear' (all antialiased)
     c.min_image_size = 0         # skip images whose shorter side is below this (0: keep all)
+    c.max_image_pixels = MAX_IMAGE_PIXELS  # skip larger images undecoded (H x W x frames)
+    c.max_image_bytes = 128 << 20   # skip larger encoded images unread
+    c.max_caption_bytes = 64 << 10  # skip records with larger caption files unread
+    c.stop_after_unusable = 20_000  # stop (InputDataError) after this many reads, none kept
     c.context_length = 77        # CLIP tokens per caption; 0 = don't tokenize
     c.long_caption = "truncate"  # 'truncate' (count caption_truncated) | 'skip'
     c.max_caption_chars = 0      # > 0: captions longer than this are long too
@@ -143,6 +231,16 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
         need(bool(cfg.tfds_name), "kind 'tfds' needs tfds_name (e.g. 'shapes') and data_dir.")
     else:
         need(len(cfg.paths) > 0, f"kind '{cfg.kind}' needs paths: a list of glob patterns.")
+    def integer(name, low):
+        value = cfg[name]
+        need(isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+             and value >= low, f"input.{name} must be an integer >= {low}, got {value!r}.")
+    for name, low in (("image_size", 1), ("min_image_size", 0), ("max_image_pixels", 1),
+                      ("max_image_bytes", 1), ("max_caption_bytes", 1),
+                      ("stop_after_unusable", 0), ("context_length", 0), ("low_res_size", 0),
+                      ("shuffle_buffer", 0), ("cycle_length", 1), ("prefetch", -1),
+                      ("max_caption_chars", 0)):
+        integer(name, low)
     need(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}.")
     need(cfg.crop in ("center", "random"), f"crop must be 'center' or 'random', got {cfg.crop!r}.")
     need(cfg.resize_method in ("bicubic", "area", "bilinear"),
@@ -166,8 +264,10 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
 class Input:
     """Iterator of per-process batches (dicts of NumPy arrays); see the module docstring."""
 
-    def __init__(self, dataset, *, start_batch: int, batch_size: int, counted: bool):
+    def __init__(self, dataset, *, start_batch: int, batch_size: int, counted: bool,
+                 stop_after: int = 0):
         self._dataset = dataset
+        self._stop_after = int(stop_after)
         self._iterator = iter(dataset)
         self._position = int(start_batch)
         self._batch_size = batch_size
@@ -205,6 +305,15 @@ class Input:
         except StopIteration:
             self._done = True
             raise
+        except tf.errors.InvalidArgumentError as e:
+            if _STOP_TAG not in str(e.message):
+                raise
+            self._done = True
+            match = re.search(r"counts=\[([-\d\s]+)\]", e.message)
+            if match:
+                values = [int(v) for v in match.group(1).split()]
+                self._counts.update(zip(COUNTERS, values))
+            raise InputDataError(_unusable_message(self._counts, self._stop_after)) from None
         batch = {k: v.numpy() for k, v in element.items()}
         if not self._counted:
             self._counts["read"] += len(next(iter(batch.values())))
@@ -225,21 +334,64 @@ class Input:
         return batch
 
 
+_HINTS = {
+    "missing_caption": "each image needs a caption: KEY.txt beside KEY.jpg in a tar shard or "
+                       "folder, or the caption_feature of a TFRecord / tfds dataset (check its "
+                       "name)",
+    "missing_image": "each caption needs an image (KEY.jpg / .png / .webp ...), or check "
+                     "image_feature",
+    "bad_record": "the records are not what the reader expects (TFRecords of tf.train.Example "
+                  "with bytes features image_feature / caption_feature; no links or '..' names "
+                  "in tar shards)",
+    "undecodable": "the image bytes are not JPEG, PNG, GIF, WebP or BMP images",
+    "too_large": "the images are larger than input.max_image_pixels / max_image_bytes; raise "
+                 "them if the host has the memory",
+    "caption_too_large": "the caption files are larger than input.max_caption_bytes",
+    "empty_caption": "the captions are empty",
+    "too_small": "the images are smaller than input.min_image_size; lower it",
+    "caption_too_long": "the captions are longer than the context; set "
+                        "input.long_caption='truncate'",
+    "truncated_shard": "the shards are damaged or not tar / TFRecord files",
+    "unreadable_file": "the files cannot be read (permissions, or not files)",
+}
+
+
+def _unusable_message(counts: dict, stop_after: int) -> str:
+    skipped = {k: counts.get(k, 0) for k in SKIP_REASONS if counts.get(k, 0)}
+    listed = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    read = counts.get("read", 0)
+    if read == 0:
+        head = ("The input yielded no records in a whole pass over it: its shards or folders are "
+                "empty or hold no image + caption pairs")
+    elif stop_after and read >= stop_after:
+        head = (f"None of the first {read} records read was usable (input.stop_after_unusable="
+                f"{stop_after}; 0 reads a whole epoch first)")
+    else:
+        head = f"None of the {read} records in a whole pass over the input was usable"
+    top = max(skipped, key=skipped.get) if skipped else ""
+    hint = f"; the most common reason: {_HINTS[top]}" if top in _HINTS else ""
+    return (f"{head} (skipped: {listed or 'nothing'}){hint}. Check input.paths and the data; "
+            "stopped instead of reading forever.")
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 def _raw_dataset(cfg, seed, process_index, process_count):
 
+    # One pass: _build repeats it, with a marker after each epoch.
     common = dict(seed=seed, process_index=process_index, process_count=process_count,
-                  repeat=cfg.repeat)
+                  repeat=False)
+    limits = dict(max_image_bytes=cfg.max_image_bytes, max_caption_bytes=cfg.max_caption_bytes)
     if cfg.kind == "webdataset":
-        return readers.read_webdataset(cfg.paths, cycle_length=cfg.cycle_length, **common)
+        return readers.read_webdataset(cfg.paths, cycle_length=cfg.cycle_length, **common,
+                                       **limits)
     if cfg.kind == "tfrecord":
         return readers.read_tfrecord(cfg.paths, image_feature=cfg.image_feature,
                                      caption_feature=cfg.caption_feature,
                                      key_feature=cfg.key_feature,
-                                     cycle_length=cfg.cycle_length, **common)
+                                     cycle_length=cfg.cycle_length, **common, **limits)
     if cfg.kind == "folder":
-        return readers.read_folder(cfg.paths, **common)
+        return readers.read_folder(cfg.paths, **common, **limits)
     return readers.read_tfds(cfg.tfds_name, split=cfg.tfds_split, data_dir=cfg.data_dir or None,
                              image_feature=cfg.image_feature,
                              caption_feature=cfg.caption_feature,
@@ -247,7 +399,8 @@ def _raw_dataset(cfg, seed, process_index, process_count):
 
 
 def _tokenize_fn(cfg):
-    """A NumPy function caption bytes -> (ids [L], mask [L], long, empty) for tf.numpy_function."""
+    """A NumPy function caption bytes -> (ids [L], mask [L], long, empty, recoded, failed,
+    caption as UTF-8, stripped and cut to max_caption_chars) for tf.numpy_function."""
     length = cfg.context_length
     max_chars = cfg.max_caption_chars
     if length:
@@ -256,20 +409,28 @@ def _tokenize_fn(cfg):
         cut = 16 * length
 
     def fn(caption: bytes):
-        text = caption.decode("utf-8", "replace").strip()
-        long = bool(max_chars and len(text) > max_chars)
         ids = np.full((max(length, 1),), 0, np.int32)
         mask = np.zeros((max(length, 1),), bool)
-        empty = not text
-        if length and text:
-            tokens = tok.encode(text[:cut])
-            empty = not tokens
-            long = long or len(tokens) > room or len(text) > cut
-            row = [tok.sot_id, *tokens[:room], tok.eot_id]
-            ids[:] = tok.pad_id
-            ids[:len(row)] = row
-            mask[:len(row)] = True
-        return ids, mask, np.bool_(long), np.bool_(empty)
+        try:
+            text, recoded = decode_caption(caption)
+            text = text.strip()
+            long = bool(max_chars and len(text) > max_chars)
+            empty = not text
+            if length and text:
+                tokens = tok.encode(text[:cut])
+                empty = not tokens
+                long = long or len(tokens) > room or len(text) > cut
+                row = [tok.sot_id, *tokens[:room], tok.eot_id]
+                ids[:] = tok.pad_id
+                ids[:len(row)] = row
+                mask[:len(row)] = True
+            if max_chars:
+                text = text[:max_chars]
+            failed = False
+        except Exception:  # noqa: BLE001 - a caption the tokenizer cannot take: bad_record
+            text, long, empty, recoded, failed = "", False, False, False, True
+        return (ids, mask, np.bool_(long), np.bool_(empty), np.bool_(recoded), np.bool_(failed),
+                np.bytes_(text.encode("utf-8", "replace")))
     return fn
 
 
@@ -277,55 +438,66 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
            start_batch: int):
 
 
-    ds = _raw_dataset(cfg, seed, process_index, process_count)
+    def marker(name):
+        return tf.data.Dataset.from_tensors(
+            {"key": tf.constant(b""), "image_bytes": tf.constant(b""),
+             "caption": tf.constant(b""), "error": tf.constant(name.encode())})
+
+    ds = _raw_dataset(cfg, seed, process_index, process_count)      # one epoch
     if cfg.shuffle_buffer > 1:
         shuffle_seed = (int(seed) * 1_000_003 + process_index) % (2 ** 31 - 1)
         ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if not cfg.repeat:  # a sentinel after the last record carries the final counts out
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(
-            {"key": tf.constant(b""), "image_bytes": tf.constant(b""),
-             "caption": tf.constant(b""), "error": tf.constant(_END.encode())}))
+    ds = ds.concatenate(marker(_EPOCH))
+    # repeat: every epoch reshuffled (file order and records); finite: a sentinel after the
+    # last record carries the final counts out.
+    ds = ds.repeat() if cfg.repeat else ds.concatenate(marker(_END))
     ds = ds.enumerate()
 
     # 1. decode: the only stage allowed to fail (undecodable bytes); failures are dropped by
-    #    ignore_errors and counted as gaps in the index.
+    #    ignore_errors and counted as gaps in the index. Images too large to decode, or
+    #    without a readable header, are never decoded (images.header_reason).
+    max_pixels = int(cfg.max_image_pixels)
+
     def decode(index, rec):
-        bad = tf.not_equal(rec["error"], b"")
+        error = tf.cond(tf.not_equal(rec["error"], b""), lambda: rec["error"],
+                        lambda: images.header_reason(rec["image_bytes"], max_pixels))
+        bad = tf.not_equal(error, b"")
         image, flags = tf.cond(
             bad, lambda: (tf.zeros([1, 1, 3], tf.uint8), tf.constant(0, tf.int32)),
             lambda: images.decode_rgb(rec["image_bytes"]))
         return {"index": index, "image": image, "flags": flags, "caption": rec["caption"],
-                "key": rec["key"], "error": rec["error"]}
+                "key": rec["key"], "error": error}
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
 
     # 2. validate and tokenize.
     tokenize = _tokenize_fn(cfg)
-    reason_names = tf.constant(("",) + SKIP_REASONS + (_END,))
-    code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_END,))}
+    reason_names = tf.constant(("",) + SKIP_REASONS + (_EPOCH, _END))
+    code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_EPOCH, _END))}
     length = max(cfg.context_length, 1)
     min_size = int(cfg.min_image_size)
     skip_long = cfg.long_caption == "skip"
 
     def validate(el):
-        ids, mask, long, empty = tf.numpy_function(
-            tokenize, [el["caption"]], [tf.int32, tf.bool, tf.bool, tf.bool], stateful=False)
+        ids, mask, long, empty, recoded, failed, caption = tf.numpy_function(
+            tokenize, [el["caption"]],
+            [tf.int32, tf.bool, tf.bool, tf.bool, tf.bool, tf.bool, tf.string], stateful=False)
         ids, mask = tf.ensure_shape(ids, [length]), tf.ensure_shape(mask, [length])
-        long, empty = tf.ensure_shape(long, []), tf.ensure_shape(empty, [])
+        long, empty, recoded, failed, caption = (tf.ensure_shape(t, []) for t in
+                                                 (long, empty, recoded, failed, caption))
         reader_code = tf.argmax(tf.cast(tf.equal(reason_names, el["error"]), tf.int32),
                                 output_type=tf.int32)
         shape = tf.shape(el["image"])
         small = tf.minimum(shape[0], shape[1]) < min_size
         code = tf.case([
             (reader_code > 0, lambda: reader_code),
+            (failed, lambda: tf.constant(code_of["bad_record"])),
             (empty, lambda: tf.constant(code_of["empty_caption"])),
             (small, lambda: tf.constant(code_of["too_small"])),
             (tf.logical_and(long, skip_long), lambda: tf.constant(code_of["caption_too_long"])),
         ], default=lambda: tf.constant(0))
-        flags = el["flags"] + tf.where(long, images.FLAG_CAPTION_TRUNCATED, 0)
-        caption = tf.strings.strip(el["caption"])
-        if cfg.max_caption_chars:
-            caption = tf.strings.substr(caption, 0, cfg.max_caption_chars, unit="UTF8_CHAR")
+        flags = (el["flags"] + tf.where(long, images.FLAG_CAPTION_TRUNCATED, 0)
+                 + tf.where(recoded, images.FLAG_CAPTION_RECODED, 0))
         out = dict(el, caption=caption, code=code, flags=flags, ids=ids, mask=mask)
         del out["error"]
         return out
@@ -337,12 +509,16 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
     reason_cols = [col[name] for name in SKIP_REASONS]
     flag_cols = [(bit, col[name]) for bit, name in images.FLAG_NAMES.items()]
 
+    stop_after = int(cfg.stop_after_unusable)
+
     def count(state, el):
         last, totals = state
         gap = el["index"] - last - 1           # records the decoder could not decode
         code = el["code"]
         is_end = tf.equal(code, code_of[_END])
-        is_marker = tf.logical_or(is_end, tf.equal(code, code_of["truncated_shard"]))
+        is_epoch = tf.equal(code, code_of[_EPOCH])
+        is_marker = tf.reduce_any(tf.stack([is_end, is_epoch,
+                                            tf.equal(code, code_of["truncated_shard"])]))
         ok = tf.equal(code, 0)
         delta = tf.zeros([n_counters], tf.int64)
         updates = [(col["read"], gap + tf.cast(tf.where(is_marker, 0, 1), tf.int64)),
@@ -356,7 +532,17 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         idx = tf.constant([[i] for i, _ in updates])
         vals = tf.stack([tf.cast(v, tf.int64) for _, v in updates])
         totals = totals + tf.tensor_scatter_nd_add(delta, idx, vals)
-        return (el["index"], totals), dict(el, counts=totals, end=is_end)
+        # Nothing usable: a whole epoch, or stop_after records, without one kept. Raised as
+        # an error (after ignore_errors, so it reaches the iterator), turned into
+        # InputDataError by Input with these counts.
+        none_kept = tf.equal(totals[col["kept"]], 0)
+        stop = tf.logical_and(none_kept, tf.logical_or(
+            is_epoch, tf.logical_and(stop_after > 0, totals[col["read"]] >= stop_after)))
+        check = tf.debugging.Assert(tf.logical_not(stop), [
+            tf.constant(_STOP_TAG), tf.strings.format("counts={}", totals, summarize=-1)])
+        with tf.control_dependencies([check]):
+            totals_out = tf.identity(totals)
+        return (el["index"], totals), dict(el, counts=totals_out, end=is_end)
     ds = ds.scan((tf.constant(-1, tf.int64), tf.zeros([n_counters], tf.int64)), count)
     ds = ds.filter(lambda el: tf.logical_or(tf.equal(el["code"], 0), el["end"]))
     if start_batch:
@@ -429,8 +615,9 @@ def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: in
         ds = _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch)
         return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=False)
     ds = _build(cfg, local_batch, seed, process_index, process_count, start_batch)
-    return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=True)
+    return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=True,
+                 stop_after=cfg.stop_after_unusable)
 
 
-__all__ = ["COUNTERS", "Input", "InputConfigError", "KINDS", "default_input_config",
-           "make_input"]
+__all__ = ["COUNTERS", "Input", "InputConfigError", "InputDataError", "KINDS",
+           "MAX_IMAGE_PIXELS", "decode_caption", "default_input_config", "make_input"]

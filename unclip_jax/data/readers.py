@@ -4,12 +4,20 @@ Every reader returns a ``tf.data.Dataset`` of *raw records*, dicts of scalar ``t
 
   'key'          an identifier of the record (the webdataset key, the file path, the tfds id)
   'image_bytes'  the encoded image file (JPEG / PNG / WebP / GIF / BMP), not decoded here
-  'caption'      the caption text, UTF-8
+  'caption'      the caption bytes as stored (the input pipeline decodes them: UTF-8, UTF-16
+                 with a BOM, else cp1252, counted; see input_pipeline.py)
   'error'        b'' for a good record; otherwise the reason this element is not a usable
                  record (READER_ERRORS), e.g. b'truncated_shard' for the marker a damaged tar
                  emits after its last good record. Markers carry empty bytes; the input
                  pipeline counts them by reason and drops them. Readers never raise on bad
                  data: damage becomes a marker, so that nothing is lost silently.
+
+Limits. Nothing larger than ``max_image_bytes`` (default 128 MiB) is read into memory as an
+image, nor larger than ``max_caption_bytes`` (default 64 KiB) as a caption: such a record
+becomes a 'too_large' / 'caption_too_large' marker without its bytes being read. A tar member
+whose name is absolute or climbs out with '..', and a member that is a link or a device, is a
+'bad_record' marker (nothing is ever extracted to disk, but such names mean a hostile or broken
+shard). Keys that are not UTF-8 are kept as their bytes.
 
 Per-host sharding. ``process_index`` / ``process_count`` (default ``jax.process_index()`` /
 ``jax.process_count()``) split the *files*: process i reads files i, i + n, i + 2n, ... of the
@@ -26,6 +34,9 @@ seed (``tf.data.Options().deterministic = True``).
 
 Paths (patterns, folders, files) go through unclip_jax.io.paths: local or gs://; a remote tar or
 TFRecord shard is read whole into memory (one request per file, ``cycle_length`` at a time).
+TFRecord files may be GZIP-compressed (recognised by their magic bytes); tar shards may be
+.tar.gz / .tar.bz2 / .tar.xz (tarfile detects it). Damage inside a compressed file ends that
+file with a 'truncated_shard' marker, like a truncated one.
 
 Tar and TFRecord files are parsed in Python (``tarfile``; a 20-line TFRecord framing reader +
 ``tf.train.Example`` protobuf parsing) inside ``tf.data.Dataset.from_generator``, one generator
@@ -45,6 +56,7 @@ Public API
 """
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import struct
@@ -61,7 +73,9 @@ from unclip_jax.io import paths
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 CAPTION_EXTENSIONS = ("txt",)
 READER_ERRORS = ("truncated_shard", "unreadable_file", "missing_caption", "missing_image",
-                 "bad_record")
+                 "bad_record", "too_large", "caption_too_large")
+MAX_IMAGE_BYTES = 128 << 20
+MAX_CAPTION_BYTES = 64 << 10
 """Reasons a reader emits in 'error' (markers are counted by the pipeline under these names)."""
 
 RAW_SIGNATURE = {k: tf.TensorSpec((), tf.string)
@@ -73,7 +87,8 @@ class ReaderError(UserError, ValueError):
 
 
 def _record(key=b"", image=b"", caption=b"", error=b"") -> dict:
-    as_bytes = lambda v: v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    # surrogateescape: a tar member name that is not UTF-8 comes back as its own bytes
+    as_bytes = lambda v: v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
     return {"key": as_bytes(key), "image_bytes": as_bytes(image), "caption": as_bytes(caption),
             "error": as_bytes(error)}
 
@@ -148,9 +163,22 @@ def _from_files(files, make_dataset, *, seed, process_index, process_count, repe
     return _options(ds)
 
 
-def _generator_dataset(generator):
+def _guarded(generator):
+    """``generator`` that can never raise into tf.data (where ignore_errors downstream would
+    drop the rest of the file silently): an unexpected failure ends the file with a
+    'truncated_shard' marker, which is counted."""
+    @tf.autograph.experimental.do_not_convert
+    def run(path, *args):
+        try:
+            yield from generator(path, *args)
+        except Exception:  # noqa: BLE001 - reported as a marker, never raised
+            yield _marker("truncated_shard", path)
+    return run
+
+
+def _generator_dataset(generator, *args):
     def make(path):
-        return tf.data.Dataset.from_generator(generator, args=(path,),
+        return tf.data.Dataset.from_generator(_guarded(generator), args=(path, *args),
                                               output_signature=RAW_SIGNATURE)
     return make
 
@@ -176,6 +204,9 @@ def _split_member(name: str) -> tuple[str, str]:
     return (os.path.join(directory, stem) if directory else stem), ext.lower()
 
 
+_TOO_LARGE = object()  # a member over the size limit, not read
+
+
 def _group_record(key: str, group: dict) -> dict:
     image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
     caption = next((group[e] for e in CAPTION_EXTENSIONS if e in group), None)
@@ -183,7 +214,17 @@ def _group_record(key: str, group: dict) -> dict:
         return _marker("missing_image", key)
     if caption is None:
         return _marker("missing_caption", key)
+    if image is _TOO_LARGE:
+        return _marker("too_large", key)
+    if caption is _TOO_LARGE:
+        return _marker("caption_too_large", key)
     return _record(key, image, caption)
+
+
+def _unsafe_name(name: str) -> bool:
+    """An absolute member name, or one that climbs out with '..' (never extracted anyway)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
 def _has_end_of_archive(f, offset: int) -> bool:
@@ -193,14 +234,19 @@ def _has_end_of_archive(f, offset: int) -> bool:
     return len(block) == 512 and not block.strip(b"\0")
 
 
-def iter_tar_records(path) -> Iterator[dict]:
+def iter_tar_records(path, max_image_bytes: int = MAX_IMAGE_BYTES,
+                     max_caption_bytes: int = MAX_CAPTION_BYTES) -> Iterator[dict]:
     """Raw records of one webdataset tar shard (members KEY.ext grouped by KEY, in order).
 
     Groups need an image (IMAGE_EXTENSIONS) and a caption (.txt); other members (.json, ...)
     are ignored. On damage (a truncated or corrupt archive, a read error) the generator yields
-    the complete groups before it, then one ``truncated_shard`` marker, and stops.
+    the complete groups before it, then one ``truncated_shard`` marker, and stops. Members
+    over the size limits are not read (their group is a 'too_large' / 'caption_too_large'
+    marker); unsafe names and links are 'bad_record' markers.
     """
     path = _as_str(path)
+    limits = {**dict.fromkeys(IMAGE_EXTENSIONS, int(max_image_bytes)),
+              **dict.fromkeys(CAPTION_EXTENSIONS, int(max_caption_bytes))}
     key, group = None, {}
     try:
         f = _open_shard(path)
@@ -211,14 +257,25 @@ def iter_tar_records(path) -> Iterator[dict]:
         try:
             with tarfile.open(fileobj=f, mode="r:*") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    if member.isdir():
+                        continue
+                    if not member.isfile() or _unsafe_name(member.name):
+                        if key is not None:
+                            yield _group_record(key, group)
+                        key, group = None, {}
+                        yield _marker("bad_record", member.name)
                         continue
                     member_key, ext = _split_member(member.name)
                     if member_key != key:
                         if key is not None:
                             yield _group_record(key, group)
                         key, group = member_key, {}
-                    group[ext] = tar.extractfile(member).read()
+                    if ext not in limits:
+                        continue                  # .json, .cls, ...: not read
+                    if member.size > limits[ext]:
+                        group[ext] = _TOO_LARGE
+                    else:
+                        group[ext] = tar.extractfile(member).read()
                 end_offset = tar.offset
                 compressed = tar.fileobj is not f
             if key is not None:
@@ -237,19 +294,28 @@ def iter_tar_records(path) -> Iterator[dict]:
 
 def read_webdataset(patterns, *, seed: int = 0, process_index: int | None = None,
                     process_count: int | None = None, repeat: bool = False,
-                    cycle_length: int = 8, shuffle_files: bool = True) -> tf.data.Dataset:
+                    cycle_length: int = 8, shuffle_files: bool = True,
+                    max_image_bytes: int = MAX_IMAGE_BYTES,
+                    max_caption_bytes: int = MAX_CAPTION_BYTES) -> tf.data.Dataset:
     """Raw records of webdataset tar shards (img2dataset's layout: KEY.jpg + KEY.txt [+ .json])."""
     files = resolve_files(patterns, "tar shards")
-    return _from_files(files, _generator_dataset(iter_tar_records), seed=seed,
+    make = _generator_dataset(iter_tar_records, tf.constant(int(max_image_bytes), tf.int64),
+                              tf.constant(int(max_caption_bytes), tf.int64))
+    return _from_files(files, make, seed=seed,
                        process_index=process_index, process_count=process_count, repeat=repeat,
                        cycle_length=cycle_length, shuffle_files=shuffle_files)
 
 
 # ----------------------------------------------------------------------------- TFRecords
 
-def _iter_tfrecord_payloads(f, size: int) -> Iterator[bytes | None]:
+_TFRECORD_SLACK = 1 << 20  # room for the proto's other features and framing
+
+
+def _iter_tfrecord_payloads(f, size: int | None, limit: int) -> Iterator[bytes | None | int]:
     """Payloads of a TFRecord file (uint64 length, uint32 crc, data, uint32 crc); None marks
-    damage (the file is truncated or a length is impossible), after which it stops."""
+    damage (the file is truncated or a length is impossible), after which it stops; an int (the
+    length) marks a record over ``limit`` bytes, skipped unread. ``size``: the file's size
+    (None for a compressed stream, where only ``limit`` bounds a length)."""
     while True:
         header = f.read(12)
         if not header:
@@ -258,9 +324,22 @@ def _iter_tfrecord_payloads(f, size: int) -> Iterator[bytes | None]:
             yield None
             return
         (length,) = struct.unpack("<Q", header[:8])
-        if length > size - f.tell():
+        if size is not None and length > size - f.tell():
             yield None
             return
+        if length > limit:
+            if size is not None:
+                f.seek(length + 4, io.SEEK_CUR)
+            else:                                # a stream: read past it, in chunks
+                remaining = length + 4
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 20))
+                    if not chunk:
+                        yield None
+                        return
+                    remaining -= len(chunk)
+            yield int(length)
+            continue
         data = f.read(length)
         footer = f.read(4)
         if len(data) < length or len(footer) < 4:
@@ -269,49 +348,94 @@ def _iter_tfrecord_payloads(f, size: int) -> Iterator[bytes | None]:
         yield data
 
 
+_WRONG_TYPE = object()
+
+
 def _bytes_feature(example, name: str):
+    """The first value of a bytes feature; None when absent, _WRONG_TYPE when the feature is
+    an int64 / float list (or an empty one)."""
     if name not in example.features.feature:
         return None
-    values = example.features.feature[name].bytes_list.value
-    return values[0] if values else None
+    feature = example.features.feature[name]
+    values = feature.bytes_list.value
+    if feature.WhichOneof("kind") != "bytes_list" or not values:
+        return _WRONG_TYPE
+    return values[0]
+
+
+def _open_tfrecord(path: str):
+    """(binary file, size or None): GZIP-compressed files (magic 1f 8b) are decompressed on
+    the fly; their size is then unknown."""
+    f = _open_shard(path)
+    head = f.read(2)
+    if head == b"\x1f\x8b":
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f, mode="rb"), None
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    return f, size
 
 
 def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: str = "caption",
-                          key_feature: str = "key") -> Iterator[dict]:
+                          key_feature: str = "key", max_image_bytes: int = MAX_IMAGE_BYTES,
+                          max_caption_bytes: int = MAX_CAPTION_BYTES) -> Iterator[dict]:
     """Raw records of one TFRecord file of ``tf.train.Example`` protos (bytes features).
 
-    A record whose proto does not parse is a ``bad_record`` marker, one without the image or
-    caption feature a ``missing_image`` / ``missing_caption`` marker; a truncated file ends
-    with a ``truncated_shard`` marker. Keys: the ``key_feature`` if present, else PATH:INDEX.
+    A record whose proto does not parse, or whose image / caption feature is not a bytes
+    feature (an int64 or float list, or empty), is a ``bad_record`` marker; one without the
+    image or caption feature a ``missing_image`` / ``missing_caption`` marker; one over the
+    size limits a ``too_large`` / ``caption_too_large`` marker (a record larger than both
+    limits together is skipped unread); a truncated or damaged file ends with a
+    ``truncated_shard`` marker. Keys: the ``key_feature`` if present, else PATH:INDEX.
     """
     path = _as_str(path)
     image_feature, caption_feature, key_feature = (_as_str(x) for x in
                                                    (image_feature, caption_feature, key_feature))
+    max_image_bytes, max_caption_bytes = int(max_image_bytes), int(max_caption_bytes)
     try:
-        f = _open_shard(path)
-        size = f.seek(0, io.SEEK_END)
-        f.seek(0)
+        f, size = _open_tfrecord(path)
     except Exception:  # noqa: BLE001
         yield _marker("unreadable_file", path)
         return
     with f:
-        for index, payload in enumerate(_iter_tfrecord_payloads(f, size)):
+        payloads = _iter_tfrecord_payloads(f, size, max_image_bytes + max_caption_bytes
+                                           + _TFRECORD_SLACK)
+        index = -1
+        while True:
+            try:
+                payload = next(payloads)
+            except StopIteration:
+                return
+            except Exception:  # noqa: BLE001 - zlib.error, EOFError, OSError of a damaged file
+                yield _marker("truncated_shard", path)
+                return
+            index += 1
             if payload is None:
                 yield _marker("truncated_shard", path)
                 return
             key = f"{path}:{index}"
+            if isinstance(payload, int):
+                yield _marker("too_large", key)
+                continue
             try:
                 example = tf.train.Example.FromString(payload)
             except Exception:  # noqa: BLE001 - google.protobuf.message.DecodeError
                 yield _marker("bad_record", key)
                 continue
-            key = _bytes_feature(example, key_feature) or key
+            own_key = _bytes_feature(example, key_feature)
+            key = own_key if isinstance(own_key, bytes) and own_key else key
             image = _bytes_feature(example, image_feature)
             caption = _bytes_feature(example, caption_feature)
-            if image is None:
+            if image is _WRONG_TYPE or caption is _WRONG_TYPE:
+                yield _marker("bad_record", key)
+            elif image is None:
                 yield _marker("missing_image", key)
             elif caption is None:
                 yield _marker("missing_caption", key)
+            elif len(image) > max_image_bytes:
+                yield _marker("too_large", key)
+            elif len(caption) > max_caption_bytes:
+                yield _marker("caption_too_large", key)
             else:
                 yield _record(key, image, caption)
 
@@ -319,14 +443,14 @@ def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: s
 def read_tfrecord(patterns, *, image_feature: str = "image", caption_feature: str = "caption",
                   key_feature: str = "key", seed: int = 0, process_index: int | None = None,
                   process_count: int | None = None, repeat: bool = False,
-                  cycle_length: int = 8, shuffle_files: bool = True) -> tf.data.Dataset:
+                  cycle_length: int = 8, shuffle_files: bool = True,
+                  max_image_bytes: int = MAX_IMAGE_BYTES,
+                  max_caption_bytes: int = MAX_CAPTION_BYTES) -> tf.data.Dataset:
     """Raw records of TFRecord files of tf.train.Example (encoded image bytes + caption bytes)."""
     files = resolve_files(patterns, "TFRecord files")
-    names = (image_feature, caption_feature, key_feature)
-
-    def make(path):
-        return tf.data.Dataset.from_generator(iter_tfrecord_records, args=(path, *names),
-                                              output_signature=RAW_SIGNATURE)
+    make = _generator_dataset(iter_tfrecord_records, image_feature, caption_feature,
+                              key_feature, tf.constant(int(max_image_bytes), tf.int64),
+                              tf.constant(int(max_caption_bytes), tf.int64))
     return _from_files(files, make, seed=seed, process_index=process_index,
                        process_count=process_count, repeat=repeat, cycle_length=cycle_length,
                        shuffle_files=shuffle_files)
@@ -351,17 +475,23 @@ def _folder_images(patterns) -> list[tuple[str, str]]:
     return sorted(set(found))
 
 
-def read_folder_record(path, root) -> dict:
-    """The raw record of one image file and its caption file (same name, .txt)."""
+def read_folder_record(path, root, max_image_bytes: int = MAX_IMAGE_BYTES,
+                       max_caption_bytes: int = MAX_CAPTION_BYTES) -> dict:
+    """The raw record of one image file and its caption file (same name, .txt); files over the
+    size limits are not read ('too_large' / 'caption_too_large' markers)."""
     path, root = _as_str(path), _as_str(root)
     key = os.path.splitext(os.path.relpath(path, root) if not paths.is_remote(path)
                            else path[len(root.rstrip("/")) + 1:])[0]
     try:
+        if paths.getsize(path) > max_image_bytes:
+            return _marker("too_large", key)
         image = paths.read_bytes(path)
     except Exception:  # noqa: BLE001
         return _marker("unreadable_file", key)
     caption_path = os.path.splitext(path)[0] + ".txt"
     try:
+        if paths.getsize(caption_path) > max_caption_bytes:
+            return _marker("caption_too_large", key)
         caption = paths.read_bytes(caption_path)
     except Exception:  # noqa: BLE001 - NotFoundError and friends
         return _marker("missing_caption", key)
@@ -370,7 +500,8 @@ def read_folder_record(path, root) -> dict:
 
 def read_folder(patterns, *, seed: int = 0, process_index: int | None = None,
                 process_count: int | None = None, repeat: bool = False,
-                shuffle_files: bool = True) -> tf.data.Dataset:
+                shuffle_files: bool = True, max_image_bytes: int = MAX_IMAGE_BYTES,
+                max_caption_bytes: int = MAX_CAPTION_BYTES) -> tf.data.Dataset:
     """Raw records of image files with caption files beside them (IMG.png + IMG.txt), found
     recursively under the directories matched by ``patterns``. Sharded by image file."""
     pairs = _folder_images(patterns)
@@ -388,7 +519,10 @@ def read_folder(patterns, *, seed: int = 0, process_index: int | None = None,
 
     def read(path, root):
         def py(p, r):
-            rec = read_folder_record(p, r)
+            try:
+                rec = read_folder_record(p, r, max_image_bytes, max_caption_bytes)
+            except Exception:  # noqa: BLE001 - never raise into tf.data
+                rec = _marker("unreadable_file", p)
             return tuple(rec[k] for k in RAW_SIGNATURE)
         out = tf.numpy_function(py, [path, root], [tf.string] * 4, stateful=False)
         return {k: tf.ensure_shape(v, ()) for k, v in zip(RAW_SIGNATURE, out)}
@@ -418,8 +552,8 @@ def read_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
 
     ``caption_feature`` may be a path into nested features ('captions/text' for
     coco_captions); when it holds a sequence of captions, ``caption_choice`` picks one per
-    example: 'first', or 'random' (seeded by (seed, position in the stream), so each epoch may
-    pick another). Images are read still encoded (tfds.decode.SkipDecoding).
+    example: 'first', or 'random' (a seeded random stream drawn anew on every pass, so each
+    epoch may pick another, deterministically). Images are read still encoded (tfds.decode.SkipDecoding).
     """
 
     if caption_choice not in ("first", "random"):
@@ -461,21 +595,23 @@ def read_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
                           "text. Set caption_feature to a Text feature.")
     sequence = caption_spec.shape.rank == 1
 
-    def to_raw(index, ex):
+    def to_raw(draw, ex):
         caption = _feature(ex, caption_feature)
         if sequence:
             n = tf.shape(caption, out_type=tf.int64)[0]
             if caption_choice == "first":
                 pick = tf.constant(0, tf.int64)
             else:
-                s = tf.random.experimental.stateless_fold_in(
-                    tf.constant([int(seed), 7], tf.int64), index)
-                pick = tf.random.stateless_uniform((), s, 0, tf.maximum(n, 1), tf.int64)
+                pick = tf.math.floormod(draw, tf.maximum(n, 1))
             caption = tf.cond(n > 0, lambda: tf.gather(caption, tf.minimum(pick, n - 1)),
                               lambda: tf.constant(""))
         return {"key": ex["tfds_id"], "image_bytes": _feature(ex, image_feature),
                 "caption": caption, "error": tf.constant(b"")}
-    ds = ds.enumerate().map(to_raw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A seeded random stream drawn anew on every pass (also when the caller repeats this
+    # finite dataset): each epoch may pick another caption, deterministically.
+    draws = tf.data.Dataset.random(seed=int(seed) * 7 + 1, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((draws, ds)).map(to_raw, num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True)
     return _options(ds)
 
 
