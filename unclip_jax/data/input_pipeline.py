@@ -63,12 +63,13 @@ read without one kept (0: only at the end of an epoch), so that a misconfigured 
 millions of records (a wrong caption_feature) also stops soon. With repeat=True the input
 never spins forever on nothing. (A finite input behaves the same way.)
 
-Captions. Decoded from bytes by this rule: a UTF-8 byte-order mark is dropped and valid
-UTF-8 is taken as is; otherwise the caption is *recoded* and counted 'caption_recoded':
-UTF-16 (or UTF-32) when it starts with a byte-order mark, UTF-16 without one when it has NUL
-bytes and decodes as UTF-16 (little- or big-endian, by where the NULs are), else Windows
-cp1252 (a superset of latin-1 for text; the five bytes cp1252 leaves undefined are taken as
-latin-1). Control characters other than tab and newline become spaces. The result is UTF-8
+Captions. Decoded from bytes by this rule (``decode_caption``): a UTF-8 byte-order mark is
+dropped; UTF-32 / UTF-16 when the caption starts with their byte-order mark; UTF-16 without
+one when at least half of its high bytes are NUL and it decodes as UTF-16 (little- or
+big-endian, by where the NULs are) to text without control characters (real UTF-8 text never
+holds NUL); else valid UTF-8 as is;
+else Windows cp1252 (a superset of latin-1 for text; the five bytes cp1252 leaves undefined
+are taken as latin-1). Anything but UTF-8 is *recoded* and counted 'caption_recoded'. Control characters other than tab and newline become spaces. The result is UTF-8
 from then on (the batch's 'caption', the tokens). A caption file over max_caption_bytes is
 not read at all ('caption_too_large'). Empty after stripping (or with no tokens): skipped as 'empty_caption'. Longer than the
 context (more than context_length - 2 BPE tokens) or than max_caption_chars (when > 0):
@@ -124,15 +125,19 @@ _CONTROLS = {c: " " for c in (*range(0, 9), 11, 12, *range(14, 32), 127)}
 
 
 def _utf16_without_bom(raw: bytes) -> str | None:
+    """UTF-16 without a byte-order mark, recognised only when at least half of its high bytes
+    are NUL (text mostly in Latin script); None otherwise."""
     if len(raw) % 2 or b"\0" not in raw:
         return None
-    odd_nuls = raw[1::2].count(0)
-    order = "utf-16-le" if odd_nuls >= raw[0::2].count(0) else "utf-16-be"
+    odd_nuls, even_nuls = raw[1::2].count(0), raw[0::2].count(0)
+    order = "utf-16-le" if odd_nuls >= even_nuls else "utf-16-be"
+    if 2 * max(odd_nuls, even_nuls) < len(raw) // 2:
+        return None
     try:
         text = raw.decode(order)
     except UnicodeDecodeError:
         return None
-    return text if "\0" not in text else None
+    return None if any(ord(c) in _CONTROLS for c in text) else text
 
 
 def decode_caption(raw: bytes) -> tuple[str, bool]:
@@ -140,27 +145,26 @@ def decode_caption(raw: bytes) -> tuple[str, bool]:
     UTF-16/32 with a byte-order mark; else UTF-16 without one; else cp1252), ``recoded`` when
     it was not UTF-8. Control characters (but tab, newline, CR) become spaces."""
     raw = bytes(raw)
-    recoded = False
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    text = None
+    for bom, codec in ((b"\xff\xfe\0\0", "utf-32"), (b"\0\0\xfe\xff", "utf-32"),
+                       (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            try:
+                text = raw.decode(codec)
+            except UnicodeDecodeError:
+                pass
+            break
+    if text is None:
+        text = _utf16_without_bom(raw)
+    if text is not None:
+        return text.translate(_CONTROLS), True
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").translate(_CONTROLS), False
     except UnicodeDecodeError:
-        recoded = True
-        text = None
-        for bom, codec in ((b"\xff\xfe\0\0", "utf-32"), (b"\0\0\xfe\xff", "utf-32"),
-                           (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
-            if raw.startswith(bom):
-                try:
-                    text = raw.decode(codec)
-                except UnicodeDecodeError:
-                    pass
-                break
-        if text is None:
-            text = _utf16_without_bom(raw)
-        if text is None:
-            text = "".join(_CP1252.get(b, chr(b)) for b in raw)
-    return text.translate(_CONTROLS), recoded
+        text = "".join(_CP1252.get(b, chr(b)) for b in raw)
+        return text.translate(_CONTROLS), True
 
 
 def default_input_config():

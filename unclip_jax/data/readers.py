@@ -167,7 +167,6 @@ def _guarded(generator):
     """``generator`` that can never raise into tf.data (where ignore_errors downstream would
     drop the rest of the file silently): an unexpected failure ends the file with a
     'truncated_shard' marker, which is counted."""
-    @tf.autograph.experimental.do_not_convert
     def run(path, *args):
         try:
             yield from generator(path, *args)
@@ -177,8 +176,10 @@ def _guarded(generator):
 
 
 def _generator_dataset(generator, *args):
+    guarded = _guarded(generator)
+
     def make(path):
-        return tf.data.Dataset.from_generator(_guarded(generator), args=(path, *args),
+        return tf.data.Dataset.from_generator(guarded, args=(path, *args),
                                               output_signature=RAW_SIGNATURE)
     return make
 
@@ -490,6 +491,8 @@ def read_folder_record(path, root, max_image_bytes: int = MAX_IMAGE_BYTES,
         return _marker("unreadable_file", key)
     caption_path = os.path.splitext(path)[0] + ".txt"
     try:
+        if not paths.isfile(caption_path):
+            return _marker("missing_caption", key)
         if paths.getsize(caption_path) > max_caption_bytes:
             return _marker("caption_too_large", key)
         caption = paths.read_bytes(caption_path)
