@@ -578,12 +578,26 @@ def test_early_stop_after_unusable_records(tmp_path):
     ("max_image_pixels", 0), ("max_image_pixels", -5), ("max_image_bytes", 0),
     ("max_caption_bytes", -1), ("stop_after_unusable", -1), ("min_image_size", -2),
     ("shuffle_buffer", -3), ("cycle_length", 0), ("max_image_pixels", "huge"),
+    ("image_size", 100_000), ("context_length", 10 ** 9), ("low_res_size", 128),
+    ("paths", [5]), ("paths", [""]),
 ])
 def test_bad_limits_are_refused_before_reading(tmp_path, field, value):
     cfg = dict(kind="webdataset", paths=[str(tmp_path / "*.tar")], context_length=0)
     cfg[field] = value
     with pytest.raises((InputConfigError, UserError), match=field):
         make_input(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
+
+
+def test_a_seed_beyond_64_bits_is_reduced_not_a_traceback(tmp_path):
+    (tmp_path / "a.tar").write_bytes(_tar_bytes(_good_members(GOOD_TAR)))
+    cfg = dict(kind="webdataset", paths=[str(tmp_path / "a.tar")], image_size=8,
+               context_length=0, shuffle_buffer=4, repeat=False)
+
+    def go():
+        inp = make_input(cfg, global_batch_size=2, seed=2 ** 70 + 3, process_index=0,
+                         process_count=1)
+        return sorted(k for b in inp for k in b["key"])
+    assert bounded(go) == [f"good{i}" for i in range(4)]
 
 
 def test_default_limits_are_sane():

@@ -14,9 +14,10 @@ Modules
                            `default_input_config()`; exact resume from a batch position
   readers.py               raw (key, image bytes, caption) records from webdataset tar shards,
                            TFRecords, tfds datasets and image folders; per-host sharding;
-                           damage becomes counted markers, never an exception
-  images.py                decoding to RGB (greyscale / RGBA / CMYK / 16-bit conversions,
-                           flagged), square crop + antialiased resize to [-1, 1]
+                           damage becomes counted markers, never an exception; size caps
+  images.py                image headers read before decoding (size guard), decoding to RGB
+                           (greyscale / RGBA / CMYK / 16-bit conversions, flagged), square
+                           crop + antialiased resize to [-1, 1]
 
 Submodules are imported explicitly (`from unclip_jax.data import degradations`), so that
 importing the package does not import TensorFlow.

@@ -108,6 +108,8 @@ _END = "end_of_data"  # the sentinel after the last record of a finite input (no
 _EPOCH = "end_of_epoch"  # the marker after each pass over the input (not counted)
 _STOP_TAG = "unclip_jax_input_unusable"
 MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_SIZE = 4096      # largest image_size (the paper's largest stage is 1024 px)
+MAX_CONTEXT = 4096   # largest context_length (CLIP's is 77)
 
 
 class InputConfigError(UserError, ValueError):
@@ -232,9 +234,12 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
          f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
          f"processes ({process_count}). Change the batch size.")
     if cfg.kind == "tfds":
-        need(bool(cfg.tfds_name), "kind 'tfds' needs tfds_name (e.g. 'shapes') and data_dir.")
+        need(isinstance(cfg.tfds_name, str) and bool(cfg.tfds_name),
+             "kind 'tfds' needs tfds_name (e.g. 'shapes') and data_dir.")
     else:
         need(len(cfg.paths) > 0, f"kind '{cfg.kind}' needs paths: a list of glob patterns.")
+        need(all(isinstance(p, str) and p for p in cfg.paths),
+             f"input.paths must be a list of glob patterns (strings), got {list(cfg.paths)!r}.")
     def integer(name, low):
         value = cfg[name]
         need(isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -246,6 +251,11 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
                       ("max_caption_chars", 0)):
         integer(name, low)
     need(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}.")
+    need(cfg.image_size <= MAX_SIZE and cfg.low_res_size <= cfg.image_size,
+         f"image_size must be at most {MAX_SIZE} and low_res_size at most image_size, got "
+         f"{cfg.image_size} and {cfg.low_res_size}.")
+    need(cfg.context_length <= MAX_CONTEXT,
+         f"context_length must be at most {MAX_CONTEXT} tokens, got {cfg.context_length}.")
     need(cfg.crop in ("center", "random"), f"crop must be 'center' or 'random', got {cfg.crop!r}.")
     need(cfg.resize_method in ("bicubic", "area", "bilinear"),
          f"resize_method must be 'bicubic', 'area' or 'bilinear', got {cfg.resize_method!r}.")
@@ -605,13 +615,15 @@ def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: in
       cfg: an input ConfigDict or dict (unset fields take default_input_config()'s values).
       global_batch_size: rows per step over all processes; each process gets
         global_batch_size // process_count (must divide exactly).
-      seed: fixes file order, shuffle, random crops, caption choice and degradations.
+      seed: fixes file order, shuffle, random crops, caption choice and degradations (taken
+        modulo 2**63: TensorFlow's seeds are 64-bit).
       process_index, process_count: default jax.process_index() / jax.process_count().
       start_batch: resume at this position (the iterator's ``position`` when saved).
     """
 
     cfg = _as_config(cfg)
     process_index, process_count = process_defaults(process_index, process_count)
+    seed = int(seed) % (2 ** 63)  # TensorFlow seeds are int64: a larger seed is reduced
     local_batch = _check(cfg, int(global_batch_size), process_count)
     if start_batch < 0:
         raise InputConfigError(f"start_batch must be >= 0, got {start_batch}.")
