@@ -686,3 +686,86 @@ def test_oversized_tar_member_is_not_read(tmp_path):
     path = _write(tmp_path / "big.tar", body + info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 2048)
     out = list(readers.iter_tar_records(path, 1 << 20, 1 << 10))
     assert [r["error"] for r in out] == [b"", b"truncated_shard"]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def _embedding_example(dim=3, length=4) -> bytes:
+    return tf.train.Example(features=tf.train.Features(feature={
+        "caption": _feature(b"an embedded caption"),
+        "text_tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=[1] * length)),
+        "text_mask": tf.train.Feature(int64_list=tf.train.Int64List(value=[1] * length)),
+        "text_embed": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5] * dim)),
+        "image_embed": tf.train.Feature(float_list=tf.train.FloatList(value=[0.25] * dim)),
+    })).SerializeToString()
+
+
+def _embeddings_folder(d, records, **manifest_changes):
+    import json
+    from unclip_jax.data import precompute
+    d.mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(d / "e-0.tfrecord")) as w:
+        for r in records:
+            w.write(r)
+    manifest = {"format": precompute.FORMAT, "version": 1, "count": len(records),
+                "fields": ["caption", "text_tokens", "text_mask", "text_embed", "image_embed"],
+                "dims": {"context_length": 4, "text_embed": 3, "image_embed": 3,
+                         "text_hidden": None, "image_size": None},
+                "text_hidden_dtype": None, "files": ["e-0.tfrecord"], "counts": [len(records)]}
+    manifest.update(manifest_changes)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return str(d)
+
+
+@pytest.mark.parametrize("changes,says", [
+    (dict(files=["../../../../etc/passwd"], counts=[1]), "not a plain file name"),
+    (dict(files=["/etc/passwd"], counts=[1]), "not a plain file name"),
+    (dict(files="e-0.tfrecord"), "'files' must be a list"),
+    (dict(counts=[1, 2]), "'counts'"),
+    (dict(counts=["many"]), "'counts'"),
+    (dict(fields=["caption", "bogus"]), "'fields'"),
+    (dict(dims={"context_length": "many", "text_embed": 3, "image_embed": 3}),
+     "dims.context_length"),
+    (dict(dims={"context_length": 4, "text_embed": -3, "image_embed": 3}), "dims.text_embed"),
+    (dict(fields=["caption", "text_hidden"]), "text_hidden"),
+    (dict(text_hidden_dtype="int8"), "text_hidden_dtype"),
+])
+def test_hostile_embeddings_manifest_is_refused(tmp_path, changes, says):
+    from unclip_jax.data.precompute import PrecomputeError
+    folder = _embeddings_folder(tmp_path / "emb", [_embedding_example()], **changes)
+    cfg = dict(kind="embeddings", paths=[folder], context_length=0, shuffle_buffer=0)
+    with pytest.raises(PrecomputeError, match=says) as info:
+        make_input(cfg, global_batch_size=1, seed=0, process_index=0, process_count=1)
+    assert isinstance(info.value, UserError)
+
+
+def test_embeddings_manifest_that_is_a_list_is_refused(tmp_path):
+    from unclip_jax.data.precompute import PrecomputeError
+    folder = _embeddings_folder(tmp_path / "emb", [_embedding_example()])
+    (tmp_path / "emb" / "manifest.json").write_text("[1, 2, 3]")
+    with pytest.raises(PrecomputeError, match="not an unclip-jax embeddings manifest"):
+        make_input(dict(kind="embeddings", paths=[folder]), global_batch_size=1, seed=0,
+                   process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("records", [[], [_embedding_example(dim=5)] * 3, [b"junk"] * 2],
+                         ids=["no_records", "wrong_sizes", "not_examples"])
+def test_embeddings_with_nothing_usable_stop(tmp_path, records):
+    folder = _embeddings_folder(tmp_path / "emb", records)
+    cfg = dict(kind="embeddings", paths=[folder], context_length=0, shuffle_buffer=0,
+               repeat=True)
+
+    def go():
+        inp = make_input(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
+        with pytest.raises(InputDataError, match="no records"):
+            next(inp)
+    bounded(go)
+
+
+def test_good_embeddings_still_read(tmp_path):
+    folder = _embeddings_folder(tmp_path / "emb", [_embedding_example()] * 3)
+    cfg = dict(kind="embeddings", paths=[folder], context_length=0, shuffle_buffer=0,
+               repeat=True)
+    batch = bounded(lambda: next(make_input(cfg, global_batch_size=2, seed=0, process_index=0,
+                                            process_count=1)))
+    assert batch["text_embed"].shape == (2, 3)

@@ -279,8 +279,9 @@ class Input:
     """Iterator of per-process batches (dicts of NumPy arrays); see the module docstring."""
 
     def __init__(self, dataset, *, start_batch: int, batch_size: int, counted: bool,
-                 stop_after: int = 0):
+                 stop_after: int = 0, repeat: bool = False):
         self._dataset = dataset
+        self._repeat = bool(repeat)
         self._stop_after = int(stop_after)
         self._iterator = iter(dataset)
         self._position = int(start_batch)
@@ -318,6 +319,8 @@ class Input:
             element = next(self._iterator)
         except StopIteration:
             self._done = True
+            if self._repeat:  # a repeated input ends only when an epoch yields nothing
+                raise InputDataError(_unusable_message(self._counts, 0)) from None
             raise
         except tf.errors.InvalidArgumentError as e:
             if _STOP_TAG not in str(e.message):
@@ -629,10 +632,11 @@ def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: in
         raise InputConfigError(f"start_batch must be >= 0, got {start_batch}.")
     if cfg.kind == "embeddings":
         ds = _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch)
-        return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=False)
+        return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=False,
+                     repeat=cfg.repeat)
     ds = _build(cfg, local_batch, seed, process_index, process_count, start_batch)
     return Input(ds, start_batch=start_batch, batch_size=local_batch, counted=True,
-                 stop_after=cfg.stop_after_unusable)
+                 stop_after=cfg.stop_after_unusable, repeat=cfg.repeat)
 
 
 __all__ = ["COUNTERS", "Input", "InputConfigError", "InputDataError", "KINDS",

@@ -359,9 +359,51 @@ def _load_manifest(folder: str) -> dict:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise PrecomputeError(f"{path} cannot be read ({e}); re-run the pre-compute job.") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PrecomputeError(f"{path} is not an unclip-jax embeddings manifest.")
+    _check_manifest(manifest, path)
     return manifest
+
+
+_FIELDS = ("caption", "text_tokens", "text_mask", "text_embed", "image_embed", "text_hidden",
+           "image")
+
+
+def _check_manifest(manifest: dict, path: str) -> None:
+    """Every entry the reader uses has the type it needs; shard names stay inside the folder."""
+    def need(ok, what):
+        if not ok:
+            raise PrecomputeError(f"{path} is damaged or was edited: {what}. Re-run the "
+                                  "pre-compute job.")
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    files, counts = manifest.get("files"), manifest.get("counts")
+    need(isinstance(files, list) and all(isinstance(f, str) for f in files),
+         "'files' must be a list of shard file names")
+    for name in files:
+        need(name and "/" not in name and "\\" not in name and name not in (".", "..")
+             and ":" not in name, f"shard name {name!r} is not a plain file name in the folder")
+    need(isinstance(counts, list) and len(counts) == len(files)
+         and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts),
+         "'counts' must be a list of record counts, one per file")
+    fields = manifest.get("fields")
+    need(isinstance(fields, list) and fields and all(f in _FIELDS for f in fields),
+         f"'fields' must be a list of {_FIELDS}")
+    dims = manifest.get("dims")
+    need(isinstance(dims, dict), "'dims' must be an object")
+    for key in ("context_length", "text_embed", "image_embed"):
+        need(positive(dims.get(key)), f"dims.{key} must be a positive integer")
+    hidden = dims.get("text_hidden")
+    need(hidden is None or (isinstance(hidden, list) and len(hidden) == 2
+                            and all(positive(v) for v in hidden)),
+         "dims.text_hidden must be null or [length, width]")
+    need(dims.get("image_size") is None or positive(dims.get("image_size")),
+         "dims.image_size must be null or a positive integer")
+    need("text_hidden" not in fields or hidden is not None,
+         "'fields' has text_hidden but dims.text_hidden is null")
+    need("image" not in fields or dims.get("image_size") is not None,
+         "'fields' has image but dims.image_size is null")
+    need(manifest.get("text_hidden_dtype") in (None, "float16", "float32"),
+         "text_hidden_dtype must be null, 'float16' or 'float32'")
 
 
 def load_manifest(path: str) -> dict:
