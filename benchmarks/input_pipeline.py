@@ -1,16 +1,22 @@
-"""Images per second of the tf.data input pipeline (unclip_jax.data.input_pipeline) on this machine.
+"""Images per second of the tf.data input pipeline (unclip_jax.data.input_pipeline) on this machine,
+per thread count, so that the per-core rate and its scaling can be read off.
 
     .venv/bin/python benchmarks/input_pipeline.py [--batches 20] [--batch-size 32]
+        [--threads 1,2,0] [--check]
 
-Data, generated in a temporary folder (nothing downloaded):
-  shapes128  Shapes-like 128 x 128 PNGs (flat coloured circles / squares / triangles on grey,
-             as unclip_jax/data/shapes.py describes), 512 records in 4 webdataset tar shards
-  jpeg512    512 x 512 JPEGs (quality 90; smooth gradients with shapes and mild noise, so the
-             codec does real work), 256 records in 4 shards
-For each, the full pipeline as the trainer runs it (repeat, shuffle buffer, decode, CLIP
-tokenization with context 77, centre crop, antialiased bicubic resize) at image_size 64 and 256,
-and at 256 also with a 64 px 'blur' low_res (first upsampler's input). The first batches (graph
-tracing, shuffle-buffer fill) are not timed.
+Data, generated in a temporary folder (nothing downloaded), webdataset tar shards:
+  jpeg64     64 x 64 JPEGs (quality 90; smooth gradients with shapes and mild noise, so the
+             codec does real work), 512 records in 4 shards
+  jpeg256    256 x 256 JPEGs, likewise, 256 records in 4 shards
+  shapes128  Shapes-like 128 x 128 PNGs (flat coloured shapes on grey), 512 records
+For each, the full pipeline as the trainer runs it (per-epoch shuffle, header check, decode,
+CLIP tokenization with context 77, centre crop, antialiased bicubic resize) at image_size 64
+(and 256 for jpeg256), with tf.data's thread pool limited to each of ``--threads``
+(``tf.data.Options().threading.private_threadpool_size``, the input config's ``threads``;
+0 = tf.data's default, every core). The images/s at 1 thread is the per-core rate; the ratio
+at 2 threads is the scaling. The first 3 batches (graph tracing, shuffle-buffer fill) are not
+timed. ``--check`` runs a tiny version (a few records, 2 batches) to show the script works;
+its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -83,14 +89,15 @@ def write_dataset(folder: str, make, n: int, shards: int, fmt: str, **save_kw) -
     return total
 
 
-def measure(paths: str, image_size: int, low_res: int, batches: int, batch_size: int):
+def measure(paths: str, image_size: int, low_res: int, batches: int, batch_size: int,
+            threads: int = 0, warm_batches: int = 3):
     from unclip_jax.data.input_pipeline import make_input
     cfg = dict(kind="webdataset", paths=[paths], image_size=image_size, context_length=77,
-               low_res_size=low_res, shuffle_buffer=256, repeat=True)
+               low_res_size=low_res, shuffle_buffer=256, repeat=True, threads=threads)
     inp = make_input(cfg, global_batch_size=batch_size, seed=0, process_index=0,
                      process_count=1)
     t0 = time.perf_counter()
-    for _ in range(3):
+    for _ in range(warm_batches):
         next(inp)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -104,34 +111,55 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, default=20, help="timed batches per row")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", default="1,2,0",
+                   help="tf.data thread pool sizes to measure, comma separated (0: default)")
+    p.add_argument("--check", action="store_true",
+                   help="a tiny run that only shows the script works (figures mean nothing)")
     args = p.parse_args()
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    if args.check:
+        args.batches, args.batch_size = 2, 4
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import PIL
     import tensorflow as tf
-    common.preamble("tf.data input pipeline throughput (webdataset shards, one process)", notes=[
-        f"tensorflow {tf.__version__}, pillow {PIL.__version__}; tf.data uses every core "
-        f"(AUTOTUNE); batch {args.batch_size}, {args.batches} timed batches after 3 untimed"])
+    common.preamble("tf.data input pipeline throughput per thread count (webdataset shards, "
+                    "one process)", notes=[
+                        f"tensorflow {tf.__version__}, pillow {PIL.__version__}; batch "
+                        f"{args.batch_size}, {args.batches} timed batches after 3 untimed; "
+                        f"os.cpu_count() = {os.cpu_count()}"
+                        + ("; --check: figures mean nothing" if args.check else "")])
+    scale = 16 if args.check else 1
     with tempfile.TemporaryDirectory() as tmp:
         sets = {
+            "jpeg64 (JPEG q90)": (os.path.join(tmp, "jpeg64"), lambda rng: _photo_like(rng, 64),
+                                  512 // scale, "JPEG", {"quality": 90}, (64,)),
+            "jpeg256 (JPEG q90)": (os.path.join(tmp, "jpeg256"),
+                                   lambda rng: _photo_like(rng, 256), 256 // scale, "JPEG",
+                                   {"quality": 90}, (64, 256)),
             "shapes128 (PNG)": (os.path.join(tmp, "shapes"),
-                                lambda rng: _shapes_image(rng, 128), 512, "PNG", {}),
-            "jpeg512 (JPEG q90)": (os.path.join(tmp, "jpeg"),
-                                   lambda rng: _photo_like(rng, 512), 256, "JPEG",
-                                   {"quality": 90}),
+                                lambda rng: _shapes_image(rng, 128), 512 // scale, "PNG", {},
+                                (64,)),
         }
         rows = []
-        for name, (folder, make, n, fmt, kw) in sets.items():
+        for name, (folder, make, n, fmt, kw, sizes) in sets.items():
             size = write_dataset(folder, make, n, 4, fmt, **kw)
             print(f"{name}: {n} records, {size / n / 1024:.1f} KiB per image on average",
                   flush=True)
-            for image_size, low_res in ((64, 0), (256, 0), (256, 64)):
-                rate, warm = measure(os.path.join(folder, "*.tar"), image_size, low_res,
-                                     args.batches, args.batch_size)
-                rows.append([name, image_size, low_res or "-", rate, warm])
-                print(f"  image_size {image_size} low_res {low_res or '-'}: {rate:.1f} images/s "
-                      f"(first 3 batches {warm:.1f} s)", flush=True)
+            for image_size in sizes:
+                base = None
+                for t in threads:
+                    rate, warm = measure(os.path.join(folder, "*.tar"), image_size, 0,
+                                         args.batches, args.batch_size, threads=t,
+                                         warm_batches=1 if args.check else 3)
+                    base = rate if t == 1 else base
+                    ratio = f"{rate / base:.2f}" if base else "-"
+                    rows.append([name, image_size, t or "default", rate, ratio, warm])
+                    print(f"  image_size {image_size} threads {t or 'default'}: {rate:.1f} "
+                          f"images/s (x{ratio} of 1 thread; first batches {warm:.1f} s)",
+                          flush=True)
         print()
-        print(common.table(["data", "image_size", "low_res", "images/s", "warm-up s"], rows))
+        print(common.table(["data", "image_size", "threads", "images/s", "vs 1 thread",
+                            "warm-up s"], rows))
 
 
 if __name__ == "__main__":

@@ -199,6 +199,7 @@ def default_input_config():
     c.repeat = True              # loop forever, reshuffling the file order every epoch
     c.cycle_length = 8           # files read at once (interleaved record by record)
     c.prefetch = 2               # batches prepared ahead
+    c.threads = 0                # > 0: tf.data's private thread pool size (0: all cores)
     return c
 
 
@@ -247,7 +248,7 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
     for name, low in (("image_size", 1), ("min_image_size", 0), ("max_image_pixels", 1),
                       ("max_image_bytes", 1), ("max_caption_bytes", 1),
                       ("stop_after_unusable", 0), ("context_length", 0), ("low_res_size", 0),
-                      ("shuffle_buffer", 0), ("cycle_length", 1), ("prefetch", -1),
+                      ("shuffle_buffer", 0), ("cycle_length", 1), ("prefetch", -1), ("threads", 0),
                       ("max_caption_chars", 0)):
         integer(name, low)
     need(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}.")
@@ -586,9 +587,15 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
     ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=bool(cfg.repeat))
     ds = ds.prefetch(cfg.prefetch)
+    return ds.with_options(_options(cfg))
+
+
+def _options(cfg) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
-    return ds.with_options(options)
+    if cfg.threads:  # every parallel stage shares this many threads (benchmarks: per core)
+        options.threading.private_threadpool_size = int(cfg.threads)
+    return options
 
 
 def _build_embeddings(cfg, local_batch, seed, process_index, process_count, start_batch):
@@ -605,9 +612,7 @@ def _build_embeddings(cfg, local_batch, seed, process_index, process_count, star
     ds = ds.batch(local_batch, drop_remainder=True)
     if start_batch:
         ds = ds.skip(int(start_batch))
-    options = tf.data.Options()
-    options.deterministic = True
-    return ds.prefetch(cfg.prefetch).with_options(options)
+    return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
 
 
 def make_input(cfg: Any, *, global_batch_size: int, seed: int, process_index: int | None = None,
