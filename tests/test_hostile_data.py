@@ -16,6 +16,7 @@ import io
 import os
 import struct
 import tarfile
+import tempfile
 import threading
 import zlib
 
@@ -407,16 +408,27 @@ TFRECORD_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tfrecord_run(tmp_path_factory):
+def _tfrecord_bytes(payloads) -> bytes:
+    """A TFRecord file with true CRCs (the native reader verifies them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for p in payloads:
+                w.write(p)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def tfrecord_run(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("hostile_tfrecord")
     good = [_example(image=encode(image_array(20 + i)), caption=f"tf good {i}".encode(),
                      key=f"tf_good{i}".encode()) for i in range(3)]
-    body = b"".join(_frame(p) for p in good[:1] + [c[1] for c in TFRECORD_CASES] + good[1:])
-    (d / "a.tfrecord").write_bytes(body)
+    (d / "a.tfrecord").write_bytes(_tfrecord_bytes(good[:1] + [c[1] for c in TFRECORD_CASES]
+                                                   + good[1:]))
     gz_good = _example(image=GOOD_PNG, caption=b"gzipped tfrecord", key=b"tf_gz_good")
-    (d / "b.tfrecord").write_bytes(gzip.compress(_frame(gz_good)))
-    many = gzip.compress(_frame(gz_good) * 20 + os.urandom(3000), mtime=0)
+    (d / "b.tfrecord").write_bytes(gzip.compress(_tfrecord_bytes([gz_good])))
+    many = gzip.compress(_tfrecord_bytes([gz_good] * 20) + os.urandom(3000), mtime=0)
     (d / "c_cut_gz.tfrecord").write_bytes(many[:len(many) - 1500])     # cut in the noise
     corrupt = bytearray(many)
     corrupt[10:16] = b"\xff" * 6                       # the first deflate block header
@@ -426,7 +438,8 @@ def tfrecord_run(tmp_path_factory):
     (d / "f_empty.tfrecord").write_bytes(b"")
     cfg = dict(kind="tfrecord", paths=[str(d / "*.tfrecord")], image_size=8, context_length=0,
                shuffle_buffer=8, repeat=False, max_image_pixels=10_000,
-               max_image_bytes=64 << 10, max_caption_bytes=1 << 10)
+               max_image_bytes=64 << 10, max_caption_bytes=1 << 10,
+               tfrecord_reader=request.param)
     return run_input(cfg)
 
 

@@ -181,6 +181,7 @@ def default_input_config():
     c.image_feature = "image"    # tfrecord / tfds feature names ('a/b' for nested tfds features)
     c.caption_feature = "caption"  # coco_captions: 'captions/text'
     c.key_feature = "key"        # tfrecord: optional key feature
+    c.tfrecord_reader = "native"  # tfrecord: 'native' (tf.data ops, parallel) | 'python'
     c.caption_choice = "random"  # tfds sequence of captions: 'first' | 'random' (seeded)
     c.image_size = 64            # S: output images are S x S
     c.crop = "center"            # 'center' | 'random' (of the shorter side's square)
@@ -231,6 +232,8 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
         if not ok:
             raise InputConfigError(msg)
     need(cfg.kind in KINDS, f"input kind must be one of {KINDS}, got {cfg.kind!r}.")
+    need(cfg.tfrecord_reader in ("native", "python"),
+         f"tfrecord_reader must be 'native' or 'python', got {cfg.tfrecord_reader!r}.")
     need(global_batch_size > 0 and global_batch_size % process_count == 0,
          f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
          f"processes ({process_count}). Change the batch size.")
@@ -407,6 +410,7 @@ def _raw_dataset(cfg, seed, process_index, process_count):
         return readers.read_tfrecord(cfg.paths, image_feature=cfg.image_feature,
                                      caption_feature=cfg.caption_feature,
                                      key_feature=cfg.key_feature,
+                                     native=cfg.tfrecord_reader == "native",
                                      cycle_length=cfg.cycle_length, **common, **limits)
     if cfg.kind == "folder":
         return readers.read_folder(cfg.paths, **common, **limits)
