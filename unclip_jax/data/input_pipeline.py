@@ -64,19 +64,20 @@ millions of records (a wrong caption_feature) also stops soon. With repeat=True 
 never spins forever on nothing. (A finite input behaves the same way.)
 
 Captions. Decoded from bytes by this rule (``decode_caption``): a UTF-8 byte-order mark is
-dropped; UTF-32 / UTF-16 when the caption starts with their byte-order mark; UTF-16 without
-one when at least half of its high bytes are NUL and it decodes as UTF-16 (little- or
-big-endian, by where the NULs are) to text without control characters (real UTF-8 text never
-holds NUL); else valid UTF-8 as is;
-else Windows cp1252 (a superset of latin-1 for text; the five bytes cp1252 leaves undefined
-are taken as latin-1). Anything but UTF-8 is *recoded* and counted 'caption_recoded'. Control characters other than tab and newline become spaces. The result is UTF-8
-from then on (the batch's 'caption', the tokens). A caption file over max_caption_bytes is
-not read at all ('caption_too_large'). Empty after stripping (or with no tokens): skipped as 'empty_caption'. Longer than the
-context (more than context_length - 2 BPE tokens) or than max_caption_chars (when > 0):
-long_caption='truncate' (default) keeps the record, truncates the tokens (and the caption string
-to max_caption_chars) and counts 'caption_truncated'; 'skip' drops it as 'caption_too_long'.
-Only the first 16 * context_length characters are tokenized (a longer caption is truncated
-anyway), which keeps a pathological caption from stalling the tokenizer.
+dropped; UTF-32 / UTF-16 when the caption starts with their byte-order mark; UTF-16 without one
+when at least half of its high bytes are NUL and it decodes as UTF-16 (little- or big-endian, by
+where the NULs are) to text without control characters (real UTF-8 text never holds NUL); else
+valid UTF-8 as is; else Windows cp1252 (a superset of latin-1 for text; the five bytes cp1252
+leaves undefined are taken as latin-1). Anything but UTF-8 is *recoded* and counted
+'caption_recoded'. Control characters other than tab and newline become spaces. The result is
+UTF-8 from then on (the batch's 'caption', the tokens). A caption file over max_caption_bytes is
+not read at all ('caption_too_large'). Empty after stripping (or with no tokens): skipped as
+'empty_caption'. Longer than the context (more than context_length - 2 BPE tokens) or than
+max_caption_chars (when > 0): long_caption='truncate' (default) keeps the record, truncates the
+tokens (and the caption string to max_caption_chars) and counts 'caption_truncated'; 'skip'
+drops it as 'caption_too_long'. Only the first 16 * context_length characters are tokenized (a
+longer caption is truncated anyway), which keeps a pathological caption from stalling the
+tokenizer.
 """
 from __future__ import annotations
 

@@ -692,7 +692,8 @@ def read_tfds(name: str, *, split: str = "train", data_dir: str | None = None,
     ``caption_feature`` may be a path into nested features ('captions/text' for
     coco_captions); when it holds a sequence of captions, ``caption_choice`` picks one per
     example: 'first', or 'random' (a seeded random stream drawn anew on every pass, so each
-    epoch may pick another, deterministically). Images are read still encoded (tfds.decode.SkipDecoding).
+    epoch may pick another, deterministically). Images are read still encoded
+    (tfds.decode.SkipDecoding).
     """
 
     if caption_choice not in ("first", "random"):
