@@ -782,3 +782,31 @@ def test_good_embeddings_still_read(tmp_path):
     batch = bounded(lambda: next(make_input(cfg, global_batch_size=2, seed=0, process_index=0,
                                             process_count=1)))
     assert batch["text_embed"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("kind,name", [("webdataset", "fifo.tar"), ("tfrecord", "fifo.tfrecord"),
+                                       ("folder", "fifo.png")])
+def test_a_fifo_among_the_inputs_is_not_waited_on(tmp_path, kind, name):
+    """A named pipe would block a reader forever: it is an unreadable file, counted."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    d = tmp_path / "in"
+    d.mkdir()
+    os.mkfifo(d / name)
+    if kind == "webdataset":
+        (d / "good.tar").write_bytes(_tar_bytes(_good_members(GOOD_TAR[:2])))
+        pattern = str(d / "*.tar")
+    elif kind == "tfrecord":
+        (d / "good.tfrecord").write_bytes(_tfrecord_bytes(
+            [_example(image=GOOD_PNG, caption=b"c", key=f"good{i}".encode()) for i in range(2)]))
+        pattern = str(d / "*.tfrecord")
+    else:
+        for key, png, caption in GOOD_TAR[:2]:
+            (d / f"{key}.png").write_bytes(png)
+            (d / f"{key}.txt").write_text(caption)
+        os.mkfifo(d / "fifo.txt")
+        pattern = str(d)
+    cfg = dict(kind=kind, paths=[pattern], image_size=8, context_length=0, shuffle_buffer=0,
+               repeat=False)
+    got, counts = run_input(cfg)
+    assert sorted(got) == ["good0", "good1"] and counts["unreadable_file"] == 1

@@ -200,6 +200,8 @@ def _open_shard(path: str):
     memory in one request (parsing seeks, and object-store streams serve that poorly)."""
     if paths.is_remote(path):
         return io.BytesIO(paths.read_bytes(path))
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise OSError(f"{path} is not a regular file")
     return paths.open(path, "rb")
 
 
@@ -454,11 +456,12 @@ def iter_tfrecord_records(path, image_feature: str = "image", caption_feature: s
 
 def _tfrecord_walk(path) -> tuple[np.ndarray, np.ndarray, bytes]:
     """(framed records, 1 if the framing is damaged, 'GZIP' or '') of a TFRecord file, from its
-    frame headers only (payloads are skipped, not read, in an uncompressed local file)."""
+    frame headers only (payloads are skipped, not read, in an uncompressed local file); the
+    count is -1 when the file cannot be opened (then it is not read at all)."""
     try:
         f, size = _open_tfrecord(_as_str(path))
     except Exception:  # noqa: BLE001
-        return np.int64(0), np.int64(1), b""
+        return np.int64(-1), np.int64(1), b""
     count, damaged = 0, 0
     with f:
         try:
@@ -544,11 +547,12 @@ def _native_tfrecord(image_feature: str, caption_feature: str, key_feature: str,
             _tfrecord_walk, [path], [tf.int64, tf.int64, tf.string], stateful=False)
         count, damaged = tf.ensure_shape(count, []), tf.ensure_shape(damaged, [])
         compression = tf.ensure_shape(compression, [])
-        records = tf.data.TFRecordDataset(path, compression_type=compression).enumerate()
+        records = tf.data.TFRecordDataset(path, compression_type=compression)
+        records = records.take(tf.where(count < 0, tf.constant(0, tf.int64), -1)).enumerate()
         records = records.map(lambda i, r: parse(path, i, r)).ignore_errors()
         end = tf.data.Dataset.from_tensors(
             {"key": path, "image_bytes": tf.constant(b""), "caption": tf.constant(b""),
-             "error": tf.constant(b"end_of_file"), "index": count})
+             "error": tf.constant(b"end_of_file"), "index": tf.maximum(count, 0)})
 
         def gaps(last, el):  # records dropped before this one (bad protos, after a bad CRC)
             return el["index"], dict(el, gap=el["index"] - last - 1)
@@ -560,8 +564,9 @@ def _native_tfrecord(image_feature: str, caption_feature: str, key_feature: str,
                  "caption": tf.constant(b""), "error": tf.constant(b"bad_record")}
             ).repeat(tf.maximum(el["gap"], 0))
             is_end = tf.equal(el["error"], b"end_of_file")
-            last_error = tf.where(is_end, tf.where(damaged > 0, b"truncated_shard", b""),
-                                  el["error"])
+            at_end = tf.where(count < 0, b"unreadable_file",
+                              tf.where(damaged > 0, b"truncated_shard", b""))
+            last_error = tf.where(is_end, at_end, el["error"])
             last = tf.data.Dataset.from_tensors(
                 {"key": el["key"], "image_bytes": el["image_bytes"], "caption": el["caption"],
                  "error": last_error}).filter(
@@ -620,6 +625,8 @@ def read_folder_record(path, root, max_image_bytes: int = MAX_IMAGE_BYTES,
     key = os.path.splitext(os.path.relpath(path, root) if not paths.is_remote(path)
                            else path[len(root.rstrip("/")) + 1:])[0]
     try:
+        if not paths.isfile(path):        # a FIFO or a device would block or never end
+            return _marker("unreadable_file", key)
         if paths.getsize(path) > max_image_bytes:
             return _marker("too_large", key)
         image = paths.read_bytes(path)
