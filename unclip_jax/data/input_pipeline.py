@@ -82,7 +82,6 @@ tokenizer.
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Any, Iterator
 
 import ml_collections
@@ -107,7 +106,6 @@ CONVERSIONS = ("converted_greyscale", "converted_rgba", "converted_cmyk", "conve
 COUNTERS = ("read", "kept") + SKIP_REASONS + CONVERSIONS
 _END = "end_of_data"  # the sentinel after the last record of a finite input (not counted)
 _EPOCH = "end_of_epoch"  # the marker after each pass over the input (not counted)
-_STOP_TAG = "unclip_jax_input_unusable"
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_SIZE = 4096      # largest image_size (the paper's largest stage is 1024 px)
 MAX_CONTEXT = 4096   # largest context_length (CLIP's is 77)
@@ -327,15 +325,7 @@ class Input:
             if self._repeat:  # a repeated input ends only when an epoch yields nothing
                 raise InputDataError(_unusable_message(self._counts, 0)) from None
             raise
-        except tf.errors.InvalidArgumentError as e:
-            if _STOP_TAG not in str(e.message):
-                raise
-            self._done = True
-            match = re.search(r"counts=\[([-\d\s]+)\]", e.message)
-            if match:
-                values = [int(v) for v in match.group(1).split()]
-                self._counts.update(zip(COUNTERS, values))
-            raise InputDataError(_unusable_message(self._counts, self._stop_after)) from None
+
         batch = {k: v.numpy() for k, v in element.items()}
         if not self._counted:
             self._counts["read"] += len(next(iter(batch.values())))
@@ -344,7 +334,11 @@ class Input:
             return batch
         counts = batch.pop("_counts")
         end = batch.pop("_end")
+        stop = batch.pop("_stop")
         self._counts.update({name: int(v) for name, v in zip(COUNTERS, counts[-1])})
+        if stop.any():
+            self._done = True
+            raise InputDataError(_unusable_message(self._counts, self._stop_after))
         real = ~end
         if real.sum() < self._batch_size:  # the last, partial batch of a finite input
             self._counts["dropped_remainder"] = int(real.sum())
@@ -555,19 +549,23 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         idx = tf.constant([[i] for i, _ in updates])
         vals = tf.stack([tf.cast(v, tf.int64) for _, v in updates])
         totals = totals + tf.tensor_scatter_nd_add(delta, idx, vals)
-        # Nothing usable: a whole epoch, or stop_after records, without one kept. Raised as
-        # an error (after ignore_errors, so it reaches the iterator), turned into
-        # InputDataError by Input with these counts.
+        # Nothing usable: a whole epoch, or stop_after records, without one kept. This element
+        # is kept with stop=True and ends the stream; Input raises InputDataError with its
+        # counts (no error status: nothing for TensorFlow to log).
         none_kept = tf.equal(totals[col["kept"]], 0)
         stop = tf.logical_and(none_kept, tf.logical_or(
             is_epoch, tf.logical_and(stop_after > 0, totals[col["read"]] >= stop_after)))
-        check = tf.debugging.Assert(tf.logical_not(stop), [
-            tf.constant(_STOP_TAG), tf.strings.format("counts={}", totals, summarize=-1)])
-        with tf.control_dependencies([check]):
-            totals_out = tf.identity(totals)
-        return (el["index"], totals), dict(el, counts=totals_out, end=is_end)
+        return (el["index"], totals), dict(el, counts=totals, end=is_end, stop=stop,
+                                           after_stop=tf.constant(False))
     ds = ds.scan((tf.constant(-1, tf.int64), tf.zeros([n_counters], tf.int64)), count)
-    ds = ds.filter(lambda el: tf.logical_or(tf.equal(el["code"], 0), el["end"]))
+    ds = ds.filter(lambda el: tf.reduce_any(tf.stack([tf.equal(el["code"], 0), el["end"],
+                                                      el["stop"]])))
+
+    def then_stop(el):  # after a stop element, one copy marked after_stop ends the stream
+        return tf.data.Dataset.from_tensors(el).concatenate(
+            tf.data.Dataset.from_tensors(dict(el, after_stop=tf.constant(True))).take(
+                tf.where(el["stop"], tf.constant(1, tf.int64), 0)))
+    ds = ds.flat_map(then_stop).take_while(lambda el: tf.logical_not(el["after_stop"]))
     if start_batch:
         ds = ds.skip(int(start_batch) * local_batch)
 
@@ -581,7 +579,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         image = images.square_crop_resize(el["image"], cfg.image_size, cfg.crop, seed=s[0],
                                           method=cfg.resize_method)
         out = {"image": image, "caption": el["caption"], "key": el["key"],
-               "_counts": el["counts"], "_end": el["end"]}
+               "_counts": el["counts"], "_end": el["end"], "_stop": el["stop"]}
         if cfg.context_length:
             out["text_tokens"], out["text_mask"] = el["ids"], el["mask"]
         if cfg.low_res_size:
@@ -590,7 +588,8 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
             out["low_res"] = tf.ensure_shape(low, [cfg.low_res_size, cfg.low_res_size, 3])
         return out
     ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=bool(cfg.repeat))
+    # A repeated input ends only after a stop element: its partial batch must come out.
+    ds = ds.batch(local_batch)
     ds = ds.prefetch(cfg.prefetch)
     return ds.with_options(_options(cfg))
 
