@@ -9,6 +9,9 @@ Data, generated in a temporary folder (nothing downloaded), webdataset tar shard
              codec does real work), 512 records in 4 shards
   jpeg256    256 x 256 JPEGs, likewise, 256 records in 4 shards
   shapes128  Shapes-like 128 x 128 PNGs (flat coloured shapes on grey), 512 records
+Each set is read as the tar shards themselves and (``--formats``) as the same records
+converted once to TFRecord (unclip_jax.data.readers.tar_to_tfrecord), read by the native
+TFRecord reader (tf.data ops only, no Python per record).
 For each, the full pipeline as the trainer runs it (per-epoch shuffle, header check, decode,
 CLIP tokenization with context 77, centre crop, antialiased bicubic resize) at image_size 64
 (and 256 for jpeg256), with tf.data's thread pool limited to each of ``--threads``
@@ -90,9 +93,9 @@ def write_dataset(folder: str, make, n: int, shards: int, fmt: str, **save_kw) -
 
 
 def measure(paths: str, image_size: int, low_res: int, batches: int, batch_size: int,
-            threads: int = 0, warm_batches: int = 3):
+            threads: int = 0, warm_batches: int = 3, kind: str = "webdataset"):
     from unclip_jax.data.input_pipeline import make_input
-    cfg = dict(kind="webdataset", paths=[paths], image_size=image_size, context_length=77,
+    cfg = dict(kind=kind, paths=[paths], image_size=image_size, context_length=77,
                low_res_size=low_res, shuffle_buffer=256, repeat=True, threads=threads)
     inp = make_input(cfg, global_batch_size=batch_size, seed=0, process_index=0,
                      process_count=1)
@@ -113,6 +116,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", default="1,2,0",
                    help="tf.data thread pool sizes to measure, comma separated (0: default)")
+    p.add_argument("--formats", default="tar,tfrecord",
+                   help="shard formats: tar (webdataset, Python tar reader) and/or tfrecord "
+                        "(the same records converted once, read with tf.data's native ops)")
     p.add_argument("--check", action="store_true",
                    help="a tiny run that only shows the script works (figures mean nothing)")
     args = p.parse_args()
@@ -141,25 +147,35 @@ def main() -> None:
                                 (64,)),
         }
         rows = []
+        from unclip_jax.data.readers import tar_to_tfrecord
         for name, (folder, make, n, fmt, kw, sizes) in sets.items():
             size = write_dataset(folder, make, n, 4, fmt, **kw)
             print(f"{name}: {n} records, {size / n / 1024:.1f} KiB per image on average",
                   flush=True)
-            for image_size in sizes:
-                base = None
-                for t in threads:
-                    rate, warm = measure(os.path.join(folder, "*.tar"), image_size, 0,
-                                         args.batches, args.batch_size, threads=t,
-                                         warm_batches=1 if args.check else 3)
-                    base = rate if t == 1 else base
-                    ratio = f"{rate / base:.2f}" if base else "-"
-                    rows.append([name, image_size, t or "default", rate, ratio, warm])
-                    print(f"  image_size {image_size} threads {t or 'default'}: {rate:.1f} "
-                          f"images/s (x{ratio} of 1 thread; first batches {warm:.1f} s)",
-                          flush=True)
+            sources = {"tar": ("webdataset", os.path.join(folder, "*.tar"))}
+            if "tfrecord" in args.formats:  # the same records converted once
+                tar_to_tfrecord(os.path.join(folder, "*.tar"), folder + "_tfrecord")
+                sources["tfrecord"] = ("tfrecord", os.path.join(folder + "_tfrecord",
+                                                                "*.tfrecord"))
+            for shard_format, (kind, pattern) in sources.items():
+                if shard_format not in args.formats:
+                    continue
+                for image_size in sizes:
+                    base = None
+                    for t in threads:
+                        rate, warm = measure(pattern, image_size, 0, args.batches,
+                                             args.batch_size, threads=t, kind=kind,
+                                             warm_batches=1 if args.check else 3)
+                        base = rate if t == 1 else base
+                        ratio = f"{rate / base:.2f}" if base else "-"
+                        rows.append([name, shard_format, image_size, t or "default", rate,
+                                     ratio, warm])
+                        print(f"  {shard_format} image_size {image_size} threads "
+                              f"{t or 'default'}: {rate:.1f} images/s (x{ratio} of 1 thread; "
+                              f"first batches {warm:.1f} s)", flush=True)
         print()
-        print(common.table(["data", "image_size", "threads", "images/s", "vs 1 thread",
-                            "warm-up s"], rows))
+        print(common.table(["data", "shards", "image_size", "threads", "images/s",
+                            "vs 1 thread", "warm-up s"], rows))
 
 
 if __name__ == "__main__":

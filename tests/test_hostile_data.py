@@ -810,3 +810,23 @@ def test_a_fifo_among_the_inputs_is_not_waited_on(tmp_path, kind, name):
                repeat=False)
     got, counts = run_input(cfg)
     assert sorted(got) == ["good0", "good1"] and counts["unreadable_file"] == 1
+
+
+def test_tar_to_tfrecord_keeps_good_records_counts_bad_and_refuses_overwrite(tmp_path):
+    # undecodable bytes are copied (decoding is the pipeline's job); no caption: not written
+    members = _good_members(GOOD_TAR[:3]) + [("bad.jpg", b"junk"), ("bad.txt", CAP),
+                                             ("lonely.png", GOOD_PNG)]
+    (tmp_path / "s1.tar").write_bytes(_tar_bytes(members))
+    out = tmp_path / "tf"
+    report = readers.tar_to_tfrecord(str(tmp_path / "*.tar"), str(out))
+    assert report["written"] == 4 and report["skipped"] == {"missing_caption": 1}
+    recs = list(readers.iter_tfrecord_records(str(out / "s1.tfrecord")))
+    assert [r["key"] for r in recs] == [b"good0", b"good1", b"good2", b"bad"]
+    before = (out / "s1.tfrecord").read_bytes()
+    (out / "mine.txt").write_text("the user's own file")
+    with pytest.raises(UserError, match="already has s1.tfrecord"):
+        readers.tar_to_tfrecord(str(tmp_path / "*.tar"), str(out))
+    assert (out / "s1.tfrecord").read_bytes() == before
+    readers.tar_to_tfrecord(str(tmp_path / "*.tar"), str(out), overwrite=True)
+    assert (out / "mine.txt").read_text() == "the user's own file"
+    assert sorted(os.listdir(out)) == ["mine.txt", "s1.tfrecord"]

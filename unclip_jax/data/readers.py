@@ -61,6 +61,7 @@ Public API
   read_folder(patterns, *, seed, ...)
   iter_tar_records(path), iter_tfrecord_records(path, ...), read_folder_record(path, root)
                            the per-file Python generators (handy for inspecting a shard)
+  tar_to_tfrecord(patterns, out_dir, *, overwrite)  webdataset tars -> TFRecord, once
   resolve_files(patterns), split_for_process(files, process_index, process_count)
   RAW_SIGNATURE, READER_ERRORS, IMAGE_EXTENSIONS, ReaderError
 """
@@ -598,6 +599,58 @@ def read_tfrecord(patterns, *, image_feature: str = "image", caption_feature: st
                        shuffle_files=shuffle_files)
 
 
+def _tfrecord_name(tar_path: str) -> str:
+    base = paths.basename(tar_path)
+    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+        if base.endswith(suffix):
+            base = base[:-len(suffix)]
+            break
+    return base + ".tfrecord"
+
+
+def tar_to_tfrecord(patterns, out_dir: str, *, overwrite: bool = False,
+                    max_image_bytes: int = MAX_IMAGE_BYTES,
+                    max_caption_bytes: int = MAX_CAPTION_BYTES) -> dict:
+    """Convert webdataset tar shards once into TFRecord files (one per shard, same name with
+    .tfrecord), which the native TFRecord reader then reads in parallel without Python.
+
+    Records become ``tf.train.Example`` with bytes features 'image', 'caption' and 'key' (the
+    input config's defaults). Damaged records are not written; they are counted by reason in
+    the returned ``{"files": [...], "written": n, "skipped": {reason: n}}``. Existing outputs
+    are refused unless ``overwrite`` (then only those files are replaced, each atomically).
+    """
+    from unclip_jax.io import outputs  # noqa: PLC0415 - only this function writes
+    files = resolve_files(patterns, "tar shards")
+    names = [_tfrecord_name(f) for f in files]
+    if len(set(names)) != len(names):
+        raise ReaderError("Two tar shards would convert to the same TFRecord name; convert "
+                          "them into separate folders.")
+    outputs.check_folder(out_dir, will_write=names, overwrite=overwrite, flag="out_dir")
+    paths.makedirs(out_dir)
+    written, skipped = 0, {}
+    for src, name in zip(files, names):
+        final = paths.join(out_dir, name)
+        tmp = paths.join(out_dir, f".{name}.partial")
+        try:
+            with tf.io.TFRecordWriter(tmp) as w:
+                for rec in iter_tar_records(src, max_image_bytes, max_caption_bytes):
+                    error = rec["error"].decode()
+                    if error:
+                        skipped[error] = skipped.get(error, 0) + 1
+                        continue
+                    w.write(tf.train.Example(features=tf.train.Features(feature={
+                        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[rec[f]]))
+                        for k, f in (("image", "image_bytes"), ("caption", "caption"),
+                                     ("key", "key"))})).SerializeToString())
+                    written += 1
+            paths.replace(tmp, final)
+        finally:
+            if paths.exists(tmp):
+                paths.remove(tmp)
+    return {"files": [paths.join(out_dir, n) for n in names], "written": written,
+            "skipped": skipped}
+
+
 # ----------------------------------------------------------------------------- image folders
 
 def _folder_images(patterns) -> list[tuple[str, str]]:
@@ -766,4 +819,5 @@ __all__ = [
     "IMAGE_EXTENSIONS", "RAW_SIGNATURE", "READER_ERRORS", "ReaderError", "iter_tar_records",
     "iter_tfrecord_records", "process_defaults", "read_folder", "read_folder_record",
     "read_tfds", "read_tfrecord", "read_webdataset", "resolve_files", "split_for_process",
+    "tar_to_tfrecord",
 ]
