@@ -80,7 +80,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from unclip_jax.errors import UserError
-from unclip_jax.io import paths
+from unclip_jax.io import outputs, paths
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 CAPTION_EXTENSIONS = ("txt",)
@@ -619,7 +619,6 @@ def tar_to_tfrecord(patterns, out_dir: str, *, overwrite: bool = False,
     the returned ``{"files": [...], "written": n, "skipped": {reason: n}}``. Existing outputs
     are refused unless ``overwrite`` (then only those files are replaced, each atomically).
     """
-    from unclip_jax.io import outputs  # noqa: PLC0415 - only this function writes
     files = resolve_files(patterns, "tar shards")
     names = [_tfrecord_name(f) for f in files]
     if len(set(names)) != len(names):
