@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep TensorFlow's C++ start-up lines (absl, oneDNN, CPU features) off stderr, which is for
+    our one line; a variable the user set is left alone. TensorFlow only reads images here, so
+    its oneDNN kernels (matmuls, convolutions) do not matter."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -73,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     if overrides and "config" not in vars(args):
         parser.error(f"'{args.command}' takes no config, so --config.* overrides do not apply.")
+    if not args.debug:
+        quiet_libraries()
     try:
         enable_compilation_cache(args)
         return args.func(args, overrides)
