@@ -10,6 +10,7 @@ the top (JAX and TensorFlow inside ``run``), so ``unclip-jax --help`` stays inst
   config     a config file's resolved values
   train      train (or resume) any stage from a config
   shapes     build the Shapes dataset
+  tfrecord   webdataset tar shards converted once to TFRecord (read in parallel)
   precompute CLIP embeddings of a dataset for the prior / decoder stages
   apps       vary, interpolate, textdiff, probe
   generate   images from captions with a pipeline folder
@@ -25,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "config",
     "train",
     "shapes",
+    "tfrecord",
     "precompute",
     "apps",
     "generate",
