@@ -22,9 +22,9 @@ dropout, time_embedding_dim, flip_sin_to_cos / freq_shift, and the decoder's sam
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
-
 
 from unclip_jax.models.decoder import Decoder, DecoderConfig, abstract_decoder
 from unclip_jax.models.unet_blocks import ACTIVATIONS, UNetConfig
@@ -46,7 +46,8 @@ _UNET2D_DEFAULTS = dict(
     block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
     dropout=0.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
     resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-    num_class_embeds=None, attention_head_dim=8, attn_norm_num_groups=None)
+    num_class_embeds=None, attention_head_dim=8, attn_norm_num_groups=None, downsample_padding=1,
+    downsample_type="conv", upsample_type="conv")
 _COND_DEFAULTS = dict(
     in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -62,7 +63,8 @@ _COND_DEFAULTS = dict(
     conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None, transformer_layers_per_block=1,
     dual_cross_attention=False, use_linear_projection=False, upcast_attention=False,
-    sample_size=None)
+    sample_size=None, attention_type="default", downsample_padding=1,
+    projection_class_embeddings_input_dim=None)
 _TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768)
 
 
@@ -95,19 +97,29 @@ def _resblock(table: NameTable, ours: tuple, theirs: str, has_shortcut: bool) ->
         _conv(table, (*ours, "conv_shortcut"), f"{theirs}.conv_shortcut")
 
 
-def _attention(table: NameTable, ours: tuple, theirs: str, context: bool) -> None:
-    _norm(table, (*ours, "group_norm"), f"{theirs}.group_norm")
-    for name in ("to_q", "to_k", "to_v") + (("add_k_proj", "add_v_proj") if context else ()):
+def _attention(table: NameTable, ours: tuple, theirs: str, c: UNetConfig,
+               cross_only: bool = False) -> None:
+    ctx = c.context_dim is not None
+    if c.attn_norm:
+        _norm(table, (*ours, "group_norm"), f"{theirs}.group_norm")
+    if c.context_norm is not None:
+        _norm(table, (*ours, "norm_cross"), f"{theirs}.norm_cross")
+    names = ("to_q",) + (() if cross_only and ctx else ("to_k", "to_v"))
+    for name in names + (("add_k_proj", "add_v_proj") if ctx else ()):
         _linear(table, (*ours, name), f"{theirs}.{name}")
     _linear(table, (*ours, "to_out"), f"{theirs}.to_out.0")
 
 
+def _resample(table: NameTable, ours: tuple, theirs: str, resblock: bool) -> None:
+    if resblock:
+        _resblock(table, ours, theirs, False)
+    else:
+        _conv(table, (*ours, "conv"), f"{theirs}.conv")
+
+
 def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
     """Every parameter of ``UNet(c)`` (under ``prefix``) -> its diffusers tensor name."""
-    if not c.resblock_updown:
-        raise ValueError("Only the resblock_updown=True layout has a diffusers counterpart here.")
     table: NameTable = {}
-    ctx = c.context_dim is not None
     widths = c.widths
     n = len(widths)
     _conv(table, (*prefix, "conv_in"), "conv_in")
@@ -116,35 +128,37 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
 
     skips, width = [widths[0]], widths[0]
     for lvl, out in enumerate(widths):
-        for i in range(c.num_res_blocks):
+        for i in range(c.at("num_res_blocks", lvl)):
             _resblock(table, (*prefix, "down", lvl, "res", i), f"down_blocks.{lvl}.resnets.{i}",
                       width != out)
             if lvl in c.attention_levels:
                 _attention(table, (*prefix, "down", lvl, "attn", i),
-                           f"down_blocks.{lvl}.attentions.{i}", ctx)
+                           f"down_blocks.{lvl}.attentions.{i}", c, c.at("cross_only", lvl))
             width = out
             skips.append(width)
         if lvl < n - 1:
-            _resblock(table, (*prefix, "down", lvl, "resample"),
-                      f"down_blocks.{lvl}.downsamplers.0", False)
+            _resample(table, (*prefix, "down", lvl, "resample"),
+                      f"down_blocks.{lvl}.downsamplers.0", c.at("resblock_updown", lvl))
             skips.append(out)
 
-    _resblock(table, (*prefix, "mid", "res", 0), "mid_block.resnets.0", False)
-    _resblock(table, (*prefix, "mid", "res", 1), "mid_block.resnets.1", False)
-    if c.mid_attention:
-        _attention(table, (*prefix, "mid", "attn"), "mid_block.attentions.0", ctx)
+    for i in range(c.mid_blocks):
+        _resblock(table, (*prefix, "mid", "res", i), f"mid_block.resnets.{i}", False)
+    if c.mid_blocks and c.mid_attention:
+        _attention(table, (*prefix, "mid", "attn"), "mid_block.attentions.0", c,
+                   c.mid_cross_only)
 
     for j, lvl in enumerate(reversed(range(n))):
         out = widths[lvl]
-        for i in range(c.num_res_blocks + 1):
+        for i in range(c.at("num_res_blocks", lvl) + 1):
             _resblock(table, (*prefix, "up", j, "res", i), f"up_blocks.{j}.resnets.{i}",
                       width + skips.pop() != out)
             if lvl in c.attention_levels:
                 _attention(table, (*prefix, "up", j, "attn", i), f"up_blocks.{j}.attentions.{i}",
-                           ctx)
+                           c, c.at("cross_only", lvl))
             width = out
         if lvl > 0:
-            _resblock(table, (*prefix, "up", j, "resample"), f"up_blocks.{j}.upsamplers.0", False)
+            _resample(table, (*prefix, "up", j, "resample"), f"up_blocks.{j}.upsamplers.0",
+                      c.at("resblock_updown", lvl, True))
 
     _norm(table, (*prefix, "norm_out"), "conv_norm_out")
     _conv(table, (*prefix, "conv_out"), "conv_out")
@@ -161,6 +175,17 @@ def text_proj_param_map(c: DecoderConfig) -> NameTable:
     if c.text_encoder != "none":
         _linear(table, ("text_to_context",), "encoder_hidden_states_proj")
         _norm(table, ("text_norm",), "text_encoder_hidden_states_norm")
+    return table
+
+
+def class_embedding_param_map(c: DecoderConfig) -> NameTable:
+    """``cond_to_time`` -> the UNet2DConditionModel's ``class_embedding`` tensor names."""
+    table: NameTable = {}
+    if c.cond_to_time == "linear":
+        _linear(table, ("cond_to_time",), "class_embedding")
+    elif c.cond_to_time == "mlp":
+        _linear(table, ("cond_to_time", "linear_1"), "class_embedding.linear_1")
+        _linear(table, ("cond_to_time", "linear_2"), "class_embedding.linear_2")
     return table
 
 
@@ -189,6 +214,10 @@ def _require(cfg: dict, where: str, **expected) -> None:
         raise CheckpointError(f"Unsupported {where}: " + "; ".join(problems) + ".")
 
 
+def _refuse(where: str, key: str, value: Any, why: str) -> CheckpointError:
+    return CheckpointError(f"Unsupported {where}: {key}={value!r} ({why}).")
+
+
 def _scale_shift(cfg: dict, where: str) -> bool:
     mode = cfg["resnet_time_scale_shift"]
     if mode not in ("default", "scale_shift"):
@@ -197,117 +226,347 @@ def _scale_shift(cfg: dict, where: str) -> bool:
     return mode == "scale_shift"
 
 
-def _act(cfg: dict, where: str) -> str:
-    """act_fn as diffusers' get_activation reads it (any case; 'swish' is SiLU)."""
-    name = cfg["act_fn"]
+def _act(cfg: dict, where: str, key: str = "act_fn", optional: bool = False) -> str | None:
+    """An activation as diffusers' get_activation reads it (any case; 'swish' is SiLU)."""
+    name = cfg[key]
+    if name is None and optional:
+        return None
     act = {"swish": "silu"}.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if act not in ACTIVATIONS:
-        raise CheckpointError(f"Unsupported {where}: act_fn={name!r} (diffusers knows "
+        raise CheckpointError(f"Unsupported {where}: {key}={name!r} (diffusers knows "
                               "'silu', 'swish', 'mish', 'gelu', 'relu').")
     return act
 
 
+def _number(cfg: dict, where: str, key: str, positive: bool = True) -> float:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise _refuse(where, key, value, "a finite number" + (" above 0" if positive else ""))
+    return float(value)
+
+
+def _int(value: Any, where: str, key: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _refuse(where, key, value, f"an int of at least {low}")
+    return value
+
+
+def _per_level(cfg: dict, where: str, key: str, n: int, kind=int, allow_none: bool = False,
+               low: int = 1) -> list:
+    """A diffusers option given once or once per block (a list of n) as a list of n values."""
+    value = cfg[key]
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise _refuse(where, key, value, f"one value or one per block ({n})")
+    for v in values:
+        if v is None and allow_none:
+            continue
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise _refuse(where, key, value, "true / false, or one per block")
+        else:
+            _int(v, where, key, low)
+    return values
+
+
+def _widths(cfg: dict, where: str, groups: int) -> tuple[list, int, tuple]:
+    """block_out_channels as (widths, base, channel_mult or None)."""
+    widths = cfg["block_out_channels"]
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise _refuse(where, "block_out_channels", widths, "a list of widths, one per block")
+    for w in widths:
+        _int(w, where, "block_out_channels")
+        if w % groups:
+            raise _refuse(where, "block_out_channels", widths,
+                          f"every width a multiple of norm_num_groups={groups}")
+    widths = list(widths)
+    return widths, widths[0], (tuple(w // widths[0] for w in widths)
+                               if all(w % widths[0] == 0 for w in widths) else None)
+
+
+def _shape_fields(widths: list, base: int, mult: tuple | None) -> dict:
+    if mult is not None:  # the usual layout keeps channels * channel_mult
+        return dict(channels=base, channel_mult=mult)
+    return dict(channels=base, channel_mult=(1,) * len(widths), block_widths=tuple(widths))
+
+
+def _groups(cfg: dict, where: str) -> int:
+    groups = cfg["norm_num_groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise _refuse(where, "norm_num_groups", groups, "diffusers' resnets need a positive int")
+    return groups
+
+
+_SR_DOWN = {"ResnetDownsampleBlock2D": "resnet", "DownBlock2D": "conv",
+            "AttnDownBlock2D": "attn"}
+_SR_UP = {"ResnetUpsampleBlock2D": "resnet", "UpBlock2D": "conv", "AttnUpBlock2D": "attn"}
+
+
+def _block_types(cfg: dict, where: str, n: int, down_ok: dict, up_ok: dict) -> tuple[list, list]:
+    down, up = cfg["down_block_types"], cfg["up_block_types"]
+    for key, types, ok in (("down_block_types", down, down_ok), ("up_block_types", up, up_ok)):
+        if not isinstance(types, (list, tuple)) or len(types) != n:
+            raise _refuse(where, key, types, f"one block type per entry of block_out_channels "
+                          f"({n})")
+        bad = [t for t in types if t not in ok]
+        if bad:
+            raise _refuse(where, key, list(types), f"{bad[0]!r} is not supported; supported: "
+                          + ", ".join(sorted(ok)))
+    return [down_ok[t] for t in down], [up_ok[t] for t in up]
+
+
 def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
-    where = "UNet2DModel config (the super-res loader reads Karlo's super_res layout)"
-    n = len(cfg["block_out_channels"])
-    _require(cfg, where, down_block_types=["ResnetDownsampleBlock2D"] * n,
-             up_block_types=["ResnetUpsampleBlock2D"] * n, mid_block_type="UNetMidBlock2D",
-             time_embedding_type="positional",
-             class_embed_type=None, num_class_embeds=None)
-    if float(cfg["mid_block_scale_factor"]) != 1.0:
-        raise CheckpointError(f"Unsupported {where}: mid_block_scale_factor must be 1.")
-    groups, attn_groups = cfg["norm_num_groups"], cfg["attn_norm_num_groups"]
-    if cfg["add_attention"] and (attn_groups not in (None, groups) or (
-            attn_groups is None and cfg["resnet_time_scale_shift"] != "default")):
-        raise CheckpointError(f"Unsupported {where}: add_attention=True with "
-                              f"attn_norm_num_groups={attn_groups!r} (supported: the middle "
-                              f"attention normalised with norm_num_groups={groups}).")
-    cfg = dict(cfg, down_block_types=list(cfg["down_block_types"]),
-               up_block_types=list(cfg["up_block_types"]))
-    widths = list(cfg["block_out_channels"])
-    base = widths[0]
-    if any(w % base for w in widths) or cfg["in_channels"] % 2:
-        raise CheckpointError(f"Unsupported {where}: block_out_channels {widths} must be "
-                              f"multiples of the first, and in_channels ({cfg['in_channels']}) "
-                              "even (noisy image + low-res image).")
+    where = "UNet2DModel config"
+    groups = _groups(cfg, where)
+    widths, base, mult = _widths(cfg, where, groups)
+    n = len(widths)
+    down, up = _block_types(cfg, where, n, _SR_DOWN, _SR_UP)
+    if cfg["time_embedding_type"] != "positional":
+        raise _refuse(where, "time_embedding_type", cfg["time_embedding_type"],
+                      "supported: 'positional'")
+    for key in ("class_embed_type", "num_class_embeds"):
+        if cfg[key] is not None:
+            raise _refuse(where, key, cfg[key], "UnCLIPPipeline calls its super-res UNet "
+                          "without class_labels, which diffusers then refuses; supported: null")
+    if cfg["in_channels"] % 2:
+        raise _refuse(where, "in_channels", cfg["in_channels"],
+                      "must be even: the noisy image and the low-res image")
+    levels = [lvl for lvl in range(n) if down[lvl] == "attn"]
+    if levels != [n - 1 - j for j in reversed(range(n)) if up[j] == "attn"]:
+        raise CheckpointError(f"Unsupported {where}: down_block_types "
+                              f"{list(cfg['down_block_types'])} / up_block_types "
+                              f"{list(cfg['up_block_types'])} (the up path must have attention at "
+                              "the levels of the down path).")
+    head = cfg["attention_head_dim"]
+    if head is not None:
+        _int(head, where, "attention_head_dim")
+    kinds = {"downsample_type": cfg.get("downsample_type", "conv"),
+             "upsample_type": cfg.get("upsample_type", "conv")}
+    for key, value in kinds.items():
+        if levels and value not in ("conv", "resnet"):
+            raise _refuse(where, key, value, "supported: 'conv', 'resnet'")
+    # Per level: resample inside a residual block (Resnet*Block2D, Attn*Block2D with 'resnet').
+    down_res = tuple(k == "resnet" or (k == "attn" and kinds["downsample_type"] == "resnet")
+                     for k in down)
+    up_res = tuple(k == "resnet" or (k == "attn" and kinds["upsample_type"] == "resnet")
+                   for k in reversed(up))
+    padding = cfg.get("downsample_padding", 1)
+    if not all(down_res[:-1]) and padding not in (0, 1):
+        raise _refuse(where, "downsample_padding", padding, "supported: 0, 1")
+    attn_groups, mid_attn_norm = cfg["attn_norm_num_groups"], True
+    if attn_groups is None:  # diffusers' UNetMidBlock2D: the resnets' groups, or no norm
+        mid_attn_norm = cfg["resnet_time_scale_shift"] == "default"
+        attn_groups = groups
+    elif attn_groups != groups:
+        raise _refuse(where, "attn_norm_num_groups", attn_groups,
+                      f"supported: null or norm_num_groups={groups}")
+    if levels and not mid_attn_norm and cfg["mid_block_type"] is not None and \
+            cfg["add_attention"]:
+        raise _refuse(where, "attn_norm_num_groups", None,
+                      "with resnet_time_scale_shift 'scale_shift' the middle attention has no "
+                      "norm while the blocks' attention has one; supported: norm_num_groups")
+    scale = _number(cfg, where, "mid_block_scale_factor")
+    mid = cfg["mid_block_type"] is not None
     fields = dict(
-        image_channels=cfg["in_channels"] // 2, out_channels=cfg["out_channels"], channels=base,
-        channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg["layers_per_block"],
-        groups=cfg["norm_num_groups"], norm_eps=float(cfg["norm_eps"]),
+        image_channels=cfg["in_channels"] // 2, out_channels=_int(cfg["out_channels"], where,
+                                                                  "out_channels"),
+        **_shape_fields(widths, base, mult),
+        num_res_blocks=_int(cfg["layers_per_block"], where, "layers_per_block"),
+        groups=groups, norm_eps=_number(cfg, where, "norm_eps"),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
         act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
-        mid_attention=bool(cfg["add_attention"]),
-        head_dim=cfg["attention_head_dim"] or widths[-1],
-        time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
-        freq_shift=float(cfg["freq_shift"]))
+        mid_attention=mid and bool(cfg["add_attention"]), attention_levels=tuple(levels),
+        head_dim=head or widths[-1], time_embed_dim=cfg["time_embedding_dim"],
+        flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]), freq_shift=float(cfg["freq_shift"]),
+        resblock_updown=down_res, up_resblock_updown=up_res, conv_down_padding=padding,
+        attn_norm=mid_attn_norm or not mid or not cfg["add_attention"],
+        mid_blocks=2 if mid else 0, mid_out_scale=scale, mid_attn_out_scale=scale)
+    if head is None and levels:  # one head per level: its width
+        fields["head_dim"] = tuple(widths)
     fields.update(overrides)
-    return SuperResConfig(**fields)
+    try:
+        return SuperResConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"Unsupported {where}: {e}") from None
+
+
+_DEC_DOWN = {"ResnetDownsampleBlock2D": "resnet", "SimpleCrossAttnDownBlock2D": "attn",
+             "DownBlock2D": "conv"}
+_DEC_UP = {"ResnetUpsampleBlock2D": "resnet", "SimpleCrossAttnUpBlock2D": "attn",
+           "UpBlock2D": "conv"}
+_DEC_MID = ("UNetMidBlock2DSimpleCrossAttn", "UNetMidBlock2D", None)
+_NO_UNCLIP = "UnCLIPPipeline cannot run it"
 
 
 def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> DecoderConfig:
-    where = "UNet2DConditionModel config (the decoder loader reads Karlo's decoder layout)"
-    n = len(unet["block_out_channels"])
-    down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
-    ok_down = {"ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"}
-    ok_up = {"ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"}
-    if len(down) != n or len(up) != n or set(down) - ok_down or set(up) - ok_up:
-        raise CheckpointError(f"Unsupported {where}: down_block_types {down} / up_block_types "
-                              f"{up}; supported: {sorted(ok_down)} / {sorted(ok_up)}, one per "
-                              "entry of block_out_channels.")
-    attn_down = tuple(i for i, b in enumerate(down) if b.startswith("SimpleCrossAttn"))
-    attn_up = tuple(sorted(n - 1 - j for j, b in enumerate(up) if b.startswith("SimpleCrossAttn")))
+    where = "UNet2DConditionModel config"
+    groups = _groups(unet, where)
+    widths, base, mult = _widths(unet, where, groups)
+    n = len(widths)
+    down, up = _block_types(unet, where, n, _DEC_DOWN, _DEC_UP)
+    attn_down = tuple(i for i, b in enumerate(down) if b == "attn")
+    attn_up = tuple(sorted(n - 1 - j for j, b in enumerate(up) if b == "attn"))
     if attn_down != attn_up:
         raise CheckpointError(f"Unsupported {where}: the up path must mirror the down path "
                               f"(attention at levels {attn_down} going down, {attn_up} going up).")
-    _require(unet, where, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-             class_embed_type="identity",
-             time_embedding_type="positional", only_cross_attention=False,
-             addition_embed_type=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-             time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
-             conv_in_kernel=3, conv_out_kernel=3, class_embeddings_concat=False,
-             cross_attention_norm=None, num_attention_heads=None)
-    if unet["mid_block_only_cross_attention"] not in (None, False):
-        raise CheckpointError(f"Unsupported {where}: mid_block_only_cross_attention must be false.")
-    for key in ("mid_block_scale_factor", "resnet_out_scale_factor"):
-        if float(unet[key]) != 1.0:
-            raise CheckpointError(f"Unsupported {where}: {key} must be 1.")
-    for key in ("attention_head_dim", "cross_attention_dim", "layers_per_block"):
-        if not isinstance(unet[key], int):
-            raise CheckpointError(f"Unsupported {where}: {key} must be a single int, got "
-                                  f"{unet[key]!r}.")
+    up_kind = list(reversed(up))  # per level
+    mid_type = unet["mid_block_type"]
+    if mid_type not in _DEC_MID:
+        raise _refuse(where, "mid_block_type", mid_type,
+                      "supported: " + ", ".join(repr(m) for m in _DEC_MID))
+    mid_attn = mid_type == "UNetMidBlock2DSimpleCrossAttn"
+    _require(unet, where, time_embedding_type="positional", addition_embed_type=None,
+             encoder_hid_dim=None, encoder_hid_dim_type=None, attention_type="default")
+    if unet["num_attention_heads"] is not None:
+        raise _refuse(where, "num_attention_heads", unet["num_attention_heads"],
+                      "diffusers refuses it too; attention_head_dim sets the head width")
+    for key in ("conv_in_kernel", "conv_out_kernel"):
+        k = _int(unet[key], where, key)
+        if k % 2 == 0:
+            raise _refuse(where, key, k, "an even kernel changes the image size; use an odd one")
+
+    # How text_proj's additive embedding enters (class_labels).
+    emb = _int(unet["time_embedding_dim"], where, "time_embedding_dim") \
+        if unet["time_embedding_dim"] is not None else 4 * base
+    kind, n_cls = unet["class_embed_type"], unet["num_class_embeds"]
+    cond_dim = emb
+    if kind is None and n_cls is not None:
+        raise _refuse(where, "num_class_embeds", n_cls, f"{_NO_UNCLIP}: class_labels are "
+                      "text_proj's embeddings, not class ids")
+    if kind == "timestep":
+        raise _refuse(where, "class_embed_type", kind, f"{_NO_UNCLIP}: class_labels are "
+                      "text_proj's [B, D] embeddings, not timesteps")
+    if kind in ("projection", "simple_projection"):
+        cond_dim = unet.get("projection_class_embeddings_input_dim")
+        if cond_dim is None:
+            raise _refuse(where, "projection_class_embeddings_input_dim", None,
+                          f"class_embed_type={kind!r} needs it")
+        _int(cond_dim, where, "projection_class_embeddings_input_dim")
+    cond_to_time = {"identity": "add", "projection": "mlp",
+                    "simple_projection": "linear"}.get(kind, "none")
+    concat = bool(unet["class_embeddings_concat"])
+    if concat and cond_to_time == "none":
+        raise _refuse(where, "class_embeddings_concat", True, f"{_NO_UNCLIP} without a "
+                      f"class embedding (class_embed_type={kind!r})")
+    if cond_to_time != "none" and proj.get("time_embed_dim") not in (None, cond_dim):
+        raise CheckpointError(
+            f"text_proj/config.json (time_embed_dim {proj.get('time_embed_dim')}) does not fit "
+            f"decoder/ (class_embed_type {kind!r}: class_labels of width {cond_dim}).")
+    if cond_to_time == "none":
+        cond_dim = proj.get("time_embed_dim") or emb
+
+    # Attention.
+    layers = _per_level(unet, where, "layers_per_block", n)
+    heads = _per_level(unet, where, "attention_head_dim", n, allow_none=True)
+    ctx = _per_level(unet, where, "cross_attention_dim", n)
+    only = unet["only_cross_attention"]
+    cross_only = _per_level(unet, where, "only_cross_attention", n, kind=bool)
+    mid_only = unet["mid_block_only_cross_attention"]
+    if mid_only is None:
+        mid_only = only if isinstance(only, bool) else False
+    if not isinstance(mid_only, bool):
+        raise _refuse(where, "mid_block_only_cross_attention", mid_only, "true / false / null")
+    used = sorted({ctx[lvl] for lvl in attn_down} | ({ctx[-1]} if mid_attn else set()))
+    if len(used) > 1:
+        raise _refuse(where, "cross_attention_dim", unet["cross_attention_dim"],
+                      f"{_NO_UNCLIP}: every attention block reads the same text_proj tokens, so "
+                      "their widths must agree")
+    context_dim = proj.get("cross_attention_dim") or (used[0] if used else ctx[-1])
+    if used and used[0] != context_dim:
+        raise CheckpointError(
+            f"text_proj/config.json (cross_attention_dim {context_dim}) does not fit decoder/ "
+            f"(cross_attention_dim {used[0]}).")
+    if mid_attn and heads[-1] is None:
+        raise _refuse(where, "attention_head_dim", unet["attention_head_dim"],
+                      "diffusers cannot build the middle attention without a head width")
+    norm = unet["cross_attention_norm"]
+    if norm not in (None, "layer_norm", "group_norm"):
+        raise _refuse(where, "cross_attention_norm", norm,
+                      "supported: null, 'layer_norm', 'group_norm'")
+    attn_widths = sorted({widths[lvl] for lvl in attn_down} |
+                         ({widths[-1]} if mid_attn else set()))
+    if norm == "layer_norm" and any(w != context_dim for w in attn_widths):
+        raise _refuse(where, "cross_attention_norm", norm,
+                      f"{_NO_UNCLIP}: diffusers' LayerNorm has the block width "
+                      f"({attn_widths}) and the tokens cross_attention_dim={context_dim}")
+    if norm == "group_norm" and context_dim % 32:
+        raise _refuse(where, "cross_attention_norm", norm, f"diffusers normalises the tokens in "
+                      f"32 groups: cross_attention_dim={context_dim} must be a multiple of 32")
+
+    # Residual blocks: Resnet*/SimpleCrossAttn* blocks read resnet_skip_time_act and
+    # resnet_out_scale_factor; DownBlock2D / UpBlock2D / UNetMidBlock2D do not.
+    skip_act = bool(unet["resnet_skip_time_act"])
+    out_scale = _number(unet, where, "resnet_out_scale_factor")
+    res_down = tuple(k != "conv" for k in down)
+    res_up = tuple(k != "conv" for k in up_kind)
+    padding = unet["downsample_padding"]
+    if not all(res_down[:-1]) and padding not in (0, 1):
+        raise _refuse(where, "downsample_padding", padding, "supported: 0, 1")
     size = unet["sample_size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise CheckpointError(f"Unsupported {where}: sample_size={size!r} (UnCLIPPipeline "
                               "samples square images of sample_size: a positive int).")
-    widths = list(unet["block_out_channels"])
-    base = widths[0]
-    emb = unet["time_embedding_dim"] or 4 * base
-    if proj.get("time_embed_dim") not in (None, emb) or \
-            proj.get("cross_attention_dim") not in (None, unet["cross_attention_dim"]):
-        raise CheckpointError(
-            f"text_proj/config.json (time_embed_dim {proj.get('time_embed_dim')}, "
-            f"cross_attention_dim {proj.get('cross_attention_dim')}) does not fit decoder/ "
-            f"(time embedding {emb}, cross_attention_dim {unet['cross_attention_dim']}).")
-    if any(w % base for w in widths):
-        raise CheckpointError(f"Unsupported {where}: block_out_channels {widths} must be "
-                              "multiples of the first.")
     fields = dict(
-        image_channels=unet["in_channels"], out_channels=unet["out_channels"], channels=base,
-        channel_mult=tuple(w // base for w in widths), num_res_blocks=unet["layers_per_block"],
-        attention_levels=attn_down, mid_attention=True, head_dim=unet["attention_head_dim"],
-        groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
+        image_channels=_int(unet["in_channels"], where, "in_channels"),
+        out_channels=_int(unet["out_channels"], where, "out_channels"),
+        **_shape_fields(widths, base, mult),
+        num_res_blocks=layers[0] if len(set(layers)) == 1 else tuple(layers),
+        attention_levels=attn_down, mid_attention=mid_attn,
+        head_dim=tuple(h or w for h, w in zip(heads, widths)),
+        up_head_dim=tuple(heads[n - 1 - lvl] or widths[lvl] for lvl in range(n)),
+        mid_head_dim=heads[-1] if mid_attn else None,
+        groups=groups, norm_eps=_number(unet, where, "norm_eps"),
         scale_shift=_scale_shift(unet, where), act=_act(unet, where),
-        res_time_act=not unet["resnet_skip_time_act"],
+        res_time_act=tuple(not (skip_act and r) for r in res_down),
+        up_res_time_act=tuple(not (skip_act and r) for r in res_up),
+        mid_res_time_act=not (skip_act and mid_attn),
+        out_scale=tuple(out_scale if r else 1.0 for r in res_down),
+        up_out_scale=tuple(out_scale if r else 1.0 for r in res_up),
+        resblock_updown=res_down, up_resblock_updown=res_up, conv_down_padding=padding,
+        mid_blocks={None: 0, "UNetMidBlock2D": 1}.get(mid_type, 2),
+        mid_out_scale=_number(unet, where, "mid_block_scale_factor"),
+        cross_only=tuple(cross_only), mid_cross_only=mid_only,
+        context_norm={"layer_norm": "layer", "group_norm": "group"}.get(norm),
+        time_post_act=_act(unet, where, "timestep_post_act", optional=True),
+        emb_act=_act(unet, where, "time_embedding_act_fn", optional=True),
+        emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"],
+        conv_out_kernel=unet["conv_out_kernel"], cond_to_time=cond_to_time,
+        cond_time_dim=None if cond_dim == emb else cond_dim,
         center_input=bool(unet["center_input_sample"]),
         dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
         flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
-        clip_dim=proj["clip_embeddings_dim"], context_dim=unet["cross_attention_dim"],
+        clip_dim=proj["clip_embeddings_dim"], context_dim=context_dim,
         clip_tokens=proj["clip_extra_context_tokens"], use_text_embed=True, text_encoder="clip",
         text_width=proj["clip_embeddings_dim"])
+    fields.update(_simplify(fields, n))
     if size is not None:  # else our default
         fields["image_size"] = size
     fields.update(overrides)
-    return DecoderConfig(**fields)
+    try:
+        return DecoderConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"Unsupported {where}: {e}") from None
+
+
+def _simplify(fields: dict, n: int) -> dict:
+    """Per-level tuples whose entries agree as one value, and up_* twins equal to the down
+    path as None, so that the usual (Karlo) layout keeps its plain config."""
+    out = {}
+    for name in ("head_dim", "resblock_updown", "res_time_act", "out_scale", "cross_only"):
+        value = fields[name]
+        twin = fields.get(f"up_{name}")
+        if twin is not None and tuple(twin) == tuple(value):
+            out[f"up_{name}"] = None
+        if len(set(value)) == 1:
+            out[name] = value[0]
+            if twin is not None and len(set(twin)) == 1 and twin[0] == value[0]:
+                out[f"up_{name}"] = None
+    if fields["mid_head_dim"] == fields["head_dim"][n - 1]:
+        out["mid_head_dim"] = None
+    if fields["mid_res_time_act"] == (fields["res_time_act"][-1]):
+        out["mid_res_time_act"] = None
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,8 +634,13 @@ def load_decoder(path: str | os.PathLike, *, dtype: Any = "float32",
              for k, (name, kind) in unet_param_map(config.unet_config()).items()}
     table.update({k: (f"text_proj.{name}", kind)
                   for k, (name, kind) in text_proj_param_map(config).items()})
+    table.update({k: (f"decoder.{name}", kind)
+                  for k, (name, kind) in class_embedding_param_map(config).items()})
     abstract = abstract_decoder(config)
-    return load_into(abstract, table, tensors, path=path,
+    # time_cond_proj_dim's projection only reads timestep_cond, which UnCLIPPipeline never passes.
+    unused = ("decoder.time_embedding.cond_proj.weight"
+              if unet_cfg["time_cond_proj_dim"] is not None else None)
+    return load_into(abstract, table, tensors, path=path, ignore=lambda name: name == unused,
                      what="unCLIP decoder built from decoder/config.json and text_proj/config.json",
                      hint="Check that the config.json files belong to these weights.",
                      param_dtype=config.unet_config().params_dtype)

@@ -35,10 +35,17 @@ from flax import nnx
 from unclip_jax.diffusion import guided_model_fn
 from unclip_jax.models.layers import LayerNorm, abstract_init, logical
 from unclip_jax.models.transformer import TextConfig, TextTransformer
-from unclip_jax.models.unet_blocks import UNet, UNetConfig, dense
+from unclip_jax.models.unet_blocks import TimeEmbedding, UNet, UNetConfig, dense
 
 Array = jax.Array
 TEXT_ENCODERS = ("clip", "transformer", "none")
+COND_TO_TIME = ("add", "linear", "mlp", "none")
+# DecoderConfig fields handed to UNetConfig as they are.
+UNET_VARIANTS = ("block_widths", "up_head_dim", "up_resblock_updown", "up_res_time_act",
+                 "out_scale", "up_out_scale", "mid_blocks", "mid_head_dim", "mid_out_scale",
+                 "mid_res_time_act", "cross_only", "mid_cross_only", "context_norm",
+                 "context_norm_groups", "time_post_act", "emb_act", "emb_concat",
+                 "conv_in_kernel", "conv_out_kernel", "conv_down_padding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,31 @@ class DecoderConfig:
     act: str = "silu"                # UNet activation (unet_blocks.ACTIVATIONS), everywhere
     res_time_act: bool = True        # False: diffusers' resnet_skip_time_act
     center_input: bool = False       # x_t -> 2 x_t - 1 first (diffusers' center_input_sample)
+    # UNet variants (see unet_blocks.UNetConfig; the defaults are the ADM / Karlo layout).
+    block_widths: tuple | None = None
+    up_head_dim: tuple | None = None
+    up_resblock_updown: tuple | None = None
+    up_res_time_act: tuple | None = None
+    out_scale: float | tuple = 1.0
+    up_out_scale: tuple | None = None
+    mid_blocks: int = 2
+    mid_head_dim: int | None = None
+    mid_out_scale: float = 1.0
+    mid_res_time_act: bool | None = None
+    cross_only: bool | tuple = False
+    mid_cross_only: bool = False
+    context_norm: str | None = None
+    context_norm_groups: int = 32
+    time_post_act: str | None = None
+    emb_act: str | None = None
+    emb_concat: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    conv_down_padding: int = 1
+    # How the projected z_i / z_t reach the timestep embedding: 'add' (added as they are),
+    # 'linear' or 'mlp' (Linear-SiLU-Linear) from ``cond_time_dim`` first, 'none' (they do not).
+    cond_to_time: str = "add"
+    cond_time_dim: int | None = None  # width of the projected z_i / z_t (None: emb_dim)
     # Conditioning.
     clip_dim: int = 768              # width of z_i and z_t
     context_dim: int = 512           # width of the context tokens inside attention
@@ -86,8 +118,12 @@ class DecoderConfig:
     scan_layers: bool = True         # the text Transformer's blocks in one lax.scan
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        for f in dataclasses.fields(self):  # JSON gives lists
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        if self.cond_to_time not in COND_TO_TIME:
+            raise ValueError(f"cond_to_time must be one of {COND_TO_TIME}, got "
+                             f"{self.cond_to_time!r}.")
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got "
                              f"{self.text_encoder!r}.")
@@ -107,7 +143,8 @@ class DecoderConfig:
             center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
-            param_dtype=self.param_dtype, remat=self.remat)
+            param_dtype=self.param_dtype, remat=self.remat,
+            **{name: getattr(self, name) for name in UNET_VARIANTS})
 
     def xf_config(self) -> TextConfig:
         return TextConfig(vocab_size=self.xf_vocab, context_length=self.xf_ctx,
@@ -124,7 +161,13 @@ class DecoderConfig:
 
     @property
     def emb_dim(self) -> int:
-        return self.time_embed_dim or 4 * self.channels
+        return self.time_embed_dim or 4 * (self.block_widths[0] if self.block_widths
+                                           else self.channels)
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the projected z_i / z_t (``emb_add`` before ``cond_to_time``)."""
+        return self.cond_time_dim or self.emb_dim
 
     @property
     def learned_variance(self) -> bool:
@@ -138,11 +181,17 @@ class Decoder(nnx.Module):
         c = self.config = config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        emb = c.emb_dim
+        emb = c.cond_dim
         self.null_image_embed = nnx.Param(logical(nnx.initializers.zeros_init(), "embed")(
             rngs.params(), (c.clip_dim,), pdt))
         self.image_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw)
         self.text_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw) if c.use_text_embed else None
+        if c.cond_to_time == "linear":
+            self.cond_to_time = dense(emb, c.emb_dim, ("embed", "mlp"), **kw)
+        elif c.cond_to_time == "mlp":
+            self.cond_to_time = TimeEmbedding(emb, c.emb_dim, **kw)
+        else:
+            self.cond_to_time = None
         self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * c.context_dim, ("embed", "mlp"), **kw)
         if c.text_encoder == "none":
             self.text_transformer = self.text_to_context = self.text_norm = None
@@ -225,6 +274,10 @@ class Decoder(nnx.Module):
         emb_add, context, keep = self.conditioning(
             image_embed, text_embed, text_hidden, text_mask, text_tokens=text_tokens,
             drop_image=drop_image, drop_text=drop_text)
+        if self.config.cond_to_time == "none":
+            emb_add = None
+        elif self.cond_to_time is not None:
+            emb_add = self.cond_to_time(emb_add)
         return self.unet(x_t, t, emb_add=emb_add, context=context, context_mask=keep,
                          deterministic=deterministic, rng=rng)
 
