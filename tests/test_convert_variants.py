@@ -141,9 +141,14 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
     from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     unet = UNet2DConditionModel(sample_size=sample_size, **{**DECODER, **overrides}).eval()
+    c = unet.config
+    time_dim = (c.projection_class_embeddings_input_dim
+                if c.class_embed_type in ("projection", "simple_projection")
+                else c.time_embedding_dim or 4 * c.block_out_channels[0])
+    ctx = c.cross_attention_dim
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
-                               time_embed_dim=4 * unet.config.block_out_channels[0],
-                               cross_attention_dim=unet.config.cross_attention_dim).eval()
+                               time_embed_dim=time_dim,
+                               cross_attention_dim=ctx if isinstance(ctx, int) else ctx[-1]).eval()
     randomize(unet, seed)
     randomize(proj, seed + 100)
     unet.save_pretrained(os.path.join(folder, "decoder"))
@@ -151,8 +156,10 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
     return unet, proj
 
 
-def _decoder_reference(unet, proj, d):
-    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance)."""
+def _decoder_reference(unet, proj, d, mask=True):
+    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance). mask=False:
+    no attention mask (diffusers pads UnCLIP's mask for spatial keys that cross-only attention
+    does not have, so UnCLIPPipeline cannot run it; every token is kept instead)."""
     import torch.nn.functional as F
     t = {k: torch.from_numpy(v) for k, v in d.items()}
     with torch.no_grad():
@@ -160,7 +167,8 @@ def _decoder_reference(unet, proj, d):
                                 text_encoder_hidden_states=t["hid"],
                                 do_classifier_free_guidance=False)
         out = unet(t["x"].permute(0, 3, 1, 2), t["t"], encoder_hidden_states=context,
-                   class_labels=emb_add, attention_mask=F.pad(t["mask"], (4, 0), value=True))
+                   class_labels=emb_add,
+                   attention_mask=F.pad(t["mask"], (4, 0), value=True) if mask else None)
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
@@ -172,6 +180,59 @@ DECODER_VARIANTS = {
     "act_fn_swish": dict(act_fn="swish"),
     "resnet_skip_time_act": dict(resnet_skip_time_act=True),
     "center_input_sample": dict(center_input_sample=True),
+    "mid_block_scale_factor": dict(mid_block_scale_factor=1.4),
+    "resnet_out_scale_factor": dict(resnet_out_scale_factor=0.7),
+    "only_cross_attention": dict(only_cross_attention=True),  # the middle block follows
+    "only_cross_attention_per_block": dict(only_cross_attention=[False, True],
+                                           mid_block_only_cross_attention=False),
+    "mid_block_only_cross_attention": dict(mid_block_only_cross_attention=True),
+    "cross_attention_norm_group": dict(cross_attention_norm="group_norm", cross_attention_dim=32),
+    "cross_attention_norm_layer": dict(cross_attention_norm="layer_norm"),  # tokens as wide
+    "time_embedding_act_fn": dict(time_embedding_act_fn="mish"),
+    "timestep_post_act": dict(timestep_post_act="gelu"),
+    "time_embedding_dim": dict(time_embedding_dim=24),
+    "time_cond_proj_dim": dict(time_cond_proj_dim=7),  # only read with timestep_cond
+    "class_embed_type_none": dict(class_embed_type=None),
+    "class_embed_type_projection": dict(class_embed_type="projection",
+                                        projection_class_embeddings_input_dim=20),
+    "class_embed_type_simple_projection": dict(class_embed_type="simple_projection",
+                                               projection_class_embeddings_input_dim=12),
+    "class_embeddings_concat": dict(class_embeddings_concat=True),
+    "layers_per_block_per_block": dict(layers_per_block=[1, 2]),
+    "attention_head_dim_per_block": dict(  # the up path reads the list unreversed
+        attention_head_dim=[4, 8],
+        down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+    "attention_head_dim_none": dict(  # one head as wide as the block
+        attention_head_dim=[None, 4], down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+    "cross_attention_dim_per_block": dict(cross_attention_dim=[16, 16]),
+    "block_out_channels_not_multiples": dict(block_out_channels=(8, 12), attention_head_dim=4),
+    "three_levels": dict(block_out_channels=(8, 16, 24),
+                         down_block_types=("ResnetDownsampleBlock2D",
+                                           "SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D",
+                                         "ResnetUpsampleBlock2D")),
+    "down_block_2d_up_block_2d": dict(
+        down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D"), resnet_skip_time_act=True,
+        resnet_out_scale_factor=0.8),
+    "downsample_padding_0": dict(down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                 downsample_padding=0),
+    "mid_block_type_unet_mid_block_2d": dict(mid_block_type="UNetMidBlock2D",
+                                             mid_block_scale_factor=1.3,
+                                             resnet_skip_time_act=True),
+    "mid_block_type_none": dict(mid_block_type=None),
+    "conv_kernels": dict(conv_in_kernel=5, conv_out_kernel=1),
+    "all_at_once": dict(
+        block_out_channels=(8, 12), attention_head_dim=[4, 6], layers_per_block=[2, 1],
+        down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D"), only_cross_attention=[True,
+                                                                                        False],
+        cross_attention_norm="group_norm", cross_attention_dim=32, mid_block_scale_factor=0.9,
+        resnet_out_scale_factor=1.2, time_embedding_act_fn="silu", timestep_post_act="mish",
+        class_embed_type="projection", projection_class_embeddings_input_dim=10,
+        class_embeddings_concat=True, resnet_skip_time_act=True, conv_in_kernel=1),
 }
 
 
@@ -183,7 +244,11 @@ def test_decoder_option_matches_diffusers(tmp_path, name):
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     d = dict(x=f(2, 8, 8, 3), t=np.array([5, 901]), zi=f(2, CLIP), zt=f(2, CLIP),
              hid=f(2, 5, CLIP), mask=np.array([[True] * 5, [True] * 2 + [False] * 3]))
-    ref = _decoder_reference(unet, proj, d)
+    c = unet.config
+    cross_only = c.mid_block_only_cross_attention or np.any(c.only_cross_attention)
+    if cross_only:
+        d["mask"][:] = True
+    ref = _decoder_reference(unet, proj, d, mask=not cross_only)
     out = np.asarray(ours(d["x"], d["t"], d["zi"], d["zt"], d["hid"], d["mask"]))
     assert out.shape == ref.shape == (2, 8, 8, 6)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4

@@ -152,7 +152,7 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
         for i in range(c.at("num_res_blocks", lvl) + 1):
             _resblock(table, (*prefix, "up", j, "res", i), f"up_blocks.{j}.resnets.{i}",
                       width + skips.pop() != out)
-            if lvl in c.attention_levels:
+            if lvl in c.attn_levels(True):
                 _attention(table, (*prefix, "up", j, "attn", i), f"up_blocks.{j}.attentions.{i}",
                            c, c.at("cross_only", lvl))
             width = out
@@ -332,19 +332,15 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     if cfg["in_channels"] % 2:
         raise _refuse(where, "in_channels", cfg["in_channels"],
                       "must be even: the noisy image and the low-res image")
-    levels = [lvl for lvl in range(n) if down[lvl] == "attn"]
-    if levels != [n - 1 - j for j in reversed(range(n)) if up[j] == "attn"]:
-        raise CheckpointError(f"Unsupported {where}: down_block_types "
-                              f"{list(cfg['down_block_types'])} / up_block_types "
-                              f"{list(cfg['up_block_types'])} (the up path must have attention at "
-                              "the levels of the down path).")
+    levels = tuple(lvl for lvl in range(n) if down[lvl] == "attn")
+    up_levels = tuple(sorted(n - 1 - j for j in range(n) if up[j] == "attn"))
     head = cfg["attention_head_dim"]
     if head is not None:
         _int(head, where, "attention_head_dim")
     kinds = {"downsample_type": cfg.get("downsample_type", "conv"),
              "upsample_type": cfg.get("upsample_type", "conv")}
     for key, value in kinds.items():
-        if levels and value not in ("conv", "resnet"):
+        if (levels or up_levels) and value not in ("conv", "resnet"):
             raise _refuse(where, key, value, "supported: 'conv', 'resnet'")
     # Per level: resample inside a residual block (Resnet*Block2D, Attn*Block2D with 'resnet').
     down_res = tuple(k == "resnet" or (k == "attn" and kinds["downsample_type"] == "resnet")
@@ -361,7 +357,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     elif attn_groups != groups:
         raise _refuse(where, "attn_norm_num_groups", attn_groups,
                       f"supported: null or norm_num_groups={groups}")
-    if levels and not mid_attn_norm and cfg["mid_block_type"] is not None and \
+    if (levels or up_levels) and not mid_attn_norm and cfg["mid_block_type"] is not None and \
             cfg["add_attention"]:
         raise _refuse(where, "attn_norm_num_groups", None,
                       "with resnet_time_scale_shift 'scale_shift' the middle attention has no "
@@ -376,13 +372,14 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         groups=groups, norm_eps=_number(cfg, where, "norm_eps"),
         scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
         act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
-        mid_attention=mid and bool(cfg["add_attention"]), attention_levels=tuple(levels),
+        mid_attention=mid and bool(cfg["add_attention"]), attention_levels=levels,
+        up_attention_levels=up_levels if up_levels != levels else None,
         head_dim=head or widths[-1], time_embed_dim=cfg["time_embedding_dim"],
         flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]), freq_shift=float(cfg["freq_shift"]),
         resblock_updown=down_res, up_resblock_updown=up_res, conv_down_padding=padding,
         attn_norm=mid_attn_norm or not mid or not cfg["add_attention"],
         mid_blocks=2 if mid else 0, mid_out_scale=scale, mid_attn_out_scale=scale)
-    if head is None and levels:  # one head per level: its width
+    if head is None and (levels or up_levels):  # one head per level: its width
         fields["head_dim"] = tuple(widths)
     fields.update(overrides)
     try:
@@ -407,9 +404,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     down, up = _block_types(unet, where, n, _DEC_DOWN, _DEC_UP)
     attn_down = tuple(i for i, b in enumerate(down) if b == "attn")
     attn_up = tuple(sorted(n - 1 - j for j, b in enumerate(up) if b == "attn"))
-    if attn_down != attn_up:
-        raise CheckpointError(f"Unsupported {where}: the up path must mirror the down path "
-                              f"(attention at levels {attn_down} going down, {attn_up} going up).")
+    attn_any = set(attn_down) | set(attn_up)
     up_kind = list(reversed(up))  # per level
     mid_type = unet["mid_block_type"]
     if mid_type not in _DEC_MID:
@@ -467,7 +462,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         mid_only = only if isinstance(only, bool) else False
     if not isinstance(mid_only, bool):
         raise _refuse(where, "mid_block_only_cross_attention", mid_only, "true / false / null")
-    used = sorted({ctx[lvl] for lvl in attn_down} | ({ctx[-1]} if mid_attn else set()))
+    used = sorted({ctx[lvl] for lvl in attn_any} | ({ctx[-1]} if mid_attn else set()))
     if len(used) > 1:
         raise _refuse(where, "cross_attention_dim", unet["cross_attention_dim"],
                       f"{_NO_UNCLIP}: every attention block reads the same text_proj tokens, so "
@@ -484,7 +479,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     if norm not in (None, "layer_norm", "group_norm"):
         raise _refuse(where, "cross_attention_norm", norm,
                       "supported: null, 'layer_norm', 'group_norm'")
-    attn_widths = sorted({widths[lvl] for lvl in attn_down} |
+    attn_widths = sorted({widths[lvl] for lvl in attn_any} |
                          ({widths[-1]} if mid_attn else set()))
     if norm == "layer_norm" and any(w != context_dim for w in attn_widths):
         raise _refuse(where, "cross_attention_norm", norm,
@@ -513,6 +508,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         **_shape_fields(widths, base, mult),
         num_res_blocks=layers[0] if len(set(layers)) == 1 else tuple(layers),
         attention_levels=attn_down, mid_attention=mid_attn,
+        up_attention_levels=attn_up if attn_up != attn_down else None,
         head_dim=tuple(h or w for h, w in zip(heads, widths)),
         up_head_dim=tuple(heads[n - 1 - lvl] or widths[lvl] for lvl in range(n)),
         mid_head_dim=heads[-1] if mid_attn else None,

@@ -60,6 +60,7 @@ class DecoderConfig:
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int = 2
     attention_levels: tuple = (1, 2, 3)
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
     mid_attention: bool = True
     head_dim: int = 64
     groups: int = 32
@@ -136,6 +137,7 @@ class DecoderConfig:
             in_channels=self.image_channels, out_channels=self.out_channels,
             channels=self.channels, channel_mult=self.channel_mult,
             num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
+            up_attention_levels=self.up_attention_levels,
             mid_attention=self.mid_attention, head_dim=self.head_dim,
             context_dim=self.context_dim, time_embed_dim=self.time_embed_dim,
             groups=self.groups, norm_eps=self.norm_eps, scale_shift=self.scale_shift,

@@ -333,6 +333,7 @@ class UNetConfig:
     per level (index 0 = full resolution); those in ``UP_VARIANTS`` have an ``up_<name>`` twin
     for the up path (None: as going down). The variants below default to the ADM / Karlo layout:
 
+    ``up_attention_levels``  the up path's attention levels (None: ``attention_levels``)
     ``block_widths``       explicit level widths (None: ``channels * channel_mult``)
     ``out_scale``          residual blocks return (skip + h) / out_scale (``mid_out_scale`` in
                            the middle; ``mid_attn_out_scale`` divides its attention's output)
@@ -357,6 +358,7 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int | tuple = 2
     attention_levels: tuple = ()
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
     mid_attention: bool = False
     head_dim: int | tuple = 64
     context_dim: int | None = None
@@ -426,15 +428,15 @@ class UNetConfig:
         if problems:
             raise ValueError("Invalid UNetConfig: " + "; ".join(sorted(set(problems))) + ".")
         widths = self.widths
-        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < n]
-        if bad:
-            problems.append(f"attention_levels {bad} are not levels of a {n}-level UNet")
+        for name in ("attention_levels", "up_attention_levels"):
+            bad = [lvl for lvl in getattr(self, name) or () if not 0 <= lvl < n]
+            if bad:
+                problems.append(f"{name} {bad} are not levels of a {n}-level UNet")
         for w in widths:
             if w % self.groups:
                 problems.append(f"width {w} is not a multiple of groups ({self.groups})")
-        levels = {lvl for lvl in self.attention_levels if 0 <= lvl < n}
-        for lvl in levels:
-            for up in (False, True):
+        for lvl, up in [(lvl, up) for up in (False, True) for lvl in self.attn_levels(up)]:
+            if 0 <= lvl < n:
                 head = self.at("head_dim", lvl, up)
                 if widths[lvl] % head:
                     problems.append(f"width {widths[lvl]} at level {lvl} is not a multiple of "
@@ -464,6 +466,12 @@ class UNetConfig:
             problems.append("num_res_blocks must be at least 1")
         if problems:
             raise ValueError("Invalid UNetConfig: " + "; ".join(sorted(set(problems))) + ".")
+
+    def attn_levels(self, up: bool = False) -> tuple:
+        """The levels with attention going down (or up)."""
+        if up and self.up_attention_levels is not None:
+            return self.up_attention_levels
+        return self.attention_levels
 
     def at(self, name: str, lvl: int, up: bool = False):
         """The value of per-level field ``name`` at level ``lvl`` (of the up path if ``up``)."""
@@ -603,7 +611,7 @@ class UNet(nnx.Module):
                 blocks.append(res(width + skips.pop(), out, lvl, going_up=True))
                 width = out
             attns = ([attn(out, c.at("head_dim", lvl, True), c.at("cross_only", lvl))
-                      for _ in blocks] if lvl in c.attention_levels else None)
+                      for _ in blocks] if lvl in c.attn_levels(True) else None)
             resample = None
             if lvl > 0:
                 resample = (res(out, out, lvl, going_up=True, up=True)

@@ -53,6 +53,7 @@ class SuperResConfig:
     head_dim: int = 64               # its head width
     # Variants (see unet_blocks.UNetConfig; the defaults are the ADM / Karlo layout).
     attention_levels: tuple = ()     # levels whose residual blocks are followed by self-attention
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
     block_widths: tuple | None = None
     attn_norm: bool = True           # False: no GroupNorm before the attention
     mid_blocks: int = 2              # 0: no middle block
@@ -74,6 +75,7 @@ class SuperResConfig:
             in_channels=2 * self.image_channels, out_channels=self.out_channels,
             channels=self.channels, channel_mult=tuple(self.channel_mult),
             num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
+            up_attention_levels=self.up_attention_levels,
             block_widths=self.block_widths, attn_norm=self.attn_norm,
             mid_blocks=self.mid_blocks, mid_out_scale=self.mid_out_scale,
             mid_attn_out_scale=self.mid_attn_out_scale,
