@@ -280,6 +280,24 @@ SUPER_RES_VARIANTS = {
                                    attn_norm_num_groups=4, resnet_time_scale_shift="scale_shift"),
     "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
                                        flip_sin_to_cos=False, freq_shift=1),
+    "attention_without_group_norm": dict(add_attention=True, attention_head_dim=4,
+                                         resnet_time_scale_shift="scale_shift"),
+    "mid_block_scale_factor": dict(add_attention=True, attention_head_dim=4,
+                                   mid_block_scale_factor=1.5),
+    "mid_block_type_none": dict(mid_block_type=None),
+    "block_out_channels_not_multiples": dict(block_out_channels=(8, 12)),
+    "down_block_2d_up_block_2d": dict(down_block_types=("DownBlock2D", "ResnetDownsampleBlock2D"),
+                                      up_block_types=("ResnetUpsampleBlock2D", "UpBlock2D")),
+    "downsample_padding_0": dict(down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, downsample_padding=0),
+    "attn_blocks": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4),
+    "attn_blocks_resnet_resample_one_head": dict(
+        down_block_types=("AttnDownBlock2D",) * 2, up_block_types=("AttnUpBlock2D",) * 2,
+        downsample_type="resnet", upsample_type="resnet", attention_head_dim=None,
+        attn_norm_num_groups=4, add_attention=True),
+    "attn_up_only": dict(up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                         attention_head_dim=8),
 }
 
 
@@ -308,11 +326,3 @@ def test_unknown_unet_activation_is_refused(tmp_path):
     path.write_text(json.dumps(dict(json.loads(path.read_text()), act_fn="tanh")))
     with pytest.raises(CheckpointError, match="act_fn='tanh'"):
         load_decoder(tmp_path)
-
-
-def test_super_res_attention_without_group_norm_is_refused(tmp_path):
-    from diffusers import UNet2DModel
-    UNet2DModel(**dict(SUPER_RES, add_attention=True, resnet_time_scale_shift="scale_shift")
-                ).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="attn_norm_num_groups=None"):
-        load_super_res(tmp_path)
