@@ -326,3 +326,151 @@ def test_unknown_unet_activation_is_refused(tmp_path):
     path.write_text(json.dumps(dict(json.loads(path.read_text()), act_fn="tanh")))
     with pytest.raises(CheckpointError, match="act_fn='tanh'"):
         load_decoder(tmp_path)
+
+
+def _config_only_folder(folder, decoder=None, text_proj=None):
+    """decoder/ and text_proj/ with config.json only: refusals come before any weight is read."""
+    unet = {**DECODER, "_class_name": "UNet2DConditionModel", "sample_size": 8, **(decoder or {})}
+    proj = {"_class_name": "UnCLIPTextProjModel", "clip_extra_context_tokens": 4,
+            "clip_embeddings_dim": CLIP, "time_embed_dim": 32, "cross_attention_dim": 16,
+            **(text_proj or {})}
+    for sub, config in (("decoder", unet), ("text_proj", proj)):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        with open(os.path.join(folder, sub, "config.json"), "w") as f:
+            json.dump(config, f)
+
+
+CROSS_ATTN = dict(down_block_types=("ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "ResnetUpsampleBlock2D"))
+# (decoder config changes, text_proj changes, what the one-line message must name)
+DECODER_REFUSALS = {
+    "cross_attn_down_block": (CROSS_ATTN, {}, "'CrossAttnDownBlock2D' is not supported"),
+    "cross_attn_up_block": (dict(up_block_types=("CrossAttnUpBlock2D",
+                                                 "ResnetUpsampleBlock2D")), {},
+                            "'CrossAttnUpBlock2D' is not supported"),
+    "attn_down_block": (dict(down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D")),
+                        {}, "'AttnDownBlock2D' is not supported"),
+    "k_down_block": (dict(down_block_types=("KDownBlock2D", "ResnetDownsampleBlock2D")), {},
+                     "'KDownBlock2D' is not supported"),
+    "block_types_count": (dict(down_block_types=("ResnetDownsampleBlock2D",)), {},
+                          "down_block_types=['ResnetDownsampleBlock2D']"),
+    "mid_block_cross_attn": (dict(mid_block_type="UNetMidBlock2DCrossAttn"), {},
+                             "mid_block_type='UNetMidBlock2DCrossAttn'"),
+    "class_embed_type_timestep": (dict(class_embed_type="timestep"), {},
+                                  "class_embed_type='timestep'"),
+    "class_embed_type_list": (dict(class_embed_type=["identity"]), {}, "class_embed_type=["),
+    "num_class_embeds": (dict(class_embed_type=None, num_class_embeds=10), {},
+                         "num_class_embeds=10"),
+    "projection_without_input_dim": (dict(class_embed_type="projection"), {},
+                                     "projection_class_embeddings_input_dim=None"),
+    "class_embeddings_concat_without_class": (dict(class_embed_type=None,
+                                                   class_embeddings_concat=True), {},
+                                              "class_embeddings_concat=True"),
+    "text_proj_time_embed_dim": ({}, dict(time_embed_dim=48), "time_embed_dim 48"),
+    "text_proj_cross_attention_dim": ({}, dict(cross_attention_dim=24),
+                                      "cross_attention_dim 24"),
+    "num_attention_heads": (dict(num_attention_heads=2), {}, "num_attention_heads=2"),
+    "time_embedding_type_fourier": (dict(time_embedding_type="fourier"), {},
+                                    "time_embedding_type='fourier'"),
+    "conv_in_kernel_even": (dict(conv_in_kernel=4), {}, "conv_in_kernel=4"),
+    "conv_out_kernel_zero": (dict(conv_out_kernel=0), {}, "conv_out_kernel=0"),
+    "encoder_hid_dim": (dict(encoder_hid_dim=12), {}, "encoder_hid_dim=12"),
+    "encoder_hid_dim_type": (dict(encoder_hid_dim=12, encoder_hid_dim_type="image_proj"), {},
+                             "encoder_hid_dim_type='image_proj'"),
+    "addition_embed_type": (dict(addition_embed_type="text"), {}, "addition_embed_type='text'"),
+    "attention_type_gated": (dict(attention_type="gated"), {}, "attention_type='gated'"),
+    "cross_attention_norm_unknown": (dict(cross_attention_norm="batch_norm"), {},
+                                     "cross_attention_norm='batch_norm'"),
+    "cross_attention_norm_layer_widths": (dict(cross_attention_norm="layer_norm",
+                                               cross_attention_dim=32), dict(
+        cross_attention_dim=32), "cross_attention_norm='layer_norm'"),
+    "cross_attention_norm_group_width": (dict(cross_attention_norm="group_norm"), {},
+                                         "cross_attention_norm='group_norm'"),
+    "cross_attention_dim_disagree": (dict(cross_attention_dim=[24, 16], down_block_types=(
+        "SimpleCrossAttnDownBlock2D",) * 2, up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+        {}, "cross_attention_dim=[24, 16]"),
+    "attention_head_dim_mid_none": (dict(attention_head_dim=[8, None]), {},
+                                    "attention_head_dim=[8, None]"),
+    "attention_head_dim_not_dividing": (dict(attention_head_dim=6), {}, "head_dim (6)"),
+    "layers_per_block_length": (dict(layers_per_block=[1]), {}, "layers_per_block=[1]"),
+    "layers_per_block_zero": (dict(layers_per_block=0), {}, "layers_per_block=0"),
+    "only_cross_attention_length": (dict(only_cross_attention=[True]), {},
+                                    "only_cross_attention=[True]"),
+    "block_out_channels_groups": (dict(block_out_channels=(8, 10)), {},
+                                  "block_out_channels=[8, 10]"),
+    "block_out_channels_text": (dict(block_out_channels="8,16"), {},
+                                "block_out_channels='8,16'"),
+    "norm_num_groups_none": (dict(norm_num_groups=None), {}, "norm_num_groups=None"),
+    "resnet_time_scale_shift_spatial": (dict(resnet_time_scale_shift="spatial"), {},
+                                        "resnet_time_scale_shift='spatial'"),
+    "act_fn": (dict(act_fn="tanh"), {}, "act_fn='tanh'"),
+    "time_embedding_act_fn": (dict(time_embedding_act_fn="tanh"), {},
+                              "time_embedding_act_fn='tanh'"),
+    "timestep_post_act": (dict(timestep_post_act="softplus"), {}, "timestep_post_act='softplus'"),
+    "mid_block_scale_factor_zero": (dict(mid_block_scale_factor=0), {},
+                                    "mid_block_scale_factor=0"),
+    "resnet_out_scale_factor_text": (dict(resnet_out_scale_factor="2"), {},
+                                     "resnet_out_scale_factor='2'"),
+    "downsample_padding": (dict(down_block_types=("DownBlock2D", "ResnetDownsampleBlock2D"),
+                                downsample_padding=2), {}, "downsample_padding=2"),
+    "dropout": (dict(dropout=1.5), {}, "dropout=1.5"),
+    "center_input_sample": (dict(center_input_sample="yes"), {}, "center_input_sample='yes'"),
+    "in_channels": (dict(in_channels=0), {}, "in_channels=0"),
+    "clip_embeddings_dim": ({}, dict(clip_embeddings_dim="768"), "clip_embeddings_dim='768'"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODER_REFUSALS))
+def test_decoder_options_are_converted_or_refused_naming_them(tmp_path, name):
+    decoder, proj, says = DECODER_REFUSALS[name]
+    _config_only_folder(tmp_path, decoder, proj)
+    with pytest.raises(CheckpointError) as err:
+        load_decoder(tmp_path)
+    message = str(err.value)
+    assert says in message and "\n" not in message, message
+
+
+SUPER_RES_REFUSALS = {
+    "skip_down_block": (dict(down_block_types=("SkipDownBlock2D", "ResnetDownsampleBlock2D")),
+                        "'SkipDownBlock2D' is not supported"),
+    "time_embedding_type_fourier": (dict(time_embedding_type="fourier"),
+                                    "time_embedding_type='fourier'"),
+    "time_embedding_type_learned": (dict(time_embedding_type="learned"),
+                                    "time_embedding_type='learned'"),
+    "class_embed_type": (dict(class_embed_type="identity"), "class_embed_type='identity'"),
+    "num_class_embeds": (dict(num_class_embeds=3), "num_class_embeds=3"),
+    "attn_norm_num_groups": (dict(add_attention=True, attention_head_dim=4,
+                                  attn_norm_num_groups=2), "attn_norm_num_groups=2"),
+    "attention_norm_mixed": (dict(add_attention=True, attention_head_dim=4,
+                                  resnet_time_scale_shift="scale_shift",
+                                  down_block_types=("ResnetDownsampleBlock2D",
+                                                    "AttnDownBlock2D")),
+                             "attn_norm_num_groups=None"),
+    "downsample_type": (dict(down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D"),
+                             attention_head_dim=4, downsample_type="pool"),
+                        "downsample_type='pool'"),
+    "in_channels_odd": (dict(in_channels=5), "in_channels=5"),
+    "norm_num_groups_none": (dict(norm_num_groups=None), "norm_num_groups=None"),
+    "mid_block_scale_factor_inf": (dict(mid_block_scale_factor=float("inf")),
+                                   "mid_block_scale_factor=inf"),
+    "layers_per_block_list": (dict(layers_per_block=[1, 1]), "layers_per_block=[1, 1]"),
+    "attention_head_dim_text": (dict(add_attention=True, attention_head_dim="4"),
+                                "attention_head_dim='4'"),
+}
+
+
+@pytest.mark.parametrize("name", list(SUPER_RES_REFUSALS))
+def test_super_res_options_are_converted_or_refused_naming_them(tmp_path, name):
+    config, says = SUPER_RES_REFUSALS[name]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**SUPER_RES, "_class_name": "UNet2DModel", **config}, f)
+    with pytest.raises(CheckpointError) as err:
+        load_super_res(tmp_path)
+    message = str(err.value)
+    assert says in message and "\n" not in message, message
+
+
+def test_config_json_not_an_object_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object"):
+        load_super_res(tmp_path)

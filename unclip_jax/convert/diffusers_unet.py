@@ -200,6 +200,9 @@ def _read_config(path: str, class_name: str, defaults: dict) -> dict[str, Any]:
         raise CheckpointError(f"{path} has no config.json; expected a {class_name} folder written "
                               f"by {_SAVED_BY}.")
     raw = read_json(file)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, expected the object "
+                              f"of a {class_name} config.")
     found = raw.get("_class_name")
     if found is not None and found != class_name:
         raise CheckpointError(f"{file} describes a {found}, expected a {class_name}.")
@@ -244,6 +247,24 @@ def _number(cfg: dict, where: str, key: str, positive: bool = True) -> float:
             or (positive and value <= 0):
         raise _refuse(where, key, value, "a finite number" + (" above 0" if positive else ""))
     return float(value)
+
+
+def _common(cfg: dict, where: str) -> dict:
+    """The options UNet2DModel and UNet2DConditionModel read alike, checked."""
+    dropout = _number(cfg, where, "dropout", positive=False)
+    if not 0.0 <= dropout < 1.0:
+        raise _refuse(where, "dropout", cfg["dropout"], "a probability in [0, 1)")
+    for key in ("center_input_sample", "flip_sin_to_cos"):
+        if not isinstance(cfg[key], bool):
+            raise _refuse(where, key, cfg[key], "true or false")
+    time_dim = cfg["time_embedding_dim"]
+    return dict(
+        dropout=dropout, center_input=cfg["center_input_sample"],
+        flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        freq_shift=_number(cfg, where, "freq_shift", positive=False),
+        time_embed_dim=None if time_dim is None else _int(time_dim, where, "time_embedding_dim"),
+        norm_eps=_number(cfg, where, "norm_eps"), scale_shift=_scale_shift(cfg, where),
+        act=_act(cfg, where))
 
 
 def _int(value: Any, where: str, key: str, low: int = 1) -> int:
@@ -329,7 +350,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         if cfg[key] is not None:
             raise _refuse(where, key, cfg[key], "UnCLIPPipeline calls its super-res UNet "
                           "without class_labels, which diffusers then refuses; supported: null")
-    if cfg["in_channels"] % 2:
+    if _int(cfg["in_channels"], where, "in_channels") % 2:
         raise _refuse(where, "in_channels", cfg["in_channels"],
                       "must be even: the noisy image and the low-res image")
     levels = tuple(lvl for lvl in range(n) if down[lvl] == "attn")
@@ -369,14 +390,11 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
                                                                   "out_channels"),
         **_shape_fields(widths, base, mult),
         num_res_blocks=_int(cfg["layers_per_block"], where, "layers_per_block"),
-        groups=groups, norm_eps=_number(cfg, where, "norm_eps"),
-        scale_shift=_scale_shift(cfg, where), dropout=float(cfg["dropout"]),
-        act=_act(cfg, where), center_input=bool(cfg["center_input_sample"]),
+        groups=groups, **_common(cfg, where),
         mid_attention=mid and bool(cfg["add_attention"]), attention_levels=levels,
         up_attention_levels=up_levels if up_levels != levels else None,
-        head_dim=head or widths[-1], time_embed_dim=cfg["time_embedding_dim"],
-        flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]), freq_shift=float(cfg["freq_shift"]),
-        resblock_updown=down_res, up_resblock_updown=up_res, conv_down_padding=padding,
+        head_dim=head or widths[-1], resblock_updown=down_res, up_resblock_updown=up_res,
+        conv_down_padding=padding,
         attn_norm=mid_attn_norm or not mid or not cfg["add_attention"],
         mid_blocks=2 if mid else 0, mid_out_scale=scale, mid_attn_out_scale=scale)
     if head is None and (levels or up_levels):  # one head per level: its width
@@ -421,11 +439,19 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         if k % 2 == 0:
             raise _refuse(where, key, k, "an even kernel changes the image size; use an odd one")
 
+    proj_where = "UnCLIPTextProjModel config"
+    clip = _int(proj["clip_embeddings_dim"], proj_where, "clip_embeddings_dim")
+    for key in ("time_embed_dim", "cross_attention_dim"):
+        if proj.get(key) is not None:
+            _int(proj[key], proj_where, key)
+
     # How text_proj's additive embedding enters (class_labels).
     emb = _int(unet["time_embedding_dim"], where, "time_embedding_dim") \
         if unet["time_embedding_dim"] is not None else 4 * base
     kind, n_cls = unet["class_embed_type"], unet["num_class_embeds"]
     cond_dim = emb
+    if kind is not None and not isinstance(kind, str):
+        raise _refuse(where, "class_embed_type", kind, "a name or null")
     if kind is None and n_cls is not None:
         raise _refuse(where, "num_class_embeds", n_cls, f"{_NO_UNCLIP}: class_labels are "
                       "text_proj's embeddings, not class ids")
@@ -512,8 +538,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         head_dim=tuple(h or w for h, w in zip(heads, widths)),
         up_head_dim=tuple(heads[n - 1 - lvl] or widths[lvl] for lvl in range(n)),
         mid_head_dim=heads[-1] if mid_attn else None,
-        groups=groups, norm_eps=_number(unet, where, "norm_eps"),
-        scale_shift=_scale_shift(unet, where), act=_act(unet, where),
+        groups=groups, **_common(unet, where),
         res_time_act=tuple(not (skip_act and r) for r in res_down),
         up_res_time_act=tuple(not (skip_act and r) for r in res_up),
         mid_res_time_act=not (skip_act and mid_attn),
@@ -529,12 +554,9 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"],
         conv_out_kernel=unet["conv_out_kernel"], cond_to_time=cond_to_time,
         cond_time_dim=None if cond_dim == emb else cond_dim,
-        center_input=bool(unet["center_input_sample"]),
-        dropout=float(unet["dropout"]), time_embed_dim=unet["time_embedding_dim"],
-        flip_sin_to_cos=bool(unet["flip_sin_to_cos"]), freq_shift=float(unet["freq_shift"]),
-        clip_dim=proj["clip_embeddings_dim"], context_dim=context_dim,
-        clip_tokens=proj["clip_extra_context_tokens"], use_text_embed=True, text_encoder="clip",
-        text_width=proj["clip_embeddings_dim"])
+        clip_dim=clip, context_dim=context_dim, use_text_embed=True, text_encoder="clip",
+        clip_tokens=_int(proj["clip_extra_context_tokens"], proj_where,
+                         "clip_extra_context_tokens"), text_width=clip)
     fields.update(_simplify(fields, n))
     if size is not None:  # else our default
         fields["image_size"] = size
