@@ -224,6 +224,15 @@ DECODER_VARIANTS = {
                                              resnet_skip_time_act=True),
     "mid_block_type_none": dict(mid_block_type=None),
     "conv_kernels": dict(conv_in_kernel=5, conv_out_kernel=1),
+    "attn_blocks_self_attention": dict(  # AttnDown/UpBlock2D ignore the tokens and the mask
+        down_block_types=("AttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "AttnUpBlock2D"), norm_eps=1e-3,
+        resnet_skip_time_act=True, resnet_out_scale_factor=1.1, attention_head_dim=4,
+        mid_block_type="UNetMidBlock2D", cross_attention_norm="group_norm",
+        cross_attention_dim=32),
+    "attn_up_block_only": dict(
+        down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "SimpleCrossAttnUpBlock2D")),
     "all_at_once": dict(
         block_out_channels=(8, 12), attention_head_dim=[4, 6], layers_per_block=[2, 1],
         down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
@@ -348,8 +357,6 @@ DECODER_REFUSALS = {
     "cross_attn_up_block": (dict(up_block_types=("CrossAttnUpBlock2D",
                                                  "ResnetUpsampleBlock2D")), {},
                             "'CrossAttnUpBlock2D' is not supported"),
-    "attn_down_block": (dict(down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D")),
-                        {}, "'AttnDownBlock2D' is not supported"),
     "k_down_block": (dict(down_block_types=("KDownBlock2D", "ResnetDownsampleBlock2D")), {},
                      "'KDownBlock2D' is not supported"),
     "block_types_count": (dict(down_block_types=("ResnetDownsampleBlock2D",)), {},

@@ -98,11 +98,11 @@ def _resblock(table: NameTable, ours: tuple, theirs: str, has_shortcut: bool) ->
 
 
 def _attention(table: NameTable, ours: tuple, theirs: str, c: UNetConfig,
-               cross_only: bool = False) -> None:
-    ctx = c.context_dim is not None
+               cross_only: bool = False, self_only: bool = False) -> None:
+    ctx = c.context_dim is not None and not self_only
     if c.attn_norm:
         _norm(table, (*ours, "group_norm"), f"{theirs}.group_norm")
-    if c.context_norm is not None:
+    if c.context_norm is not None and ctx:
         _norm(table, (*ours, "norm_cross"), f"{theirs}.norm_cross")
     names = ("to_q",) + (() if cross_only and ctx else ("to_k", "to_v"))
     for name in names + (("add_k_proj", "add_v_proj") if ctx else ()):
@@ -133,7 +133,8 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
                       width != out)
             if lvl in c.attention_levels:
                 _attention(table, (*prefix, "down", lvl, "attn", i),
-                           f"down_blocks.{lvl}.attentions.{i}", c, c.at("cross_only", lvl))
+                           f"down_blocks.{lvl}.attentions.{i}", c, c.at("cross_only", lvl),
+                           c.self_only(lvl))
             width = out
             skips.append(width)
         if lvl < n - 1:
@@ -154,7 +155,7 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
                       width + skips.pop() != out)
             if lvl in c.attn_levels(True):
                 _attention(table, (*prefix, "up", j, "attn", i), f"up_blocks.{j}.attentions.{i}",
-                           c, c.at("cross_only", lvl))
+                           c, c.at("cross_only", lvl), c.self_only(lvl, True))
             width = out
         if lvl > 0:
             _resample(table, (*prefix, "up", j, "resample"), f"up_blocks.{j}.upsamplers.0",
@@ -393,8 +394,9 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         groups=groups, **_common(cfg, where),
         mid_attention=mid and bool(cfg["add_attention"]), attention_levels=levels,
         up_attention_levels=up_levels if up_levels != levels else None,
-        head_dim=head or widths[-1], resblock_updown=down_res, up_resblock_updown=up_res,
-        conv_down_padding=padding,
+        head_dim=head or widths[-1], conv_down_padding=padding,
+        resblock_updown=down_res[0] if len(set(down_res)) == 1 else down_res,
+        up_resblock_updown=None if up_res == down_res else up_res,
         attn_norm=mid_attn_norm or not mid or not cfg["add_attention"],
         mid_blocks=2 if mid else 0, mid_out_scale=scale, mid_attn_out_scale=scale)
     if head is None and (levels or up_levels):  # one head per level: its width
@@ -406,10 +408,13 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         raise CheckpointError(f"Unsupported {where}: {e}") from None
 
 
+# Block kinds: 'resnet' / 'attn' (cross-attention) resample in residual blocks and read
+# resnet_skip_time_act / resnet_out_scale_factor; 'conv' / 'self' (self-attention) resample with
+# convolutions and do not.
 _DEC_DOWN = {"ResnetDownsampleBlock2D": "resnet", "SimpleCrossAttnDownBlock2D": "attn",
-             "DownBlock2D": "conv"}
+             "DownBlock2D": "conv", "AttnDownBlock2D": "self"}
 _DEC_UP = {"ResnetUpsampleBlock2D": "resnet", "SimpleCrossAttnUpBlock2D": "attn",
-           "UpBlock2D": "conv"}
+           "UpBlock2D": "conv", "AttnUpBlock2D": "self"}
 _DEC_MID = ("UNetMidBlock2DSimpleCrossAttn", "UNetMidBlock2D", None)
 _NO_UNCLIP = "UnCLIPPipeline cannot run it"
 
@@ -420,10 +425,12 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     widths, base, mult = _widths(unet, where, groups)
     n = len(widths)
     down, up = _block_types(unet, where, n, _DEC_DOWN, _DEC_UP)
-    attn_down = tuple(i for i, b in enumerate(down) if b == "attn")
-    attn_up = tuple(sorted(n - 1 - j for j, b in enumerate(up) if b == "attn"))
-    attn_any = set(attn_down) | set(attn_up)
     up_kind = list(reversed(up))  # per level
+    attn_down = tuple(lvl for lvl in range(n) if down[lvl] in ("attn", "self"))
+    attn_up = tuple(lvl for lvl in range(n) if up_kind[lvl] in ("attn", "self"))
+    self_down = tuple(lvl for lvl in range(n) if down[lvl] == "self")
+    self_up = tuple(lvl for lvl in range(n) if up_kind[lvl] == "self")
+    attn_any = {lvl for lvl in range(n) if "attn" in (down[lvl], up_kind[lvl])}  # cross
     mid_type = unet["mid_block_type"]
     if mid_type not in _DEC_MID:
         raise _refuse(where, "mid_block_type", mid_type,
@@ -519,8 +526,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     # resnet_out_scale_factor; DownBlock2D / UpBlock2D / UNetMidBlock2D do not.
     skip_act = bool(unet["resnet_skip_time_act"])
     out_scale = _number(unet, where, "resnet_out_scale_factor")
-    res_down = tuple(k != "conv" for k in down)
-    res_up = tuple(k != "conv" for k in up_kind)
+    res_down = tuple(k in ("resnet", "attn") for k in down)
+    res_up = tuple(k in ("resnet", "attn") for k in up_kind)
     padding = unet["downsample_padding"]
     if not all(res_down[:-1]) and padding not in (0, 1):
         raise _refuse(where, "downsample_padding", padding, "supported: 0, 1")
@@ -535,6 +542,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         num_res_blocks=layers[0] if len(set(layers)) == 1 else tuple(layers),
         attention_levels=attn_down, mid_attention=mid_attn,
         up_attention_levels=attn_up if attn_up != attn_down else None,
+        self_attn_levels=self_down, up_self_attn_levels=self_up if self_up != self_down else None,
+        self_attn_eps=_number(unet, where, "norm_eps") if self_down + self_up else None,
         head_dim=tuple(h or w for h, w in zip(heads, widths)),
         up_head_dim=tuple(heads[n - 1 - lvl] or widths[lvl] for lvl in range(n)),
         mid_head_dim=heads[-1] if mid_attn else None,
@@ -547,7 +556,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         resblock_updown=res_down, up_resblock_updown=res_up, conv_down_padding=padding,
         mid_blocks={None: 0, "UNetMidBlock2D": 1}.get(mid_type, 2),
         mid_out_scale=_number(unet, where, "mid_block_scale_factor"),
-        cross_only=tuple(cross_only), mid_cross_only=mid_only,
+        cross_only=tuple(c and lvl in attn_any for lvl, c in enumerate(cross_only)),
+        mid_cross_only=mid_only,
         context_norm={"layer_norm": "layer", "group_norm": "group"}.get(norm),
         time_post_act=_act(unet, where, "timestep_post_act", optional=True),
         emb_act=_act(unet, where, "time_embedding_act_fn", optional=True),

@@ -334,6 +334,9 @@ class UNetConfig:
     for the up path (None: as going down). The variants below default to the ADM / Karlo layout:
 
     ``up_attention_levels``  the up path's attention levels (None: ``attention_levels``)
+    ``self_attn_levels``   attention levels whose blocks attend to the positions only, without
+                           the context tokens (``up_self_attn_levels`` going up, None: the same;
+                           ``self_attn_eps`` their GroupNorm eps, None: ``attn_norm_eps``)
     ``block_widths``       explicit level widths (None: ``channels * channel_mult``)
     ``out_scale``          residual blocks return (skip + h) / out_scale (``mid_out_scale`` in
                            the middle; ``mid_attn_out_scale`` divides its attention's output)
@@ -359,6 +362,9 @@ class UNetConfig:
     num_res_blocks: int | tuple = 2
     attention_levels: tuple = ()
     up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
+    self_attn_levels: tuple = ()      # attention levels that ignore the context tokens
+    up_self_attn_levels: tuple | None = None
+    self_attn_eps: float | None = None  # their GroupNorm eps (None: attn_norm_eps)
     mid_attention: bool = False
     head_dim: int | tuple = 64
     context_dim: int | None = None
@@ -428,7 +434,8 @@ class UNetConfig:
         if problems:
             raise ValueError("Invalid UNetConfig: " + "; ".join(sorted(set(problems))) + ".")
         widths = self.widths
-        for name in ("attention_levels", "up_attention_levels"):
+        for name in ("attention_levels", "up_attention_levels", "self_attn_levels",
+                     "up_self_attn_levels"):
             bad = [lvl for lvl in getattr(self, name) or () if not 0 <= lvl < n]
             if bad:
                 problems.append(f"{name} {bad} are not levels of a {n}-level UNet")
@@ -472,6 +479,12 @@ class UNetConfig:
         if up and self.up_attention_levels is not None:
             return self.up_attention_levels
         return self.attention_levels
+
+    def self_only(self, lvl: int, up: bool = False) -> bool:
+        """Whether the attention at level ``lvl`` ignores the context tokens."""
+        levels = self.up_self_attn_levels if up and self.up_self_attn_levels is not None \
+            else self.self_attn_levels
+        return lvl in levels or self.context_dim is None
 
     def at(self, name: str, lvl: int, up: bool = False):
         """The value of per-level field ``name`` at level ``lvl`` (of the up path if ``up``)."""
@@ -572,11 +585,15 @@ class UNet(nnx.Module):
                             scale_shift=c.scale_shift, dropout=c.dropout, act=c.act,
                             time_act=bool(time_act), out_scale=scale, **extra, **kw)
 
-        def attn(width, head_dim, cross_only, out_scale=1.0):
+        def attn(width, head_dim, cross_only, out_scale=1.0, self_only=False):
+            if self_only or c.context_dim is None:
+                return AttentionBlock(width, head_dim, None, groups=c.groups,
+                                      eps=c.attn_norm_eps if c.self_attn_eps is None
+                                      else c.self_attn_eps, norm=c.attn_norm,
+                                      out_scale=out_scale, **kw)
             return AttentionBlock(width, head_dim, c.context_dim, groups=c.groups,
                                   eps=c.attn_norm_eps, norm=c.attn_norm,
-                                  cross_only=bool(cross_only) and c.context_dim is not None,
-                                  context_norm=c.context_norm,
+                                  cross_only=bool(cross_only), context_norm=c.context_norm,
                                   context_groups=c.context_norm_groups, out_scale=out_scale, **kw)
 
         self.conv_in = conv(c.in_channels, widths[0], c.conv_in_kernel, **kw)
@@ -590,7 +607,8 @@ class UNet(nnx.Module):
                 blocks.append(res(width, out, lvl))
                 width = out
                 skips.append(width)
-            attns = ([attn(out, c.at("head_dim", lvl), c.at("cross_only", lvl)) for _ in blocks]
+            attns = ([attn(out, c.at("head_dim", lvl), c.at("cross_only", lvl),
+                           self_only=c.self_only(lvl)) for _ in blocks]
                      if lvl in c.attention_levels else None)
             resample = None
             if lvl < n - 1:
@@ -610,7 +628,8 @@ class UNet(nnx.Module):
             for i in range(c.at("num_res_blocks", lvl) + 1):
                 blocks.append(res(width + skips.pop(), out, lvl, going_up=True))
                 width = out
-            attns = ([attn(out, c.at("head_dim", lvl, True), c.at("cross_only", lvl))
+            attns = ([attn(out, c.at("head_dim", lvl, True), c.at("cross_only", lvl),
+                           self_only=c.self_only(lvl, True))
                       for _ in blocks] if lvl in c.attn_levels(True) else None)
             resample = None
             if lvl > 0:
