@@ -144,7 +144,8 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
     c = unet.config
     time_dim = (c.projection_class_embeddings_input_dim
                 if c.class_embed_type in ("projection", "simple_projection")
-                else c.time_embedding_dim or 4 * c.block_out_channels[0])
+                else c.time_embedding_dim or (2 if c.time_embedding_type == "fourier" else 4)
+                * c.block_out_channels[0])
     ctx = c.cross_attention_dim
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
                                time_embed_dim=time_dim,
@@ -192,6 +193,9 @@ DECODER_VARIANTS = {
     "timestep_post_act": dict(timestep_post_act="gelu"),
     "time_embedding_dim": dict(time_embedding_dim=24),
     "time_cond_proj_dim": dict(time_cond_proj_dim=7),  # only read with timestep_cond
+    "time_embedding_type_fourier": dict(time_embedding_type="fourier", time_embedding_dim=24),
+    "time_embedding_type_fourier_default_width": dict(time_embedding_type="fourier",
+                                                      flip_sin_to_cos=False),
     "class_embed_type_none": dict(class_embed_type=None),
     "class_embed_type_projection": dict(class_embed_type="projection",
                                         projection_class_embeddings_input_dim=20),
@@ -377,8 +381,10 @@ DECODER_REFUSALS = {
     "text_proj_cross_attention_dim": ({}, dict(cross_attention_dim=24),
                                       "cross_attention_dim 24"),
     "num_attention_heads": (dict(num_attention_heads=2), {}, "num_attention_heads=2"),
-    "time_embedding_type_fourier": (dict(time_embedding_type="fourier"), {},
-                                    "time_embedding_type='fourier'"),
+    "time_embedding_type_learned": (dict(time_embedding_type="learned"), {},
+                                    "time_embedding_type='learned'"),
+    "fourier_odd_width": (dict(time_embedding_type="fourier", time_embedding_dim=33), {},
+                          "time_embedding_dim=33"),
     "conv_in_kernel_even": (dict(conv_in_kernel=4), {}, "conv_in_kernel=4"),
     "conv_out_kernel_zero": (dict(conv_out_kernel=0), {}, "conv_out_kernel=0"),
     "encoder_hid_dim": (dict(encoder_hid_dim=12), {}, "encoder_hid_dim=12"),

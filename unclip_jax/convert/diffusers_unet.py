@@ -123,6 +123,8 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
     widths = c.widths
     n = len(widths)
     _conv(table, (*prefix, "conv_in"), "conv_in")
+    if c.time_proj == "fourier":
+        table[(*prefix, "time_proj", "weight")] = ("time_proj.weight", "copy")
     _linear(table, (*prefix, "time_embed", "linear_1"), "time_embedding.linear_1")
     _linear(table, (*prefix, "time_embed", "linear_2"), "time_embedding.linear_2")
 
@@ -436,8 +438,12 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise _refuse(where, "mid_block_type", mid_type,
                       "supported: " + ", ".join(repr(m) for m in _DEC_MID))
     mid_attn = mid_type == "UNetMidBlock2DSimpleCrossAttn"
-    _require(unet, where, time_embedding_type="positional", addition_embed_type=None,
-             encoder_hid_dim=None, encoder_hid_dim_type=None, attention_type="default")
+    _require(unet, where, addition_embed_type=None, encoder_hid_dim=None,
+             encoder_hid_dim_type=None, attention_type="default")
+    time_proj = unet["time_embedding_type"]
+    if time_proj not in ("positional", "fourier"):
+        raise _refuse(where, "time_embedding_type", time_proj,
+                      "supported: 'positional', 'fourier'")
     if unet["num_attention_heads"] is not None:
         raise _refuse(where, "num_attention_heads", unet["num_attention_heads"],
                       "diffusers refuses it too; attention_head_dim sets the head width")
@@ -454,7 +460,9 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
 
     # How text_proj's additive embedding enters (class_labels).
     emb = _int(unet["time_embedding_dim"], where, "time_embedding_dim") \
-        if unet["time_embedding_dim"] is not None else 4 * base
+        if unet["time_embedding_dim"] is not None else (2 if time_proj == "fourier" else 4) * base
+    if time_proj == "fourier" and emb % 2:
+        raise _refuse(where, "time_embedding_dim", emb, "Fourier features need an even width")
     kind, n_cls = unet["class_embed_type"], unet["num_class_embeds"]
     cond_dim = emb
     if kind is not None and not isinstance(kind, str):
@@ -561,12 +569,14 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         context_norm={"layer_norm": "layer", "group_norm": "group"}.get(norm),
         time_post_act=_act(unet, where, "timestep_post_act", optional=True),
         emb_act=_act(unet, where, "time_embedding_act_fn", optional=True),
-        emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"],
+        emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"], time_proj=time_proj,
         conv_out_kernel=unet["conv_out_kernel"], cond_to_time=cond_to_time,
         cond_time_dim=None if cond_dim == emb else cond_dim,
         clip_dim=clip, context_dim=context_dim, use_text_embed=True, text_encoder="clip",
         clip_tokens=_int(proj["clip_extra_context_tokens"], proj_where,
                          "clip_extra_context_tokens"), text_width=clip)
+    if time_proj == "fourier":
+        fields["time_embed_dim"] = emb
     fields.update(_simplify(fields, n))
     if size is not None:  # else our default
         fields["image_size"] = size

@@ -131,6 +131,24 @@ class TimeEmbedding(nnx.Module):
         return y if self.post_act is None else ACTIVATIONS[self.post_act](y)
 
 
+class FourierFeatures(nnx.Module):
+    """Gaussian Fourier features of timesteps: [cos, sin](2 pi t w) (``flip_sin_to_cos``, else
+    [sin, cos]) with ``weight`` w [dim / 2] drawn from N(0, 1) (diffusers' GaussianFourierProjection
+    with log=False)."""
+
+    def __init__(self, dim: int, *, flip_sin_to_cos: bool = True, param_dtype, rngs: nnx.Rngs):
+        self.flip = flip_sin_to_cos
+        self.weight = nnx.Param(logical(nnx.initializers.normal(1.0), None)(
+            rngs.params(), (dim // 2,), param_dtype))
+
+    def __call__(self, t: Array) -> Array:
+        args = jnp.asarray(t, jnp.float32)[:, None] * self.weight[...].astype(jnp.float32)[None]
+        args = args * 2 * math.pi
+        first, second = (jnp.cos(args), jnp.sin(args)) if self.flip else (jnp.sin(args),
+                                                                           jnp.cos(args))
+        return jnp.concatenate([first, second], axis=-1)
+
+
 def _nearest_up(x: Array) -> Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -353,6 +371,8 @@ class UNetConfig:
                            residual blocks then read 2 x emb_dim)
     ``conv_in_kernel`` / ``conv_out_kernel``  odd kernel sizes of the first and last conv
     ``conv_down_padding``  1 (every edge) or 0 (bottom / right only) for ``Downsample``
+    ``time_proj``          'fourier': learned-scale Gaussian Fourier features of width emb_dim
+                           (``FourierFeatures``) instead of sinusoidal ones of width channels
     """
 
     in_channels: int = 3
@@ -403,6 +423,7 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     conv_down_padding: int = 1       # 0: the conv downsampler pads bottom / right only
+    time_proj: str = "positional"    # timestep features: 'positional' (sinusoidal) | 'fourier'
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -463,6 +484,10 @@ class UNetConfig:
         elif self.context_norm == "group" and self.context_dim % self.context_norm_groups:
             problems.append(f"context_dim {self.context_dim} is not a multiple of "
                             f"context_norm_groups ({self.context_norm_groups})")
+        if self.time_proj not in ("positional", "fourier"):
+            problems.append(f"time_proj must be 'positional' or 'fourier', got {self.time_proj!r}")
+        elif self.time_proj == "fourier" and self.emb_dim % 2:
+            problems.append(f"Fourier features need an even emb_dim, got {self.emb_dim}")
         for name in ("conv_in_kernel", "conv_out_kernel"):
             k = getattr(self, name)
             if not isinstance(k, int) or k < 1 or k % 2 == 0:
@@ -597,7 +622,11 @@ class UNet(nnx.Module):
                                   context_groups=c.context_norm_groups, out_scale=out_scale, **kw)
 
         self.conv_in = conv(c.in_channels, widths[0], c.conv_in_kernel, **kw)
-        self.time_embed = TimeEmbedding(widths[0], emb, act=c.outer_act,
+        fourier = c.time_proj == "fourier"
+        self.time_proj = (FourierFeatures(emb, flip_sin_to_cos=c.flip_sin_to_cos,
+                                          param_dtype=c.params_dtype, rngs=rngs)
+                          if fourier else None)
+        self.time_embed = TimeEmbedding(emb if fourier else widths[0], emb, act=c.outer_act,
                                         post_act=c.time_post_act, **kw)
 
         down, skips, width = [], [widths[0]], widths[0]
@@ -653,8 +682,12 @@ class UNet(nnx.Module):
             raise ValueError(f"Input size {x.shape[1]}x{x.shape[2]} must be divisible by {factor} "
                              f"for a {len(c.channel_mult)}-level UNet.")
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        emb = self.time_embed(timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                                                 freq_shift=c.freq_shift).astype(c.compute_dtype))
+        if self.time_proj is not None:
+            features = self.time_proj(t)
+        else:
+            features = timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                          freq_shift=c.freq_shift)
+        emb = self.time_embed(features.astype(c.compute_dtype))
         if c.emb_concat:
             if emb_add is None:
                 raise ValueError("This UNet concatenates emb_add to the timestep embedding "
