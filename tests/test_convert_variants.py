@@ -146,7 +146,7 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
                 if c.class_embed_type in ("projection", "simple_projection")
                 else c.time_embedding_dim or (2 if c.time_embedding_type == "fourier" else 4)
                 * c.block_out_channels[0])
-    ctx = c.cross_attention_dim
+    ctx = c.encoder_hid_dim or c.cross_attention_dim
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
                                time_embed_dim=time_dim,
                                cross_attention_dim=ctx if isinstance(ctx, int) else ctx[-1]).eval()
@@ -228,6 +228,7 @@ DECODER_VARIANTS = {
                                              resnet_skip_time_act=True),
     "mid_block_type_none": dict(mid_block_type=None),
     "conv_kernels": dict(conv_in_kernel=5, conv_out_kernel=1),
+    "encoder_hid_dim": dict(encoder_hid_dim=20),  # text_proj's tokens 20 wide, then 16
     "attn_blocks_self_attention": dict(  # AttnDown/UpBlock2D ignore the tokens and the mask
         down_block_types=("AttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "AttnUpBlock2D"), norm_eps=1e-3,
@@ -387,9 +388,12 @@ DECODER_REFUSALS = {
                           "time_embedding_dim=33"),
     "conv_in_kernel_even": (dict(conv_in_kernel=4), {}, "conv_in_kernel=4"),
     "conv_out_kernel_zero": (dict(conv_out_kernel=0), {}, "conv_out_kernel=0"),
-    "encoder_hid_dim": (dict(encoder_hid_dim=12), {}, "encoder_hid_dim=12"),
     "encoder_hid_dim_type": (dict(encoder_hid_dim=12, encoder_hid_dim_type="image_proj"), {},
                              "encoder_hid_dim_type='image_proj'"),
+    "encoder_hid_dim_missing": (dict(encoder_hid_dim_type="text_proj"), {},
+                                "encoder_hid_dim=None"),
+    "encoder_hid_dim_text_proj_width": (dict(encoder_hid_dim=12), {},
+                                        "cross_attention_dim 16"),
     "addition_embed_type": (dict(addition_embed_type="text"), {}, "addition_embed_type='text'"),
     "attention_type_gated": (dict(attention_type="gated"), {}, "attention_type='gated'"),
     "cross_attention_norm_unknown": (dict(cross_attention_norm="batch_norm"), {},

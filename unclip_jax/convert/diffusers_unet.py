@@ -182,8 +182,11 @@ def text_proj_param_map(c: DecoderConfig) -> NameTable:
 
 
 def class_embedding_param_map(c: DecoderConfig) -> NameTable:
-    """``cond_to_time`` -> the UNet2DConditionModel's ``class_embedding`` tensor names."""
+    """``cond_to_time`` and ``context_proj`` -> the UNet2DConditionModel's ``class_embedding``
+    and ``encoder_hid_proj`` tensor names."""
     table: NameTable = {}
+    if c.token_dim is not None:
+        _linear(table, ("context_proj",), "encoder_hid_proj")
     if c.cond_to_time == "linear":
         _linear(table, ("cond_to_time",), "class_embedding")
     elif c.cond_to_time == "mlp":
@@ -438,8 +441,18 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise _refuse(where, "mid_block_type", mid_type,
                       "supported: " + ", ".join(repr(m) for m in _DEC_MID))
     mid_attn = mid_type == "UNetMidBlock2DSimpleCrossAttn"
-    _require(unet, where, addition_embed_type=None, encoder_hid_dim=None,
-             encoder_hid_dim_type=None, attention_type="default")
+    _require(unet, where, addition_embed_type=None, attention_type="default")
+    hid, hid_type = unet["encoder_hid_dim"], unet["encoder_hid_dim_type"]
+    if hid_type is None and hid is not None:
+        hid_type = "text_proj"  # as diffusers reads it
+    if hid_type not in (None, "text_proj"):
+        raise _refuse(where, "encoder_hid_dim_type", hid_type, f"{_NO_UNCLIP}: it needs "
+                      "added_cond_kwargs the pipeline does not pass; supported: null, 'text_proj'")
+    if hid_type is not None:
+        _int(hid, where, "encoder_hid_dim")
+        if not isinstance(unet["cross_attention_dim"], int):
+            raise _refuse(where, "cross_attention_dim", unet["cross_attention_dim"],
+                          "diffusers' encoder_hid_proj needs a single int")
     time_proj = unet["time_embedding_type"]
     if time_proj not in ("positional", "fourier"):
         raise _refuse(where, "time_embedding_type", time_proj,
@@ -508,11 +521,15 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise _refuse(where, "cross_attention_dim", unet["cross_attention_dim"],
                       f"{_NO_UNCLIP}: every attention block reads the same text_proj tokens, so "
                       "their widths must agree")
-    context_dim = proj.get("cross_attention_dim") or (used[0] if used else ctx[-1])
-    if used and used[0] != context_dim:
+    token_dim = hid if hid_type is not None else None
+    context_dim = (used[0] if used else ctx[-1]) if token_dim is not None else \
+        proj.get("cross_attention_dim") or (used[0] if used else ctx[-1])
+    want = token_dim or context_dim
+    if used and used[0] != context_dim or proj.get("cross_attention_dim") not in (None, want):
         raise CheckpointError(
-            f"text_proj/config.json (cross_attention_dim {context_dim}) does not fit decoder/ "
-            f"(cross_attention_dim {used[0]}).")
+            f"text_proj/config.json (cross_attention_dim {proj.get('cross_attention_dim')}) "
+            f"does not fit decoder/ (" + (f"encoder_hid_dim {token_dim}" if token_dim else
+                                          f"cross_attention_dim {used[0]}") + ").")
     if mid_attn and heads[-1] is None:
         raise _refuse(where, "attention_head_dim", unet["attention_head_dim"],
                       "diffusers cannot build the middle attention without a head width")
@@ -572,7 +589,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"], time_proj=time_proj,
         conv_out_kernel=unet["conv_out_kernel"], cond_to_time=cond_to_time,
         cond_time_dim=None if cond_dim == emb else cond_dim,
-        clip_dim=clip, context_dim=context_dim, use_text_embed=True, text_encoder="clip",
+        clip_dim=clip, context_dim=context_dim, token_dim=token_dim, use_text_embed=True,
+        text_encoder="clip",
         clip_tokens=_int(proj["clip_extra_context_tokens"], proj_where,
                          "clip_extra_context_tokens"), text_width=clip)
     if time_proj == "fourier":

@@ -106,6 +106,7 @@ class DecoderConfig:
     # Conditioning.
     clip_dim: int = 768              # width of z_i and z_t
     context_dim: int = 512           # width of the context tokens inside attention
+    token_dim: int | None = None     # tokens built this wide, then one Linear to context_dim
     clip_tokens: int = 4             # extra tokens projected from z_i
     use_text_embed: bool = True      # project z_t into the timestep embedding (Karlo)
     text_encoder: str = "clip"       # 'clip' | 'transformer' | 'none'
@@ -198,7 +199,8 @@ class Decoder(nnx.Module):
             self.cond_to_time = TimeEmbedding(emb, c.emb_dim, **kw)
         else:
             self.cond_to_time = None
-        self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * c.context_dim, ("embed", "mlp"), **kw)
+        tok = c.token_dim or c.context_dim
+        self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * tok, ("embed", "mlp"), **kw)
         if c.text_encoder == "none":
             self.text_transformer = self.text_to_context = self.text_norm = None
             self.xf_to_time = None
@@ -208,8 +210,10 @@ class Decoder(nnx.Module):
             # GLIDE also adds the Transformer's pooled (end-of-text) state to the time embedding.
             self.xf_to_time = (dense(c.xf_width, emb, ("embed", "mlp"), **kw)
                                if c.text_encoder == "transformer" else None)
-            self.text_to_context = dense(c.hidden_width, c.context_dim, ("embed", "mlp"), **kw)
-            self.text_norm = LayerNorm(c.context_dim, eps=c.text_layer_norm_eps, **kw)
+            self.text_to_context = dense(c.hidden_width, tok, ("embed", "mlp"), **kw)
+            self.text_norm = LayerNorm(tok, eps=c.text_layer_norm_eps, **kw)
+        self.context_proj = (dense(tok, c.context_dim, ("embed", "mlp"), **kw)
+                             if c.token_dim is not None else None)
         self.unet = UNet(c.unet_config(), rngs)
 
     # ---------------------------------------------------------------------------------------
@@ -240,7 +244,7 @@ class Decoder(nnx.Module):
             emb_add = emb_add + self.text_to_time(text_embed)
 
         tokens = self.image_to_tokens(image_embed)
-        tokens = tokens.reshape(b, c.context_dim, c.clip_tokens).swapaxes(1, 2)
+        tokens = tokens.reshape(b, c.token_dim or c.context_dim, c.clip_tokens).swapaxes(1, 2)
         context, keep = tokens, jnp.ones((b, c.clip_tokens), bool)
 
         if c.text_encoder != "none":
@@ -270,6 +274,8 @@ class Decoder(nnx.Module):
                 mask = mask & ~jnp.asarray(drop_text, bool)[:, None]
             context = jnp.concatenate([context, hidden.astype(context.dtype)], axis=1)
             keep = jnp.concatenate([keep, mask], axis=1)
+        if self.context_proj is not None:
+            context = self.context_proj(context)
         return emb_add, context, keep
 
     def __call__(self, x_t: Array, t: Array, image_embed: Array, text_embed: Array | None = None,
