@@ -229,6 +229,11 @@ DECODER_VARIANTS = {
     "mid_block_type_none": dict(mid_block_type=None),
     "conv_kernels": dict(conv_in_kernel=5, conv_out_kernel=1),
     "encoder_hid_dim": dict(encoder_hid_dim=20),  # text_proj's tokens 20 wide, then 16
+    "addition_embed_type_text": dict(addition_embed_type="text",
+                                     addition_embed_type_num_heads=4),
+    "addition_embed_type_text_wide_tokens": dict(
+        addition_embed_type="text", addition_embed_type_num_heads=2, encoder_hid_dim=20,
+        class_embed_type=None, time_embedding_act_fn="silu"),
     "attn_blocks_self_attention": dict(  # AttnDown/UpBlock2D ignore the tokens and the mask
         down_block_types=("AttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "AttnUpBlock2D"), norm_eps=1e-3,
@@ -394,7 +399,10 @@ DECODER_REFUSALS = {
                                 "encoder_hid_dim=None"),
     "encoder_hid_dim_text_proj_width": (dict(encoder_hid_dim=12), {},
                                         "cross_attention_dim 16"),
-    "addition_embed_type": (dict(addition_embed_type="text"), {}, "addition_embed_type='text'"),
+    "addition_embed_type": (dict(addition_embed_type="image"), {},
+                            "addition_embed_type='image'"),
+    "addition_embed_type_heads": (dict(addition_embed_type="text"), {},
+                                  "addition_embed_type_num_heads=64"),
     "attention_type_gated": (dict(attention_type="gated"), {}, "attention_type='gated'"),
     "cross_attention_norm_unknown": (dict(cross_attention_norm="batch_norm"), {},
                                      "cross_attention_norm='batch_norm'"),

@@ -64,7 +64,7 @@ _COND_DEFAULTS = dict(
     mid_block_only_cross_attention=None, cross_attention_norm=None, transformer_layers_per_block=1,
     dual_cross_attention=False, use_linear_projection=False, upcast_attention=False,
     sample_size=None, attention_type="default", downsample_padding=1,
-    projection_class_embeddings_input_dim=None)
+    projection_class_embeddings_input_dim=None, addition_embed_type_num_heads=64)
 _TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768)
 
 
@@ -187,6 +187,14 @@ def class_embedding_param_map(c: DecoderConfig) -> NameTable:
     table: NameTable = {}
     if c.token_dim is not None:
         _linear(table, ("context_proj",), "encoder_hid_proj")
+    if c.token_pool_heads:
+        pool, theirs = ("token_pool",), "add_embedding"
+        _norm(table, (*pool, "norm1"), f"{theirs}.norm1")
+        table[(*pool, "positional_embedding")] = (f"{theirs}.pool.positional_embedding", "copy")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            _linear(table, (*pool, name), f"{theirs}.pool.{name}")
+        _linear(table, (*pool, "proj"), f"{theirs}.proj")
+        _norm(table, (*pool, "norm2"), f"{theirs}.norm2")
     if c.cond_to_time == "linear":
         _linear(table, ("cond_to_time",), "class_embedding")
     elif c.cond_to_time == "mlp":
@@ -441,7 +449,21 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise _refuse(where, "mid_block_type", mid_type,
                       "supported: " + ", ".join(repr(m) for m in _DEC_MID))
     mid_attn = mid_type == "UNetMidBlock2DSimpleCrossAttn"
-    _require(unet, where, addition_embed_type=None, attention_type="default")
+    _require(unet, where, attention_type="default")
+    addition = unet["addition_embed_type"]
+    if addition not in (None, "text"):
+        raise _refuse(where, "addition_embed_type", addition, f"{_NO_UNCLIP}: it needs "
+                      "added_cond_kwargs the pipeline does not pass; supported: null, 'text'")
+    pool_heads = None
+    if addition == "text":
+        pool_heads = _int(unet["addition_embed_type_num_heads"], where,
+                          "addition_embed_type_num_heads")
+        if unet["encoder_hid_dim"] is None and not isinstance(unet["cross_attention_dim"], int):
+            raise _refuse(where, "cross_attention_dim", unet["cross_attention_dim"],
+                          "addition_embed_type 'text' needs a single int")
+        if unet["class_embeddings_concat"]:
+            raise _refuse(where, "class_embeddings_concat", True, f"{_NO_UNCLIP} with "
+                          "addition_embed_type 'text' (their widths differ)")
     hid, hid_type = unet["encoder_hid_dim"], unet["encoder_hid_dim_type"]
     if hid_type is None and hid is not None:
         hid_type = "text_proj"  # as diffusers reads it
@@ -525,6 +547,9 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     context_dim = (used[0] if used else ctx[-1]) if token_dim is not None else \
         proj.get("cross_attention_dim") or (used[0] if used else ctx[-1])
     want = token_dim or context_dim
+    if pool_heads and want % pool_heads:
+        raise _refuse(where, "addition_embed_type_num_heads", pool_heads,
+                      f"the {want}-wide tokens must split into that many heads")
     if used and used[0] != context_dim or proj.get("cross_attention_dim") not in (None, want):
         raise CheckpointError(
             f"text_proj/config.json (cross_attention_dim {proj.get('cross_attention_dim')}) "
@@ -589,6 +614,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         emb_concat=concat, conv_in_kernel=unet["conv_in_kernel"], time_proj=time_proj,
         conv_out_kernel=unet["conv_out_kernel"], cond_to_time=cond_to_time,
         cond_time_dim=None if cond_dim == emb else cond_dim,
+        token_pool_heads=pool_heads,
         clip_dim=clip, context_dim=context_dim, token_dim=token_dim, use_text_embed=True,
         text_encoder="clip",
         clip_tokens=_int(proj["clip_extra_context_tokens"], proj_where,

@@ -107,6 +107,7 @@ class DecoderConfig:
     clip_dim: int = 768              # width of z_i and z_t
     context_dim: int = 512           # width of the context tokens inside attention
     token_dim: int | None = None     # tokens built this wide, then one Linear to context_dim
+    token_pool_heads: int | None = None  # also add the tokens, attention-pooled, to the time emb
     clip_tokens: int = 4             # extra tokens projected from z_i
     use_text_embed: bool = True      # project z_t into the timestep embedding (Karlo)
     text_encoder: str = "clip"       # 'clip' | 'transformer' | 'none'
@@ -133,6 +134,9 @@ class DecoderConfig:
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got "
                              f"{self.text_encoder!r}.")
+        if self.token_pool_heads and (self.token_dim or self.context_dim) % self.token_pool_heads:
+            raise ValueError(f"token_pool_heads ({self.token_pool_heads}) must divide the tokens' "
+                             f"width ({self.token_dim or self.context_dim}).")
         if self.clip_tokens < 1:
             raise ValueError("clip_tokens must be at least 1 (the paper and Karlo use 4).")
         self.unet_config()  # validates the UNet's shape
@@ -181,6 +185,38 @@ class DecoderConfig:
         return self.out_channels == 2 * self.image_channels
 
 
+class TokenPool(nnx.Module):
+    """The context tokens pooled into one time-embedding vector (DeepFloyd IF's attention pooling,
+    diffusers' TextTimeEmbedding): LayerNorm, a query from the tokens' mean plus a learned
+    position, multi-head attention over [query, tokens] (no output projection), Linear to
+    ``n_out``, LayerNorm. Every token takes part, masked or not."""
+
+    def __init__(self, width: int, n_out: int, heads: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"TokenPool: {width} channels cannot be split into {heads} heads.")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.heads = heads
+        self.norm1 = LayerNorm(width, eps=1e-5, **kw)
+        self.positional_embedding = nnx.Param(logical(nnx.initializers.normal(
+            width ** -0.5), None, "embed")(rngs.params(), (1, width), jnp.dtype(param_dtype)))
+        self.q_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.proj = dense(width, n_out, ("embed", "mlp"), **kw)
+        self.norm2 = LayerNorm(n_out, eps=1e-5, **kw)
+
+    def __call__(self, tokens: Array) -> Array:
+        x = self.norm1(tokens)
+        b, n, w = x.shape
+        query = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
+        keys = jnp.concatenate([query, x], axis=1)
+        split = lambda y: y.reshape(b, y.shape[1], self.heads, w // self.heads)  # noqa: E731
+        pooled = jax.nn.dot_product_attention(split(self.q_proj(query)), split(self.k_proj(keys)),
+                                              split(self.v_proj(keys)))
+        return self.norm2(self.proj(pooled.reshape(b, w)))
+
+
 class Decoder(nnx.Module):
     """See the module docstring for the call."""
 
@@ -214,6 +250,8 @@ class Decoder(nnx.Module):
             self.text_norm = LayerNorm(tok, eps=c.text_layer_norm_eps, **kw)
         self.context_proj = (dense(tok, c.context_dim, ("embed", "mlp"), **kw)
                              if c.token_dim is not None else None)
+        self.token_pool = (TokenPool(tok, c.emb_dim, c.token_pool_heads, **kw)
+                           if c.token_pool_heads else None)
         self.unet = UNet(c.unet_config(), rngs)
 
     # ---------------------------------------------------------------------------------------
@@ -221,7 +259,8 @@ class Decoder(nnx.Module):
                      text_hidden: Array | None = None, text_mask: Array | None = None, *,
                      text_tokens: Array | None = None, drop_image: Array | None = None,
                      drop_text: Array | None = None) -> tuple[Array, Array, Array]:
-        """(emb_add [B, E], context [B, 4 + L, context_dim], context_mask [B, 4 + L] bool)."""
+        """(emb_add [B, E], context [B, 4 + L, token_dim or context_dim], context_mask
+        [B, 4 + L] bool): before ``cond_to_time``, ``token_pool`` and ``context_proj``."""
         c = self.config
         if image_embed.ndim != 2 or image_embed.shape[-1] != c.clip_dim:
             raise ValueError(f"image_embed must be [B, {c.clip_dim}], got {image_embed.shape}.")
@@ -274,8 +313,6 @@ class Decoder(nnx.Module):
                 mask = mask & ~jnp.asarray(drop_text, bool)[:, None]
             context = jnp.concatenate([context, hidden.astype(context.dtype)], axis=1)
             keep = jnp.concatenate([keep, mask], axis=1)
-        if self.context_proj is not None:
-            context = self.context_proj(context)
         return emb_add, context, keep
 
     def __call__(self, x_t: Array, t: Array, image_embed: Array, text_embed: Array | None = None,
@@ -290,6 +327,11 @@ class Decoder(nnx.Module):
             emb_add = None
         elif self.cond_to_time is not None:
             emb_add = self.cond_to_time(emb_add)
+        if self.token_pool is not None:
+            pooled = self.token_pool(context).astype(jnp.float32)
+            emb_add = pooled if emb_add is None else emb_add + pooled
+        if self.context_proj is not None:
+            context = self.context_proj(context)
         return self.unet(x_t, t, emb_add=emb_add, context=context, context_mask=keep,
                          deterministic=deterministic, rng=rng)
 
