@@ -1,24 +1,46 @@
 """Load diffusers' unCLIP UNets (Karlo's decoder and super-resolution models) into our modules.
 
 * :func:`load_super_res` reads a ``UNet2DModel`` folder (``config.json`` +
-  ``diffusion_pytorch_model.safetensors``) in Karlo's ``super_res_first`` / ``super_res_last``
-  layout (``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``, ``UNetMidBlock2D`` with or
-  without attention) and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
+  ``diffusion_pytorch_model.safetensors``), Karlo's ``super_res_first`` / ``super_res_last``
+  and its variants, and returns a :class:`~unclip_jax.models.upsampler.SuperRes`.
 * :func:`load_decoder` reads a diffusers ``UnCLIPPipeline`` folder, its ``decoder/``
-  (``UNet2DConditionModel``: ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttnDownBlock2D``,
-  ``UNetMidBlock2DSimpleCrossAttn``, ``SimpleCrossAttnUpBlock2D`` / ``ResnetUpsampleBlock2D``,
-  class_embed_type "identity") and ``text_proj/`` (``UnCLIPTextProjModel``) subfolders, and
+  (``UNet2DConditionModel``) and ``text_proj/`` (``UnCLIPTextProjModel``) subfolders, and
   returns a :class:`~unclip_jax.models.decoder.Decoder` with ``text_encoder='clip'``.
 
 Each is a name table (our parameter path -> diffusers tensor name and layout) handed to
 ``unclip_jax.torch_weights.load_into``, which checks every tensor before reading any.
-Within these layouts the options that change the computation are read: in/out channels,
-block_out_channels (multiples of the first), layers_per_block, attention_head_dim,
-cross_attention_dim, norm_num_groups / norm_eps, resnet_time_scale_shift, act_fn (UNet2DModel
-keeps SiLU outside its resnets, as diffusers does), resnet_skip_time_act, center_input_sample,
-the super-res add_attention (with its attention_head_dim, normalised with norm_num_groups),
-dropout, time_embedding_dim, flip_sin_to_cos / freq_shift, and the decoder's sample_size
-(our ``image_size``). Anything else is refused with a message naming the offending key.
+
+Read and converted (each with a parity test against diffusers in tests/test_convert_variants.py):
+
+* both: block_out_channels (any widths), layers_per_block, norm_num_groups / norm_eps,
+  resnet_time_scale_shift 'default' / 'scale_shift', act_fn, dropout, center_input_sample,
+  time_embedding_dim, flip_sin_to_cos / freq_shift, mid_block_scale_factor, mid_block_type
+  (None: no middle block), downsample_padding 0 / 1;
+* UNet2DModel: down / up blocks ResnetDownsampleBlock2D, DownBlock2D, AttnDownBlock2D /
+  ResnetUpsampleBlock2D, UpBlock2D, AttnUpBlock2D (downsample_type / upsample_type 'conv' or
+  'resnet'), add_attention, attention_head_dim (None: one head), attn_norm_num_groups (None
+  with 'scale_shift': no norm before the middle attention);
+* UNet2DConditionModel: down / up blocks ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D,
+  DownBlock2D, AttnDownBlock2D / ResnetUpsampleBlock2D, SimpleCrossAttnUpBlock2D, UpBlock2D,
+  AttnUpBlock2D in any mix, middle UNetMidBlock2DSimpleCrossAttn / UNetMidBlock2D / None;
+  per-block layers_per_block, attention_head_dim (None: one head; the up path reads the list
+  unreversed, as diffusers does) and cross_attention_dim (equal where attention reads it);
+  only_cross_attention / mid_block_only_cross_attention, cross_attention_norm,
+  resnet_out_scale_factor, resnet_skip_time_act, class_embed_type 'identity' / None / 'projection' /
+  'simple_projection', class_embeddings_concat, time_embedding_type 'positional' / 'fourier',
+  time_embedding_act_fn, timestep_post_act, time_cond_proj_dim (its projection only reads
+  timestep_cond, which UnCLIPPipeline never passes: dropped), conv_in_kernel / conv_out_kernel
+  (odd), encoder_hid_dim ('text_proj'), addition_embed_type 'text', sample_size (our
+  ``image_size``). Options of blocks we do not build (the Transformer blocks'
+  transformer_layers_per_block, use_linear_projection, upcast_attention, dual_cross_attention)
+  change nothing here.
+
+Anything else is refused with a one-line CheckpointError naming the option and its value (and
+why: most of the rest are configurations UnCLIPPipeline cannot run, e.g. CrossAttn*Block2D /
+UNetMidBlock2DCrossAttn, whose Transformer self-attention receives the pipeline's token mask).
+Cross-only attention is the exception the other way: diffusers pads UnCLIP's token mask for
+spatial keys that it does not have, so UnCLIPPipeline fails on it; ours masks the tokens (parity
+is checked with every token kept).
 """
 from __future__ import annotations
 

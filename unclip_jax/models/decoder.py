@@ -41,7 +41,8 @@ Array = jax.Array
 TEXT_ENCODERS = ("clip", "transformer", "none")
 COND_TO_TIME = ("add", "linear", "mlp", "none")
 # DecoderConfig fields handed to UNetConfig as they are.
-UNET_VARIANTS = ("time_proj", "self_attn_levels", "up_self_attn_levels", "self_attn_eps", "block_widths", "up_head_dim", "up_resblock_updown", "up_res_time_act",
+UNET_VARIANTS = ("time_proj", "self_attn_levels", "up_self_attn_levels", "self_attn_eps",
+                 "block_widths", "up_head_dim", "up_resblock_updown", "up_res_time_act",
                  "out_scale", "up_out_scale", "mid_blocks", "mid_head_dim", "mid_out_scale",
                  "mid_res_time_act", "cross_only", "mid_cross_only", "context_norm",
                  "context_norm_groups", "time_post_act", "emb_act", "emb_concat",

@@ -133,8 +133,8 @@ class TimeEmbedding(nnx.Module):
 
 class FourierFeatures(nnx.Module):
     """Gaussian Fourier features of timesteps: [cos, sin](2 pi t w) (``flip_sin_to_cos``, else
-    [sin, cos]) with ``weight`` w [dim / 2] drawn from N(0, 1) (diffusers' GaussianFourierProjection
-    with log=False)."""
+    [sin, cos]) with ``weight`` w [dim / 2] drawn from N(0, 1) (diffusers'
+    GaussianFourierProjection with log=False)."""
 
     def __init__(self, dim: int, *, flip_sin_to_cos: bool = True, param_dtype, rngs: nnx.Rngs):
         self.flip = flip_sin_to_cos
