@@ -8,6 +8,7 @@ Blocks
   ``timestep_embedding(t, dim)``   sinusoidal features of (possibly fractional) timesteps
   :class:`GroupNorm`               GroupNorm with float32 statistics
   :class:`TimeEmbedding`           Linear -> SiLU -> Linear on the sinusoidal features
+  :class:`FourierFeatures`         Gaussian Fourier timestep features (``time_proj='fourier'``)
   :class:`ResBlock`                GroupNorm-SiLU-conv, timestep conditioning (scale-shift norm or
                                    additive), dropout, zero-initialised output conv, optional
                                    BigGAN-style up/down-sampling inside the block
@@ -22,7 +23,10 @@ with ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttn*`` blocks (which is ADM's w
 ``resblock_updown=True``): per level ``num_res_blocks`` residual blocks (each followed by attention
 at attention levels) and a downsampling residual block (except the last level); a middle block
 res-attn-res; the up path mirrors it with ``num_res_blocks + 1`` blocks per level fed the skip
-connections. ``unclip_jax.convert.diffusers_unet`` maps the parameters one to one.
+connections. ``UNetConfig``'s variant fields (per-level block counts, head widths, widths,
+resampling kinds, output scales, attention variants, embedding activations) cover the other
+layouts of those diffusers classes. ``unclip_jax.convert.diffusers_unet`` maps the parameters
+one to one.
 
 Dropout is explicit: ``deterministic=False`` plus an ``rng`` key at call time (no hidden RNG
 state), so a jitted train step stays a pure function of its inputs. ``remat=True`` recomputes
