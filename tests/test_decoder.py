@@ -274,7 +274,8 @@ def test_variant_configs_round_trip_through_a_pipeline_manifest():
     from unclip_jax.models.upsampler import SuperResConfig
     decoder = DecoderConfig(
         image_size=8, channels=8, channel_mult=(1, 1), block_widths=(8, 12),
-        num_res_blocks=(1, 2), mid_attention=False, attention_levels=(0, 1), up_attention_levels=(1,), self_attn_levels=(0,),
+        num_res_blocks=(1, 2), mid_attention=False, attention_levels=(0, 1),
+        up_attention_levels=(1,), self_attn_levels=(0,),
         self_attn_eps=1e-3, head_dim=(4, 6), up_head_dim=(8, 4), groups=4, clip_dim=12,
         context_dim=16, token_dim=20, token_pool_heads=2, cross_only=(False, True),
         context_norm="group", context_norm_groups=4, resblock_updown=(False, True),
