@@ -120,9 +120,10 @@ def _resblock(table: NameTable, ours: tuple, theirs: str, has_shortcut: bool) ->
 
 
 def _attention(table: NameTable, ours: tuple, theirs: str, c: UNetConfig,
-               cross_only: bool = False, self_only: bool = False) -> None:
+               cross_only: bool = False, self_only: bool = False, norm: bool | None = None
+               ) -> None:
     ctx = c.context_dim is not None and not self_only
-    if c.attn_norm:
+    if c.attn_norm if norm is None else norm:
         _norm(table, (*ours, "group_norm"), f"{theirs}.group_norm")
     if c.context_norm is not None and ctx:
         _norm(table, (*ours, "norm_cross"), f"{theirs}.norm_cross")
@@ -145,7 +146,7 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
     widths = c.widths
     n = len(widths)
     _conv(table, (*prefix, "conv_in"), "conv_in")
-    if c.time_proj == "fourier":
+    if c.time_proj in ("fourier", "learned"):
         table[(*prefix, "time_proj", "weight")] = ("time_proj.weight", "copy")
     _linear(table, (*prefix, "time_embed", "linear_1"), "time_embedding.linear_1")
     _linear(table, (*prefix, "time_embed", "linear_2"), "time_embedding.linear_2")
@@ -170,7 +171,7 @@ def unet_param_map(c: UNetConfig, prefix: tuple = ("unet",)) -> NameTable:
         _resblock(table, (*prefix, "mid", "res", i), f"mid_block.resnets.{i}", False)
     if c.mid_blocks and c.mid_attention:
         _attention(table, (*prefix, "mid", "attn"), "mid_block.attentions.0", c,
-                   c.mid_cross_only)
+                   c.mid_cross_only, norm=c.mid_norm)
 
     for j, lvl in enumerate(reversed(range(n))):
         out = widths[lvl]
@@ -379,9 +380,13 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     widths, base, mult = _widths(cfg, where, groups)
     n = len(widths)
     down, up = _block_types(cfg, where, n, _SR_DOWN, _SR_UP)
-    if cfg["time_embedding_type"] != "positional":
-        raise _refuse(where, "time_embedding_type", cfg["time_embedding_type"],
-                      "supported: 'positional'")
+    time_proj = cfg["time_embedding_type"]
+    if time_proj not in ("positional", "learned"):
+        raise _refuse(where, "time_embedding_type", time_proj, "supported: 'positional', "
+                      "'learned' ('fourier' takes log(t), which is -inf at UnCLIP's last step)")
+    steps = 1000
+    if time_proj == "learned":
+        steps = _int(cfg.get("num_train_timesteps"), where, "num_train_timesteps")
     for key in ("class_embed_type", "num_class_embeds"):
         if cfg[key] is not None:
             raise _refuse(where, key, cfg[key], "UnCLIPPipeline calls its super-res UNet "
@@ -411,14 +416,13 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     if attn_groups is None:  # diffusers' UNetMidBlock2D: the resnets' groups, or no norm
         mid_attn_norm = cfg["resnet_time_scale_shift"] == "default"
         attn_groups = groups
-    elif attn_groups != groups:
-        raise _refuse(where, "attn_norm_num_groups", attn_groups,
-                      f"supported: null or norm_num_groups={groups}")
-    if (levels or up_levels) and not mid_attn_norm and cfg["mid_block_type"] is not None and \
-            cfg["add_attention"]:
-        raise _refuse(where, "attn_norm_num_groups", None,
-                      "with resnet_time_scale_shift 'scale_shift' the middle attention has no "
-                      "norm while the blocks' attention has one; supported: norm_num_groups")
+    else:
+        _int(attn_groups, where, "attn_norm_num_groups")
+        if cfg["add_attention"] and cfg["mid_block_type"] is not None and \
+                widths[-1] % attn_groups:
+            raise _refuse(where, "attn_norm_num_groups", attn_groups,
+                          f"the middle attention's width {widths[-1]} must split into that many "
+                          "groups")
     scale = _number(cfg, where, "mid_block_scale_factor")
     mid = cfg["mid_block_type"] is not None
     fields = dict(
@@ -432,7 +436,9 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
         head_dim=head or widths[-1], conv_down_padding=padding,
         resblock_updown=down_res[0] if len(set(down_res)) == 1 else down_res,
         up_resblock_updown=None if up_res == down_res else up_res,
-        attn_norm=mid_attn_norm or not mid or not cfg["add_attention"],
+        mid_attn_norm=None if mid_attn_norm else False,
+        mid_attn_groups=None if attn_groups == groups else attn_groups,
+        time_proj=time_proj, num_timesteps=steps,
         mid_blocks=2 if mid else 0, mid_out_scale=scale, mid_attn_out_scale=scale)
     if head is None and (levels or up_levels):  # one head per level: its width
         fields["head_dim"] = tuple(widths)

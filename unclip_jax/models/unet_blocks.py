@@ -153,6 +153,20 @@ class FourierFeatures(nnx.Module):
         return jnp.concatenate([first, second], axis=-1)
 
 
+class LearnedTimeFeatures(nnx.Module):
+    """A learned table of timestep features: ``weight`` [num_timesteps, dim], row t for step t
+    (diffusers' UNet2DModel time_embedding_type='learned'; t outside the table is clipped)."""
+
+    def __init__(self, num_timesteps: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(logical(nnx.initializers.normal(1.0), None, "embed")(
+            rngs.params(), (num_timesteps, dim), param_dtype))
+
+    def __call__(self, t: Array) -> Array:
+        index = jnp.clip(jnp.round(jnp.asarray(t)).astype(jnp.int32), 0,
+                         self.weight.shape[0] - 1)
+        return jnp.take(self.weight[...].astype(jnp.float32), index, axis=0)
+
+
 def _nearest_up(x: Array) -> Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -375,8 +389,11 @@ class UNetConfig:
                            residual blocks then read 2 x emb_dim)
     ``conv_in_kernel`` / ``conv_out_kernel``  odd kernel sizes of the first and last conv
     ``conv_down_padding``  1 (every edge) or 0 (bottom / right only) for ``Downsample``
-    ``time_proj``          'fourier': learned-scale Gaussian Fourier features of width emb_dim
-                           (``FourierFeatures``) instead of sinusoidal ones of width channels
+    ``time_proj``          'fourier': Gaussian Fourier features of width emb_dim
+                           (``FourierFeatures``) instead of sinusoidal ones of width channels;
+                           'learned': a table of ``num_timesteps`` rows (``LearnedTimeFeatures``)
+    ``mid_attn_groups``    GroupNorm groups of the middle attention (None: ``groups``);
+                           ``mid_attn_norm`` whether it has one (None: ``attn_norm``)
     """
 
     in_channels: int = 3
@@ -427,7 +444,10 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     conv_down_padding: int = 1       # 0: the conv downsampler pads bottom / right only
-    time_proj: str = "positional"    # timestep features: 'positional' (sinusoidal) | 'fourier'
+    time_proj: str = "positional"    # timestep features: 'positional' | 'fourier' | 'learned'
+    num_timesteps: int = 1000        # rows of the 'learned' table
+    mid_attn_groups: int | None = None  # GroupNorm groups of the middle attention (None: groups)
+    mid_attn_norm: bool | None = None   # its GroupNorm at all (None: attn_norm)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
@@ -488,8 +508,14 @@ class UNetConfig:
         elif self.context_norm == "group" and self.context_dim % self.context_norm_groups:
             problems.append(f"context_dim {self.context_dim} is not a multiple of "
                             f"context_norm_groups ({self.context_norm_groups})")
-        if self.time_proj not in ("positional", "fourier"):
-            problems.append(f"time_proj must be 'positional' or 'fourier', got {self.time_proj!r}")
+        if self.time_proj not in ("positional", "fourier", "learned"):
+            problems.append(f"time_proj must be 'positional', 'fourier' or 'learned', got "
+                            f"{self.time_proj!r}")
+        if self.time_proj == "learned" and self.num_timesteps < 1:
+            problems.append(f"num_timesteps must be at least 1, got {self.num_timesteps}")
+        if self.mid_attention and self.mid_attn_groups and widths[-1] % self.mid_attn_groups:
+            problems.append(f"width {widths[-1]} is not a multiple of mid_attn_groups "
+                            f"({self.mid_attn_groups})")
         elif self.time_proj == "fourier" and self.emb_dim % 2:
             problems.append(f"Fourier features need an even emb_dim, got {self.emb_dim}")
         for name in ("conv_in_kernel", "conv_out_kernel"):
@@ -521,6 +547,11 @@ class UNetConfig:
         if value is None:
             value = getattr(self, name)
         return value[lvl] if isinstance(value, tuple) else value
+
+    @property
+    def mid_norm(self) -> bool:
+        """Whether the middle attention has a GroupNorm."""
+        return self.attn_norm if self.mid_attn_norm is None else self.mid_attn_norm
 
     @property
     def mid_heads(self) -> int:
@@ -614,22 +645,28 @@ class UNet(nnx.Module):
                             scale_shift=c.scale_shift, dropout=c.dropout, act=c.act,
                             time_act=bool(time_act), out_scale=scale, **extra, **kw)
 
-        def attn(width, head_dim, cross_only, out_scale=1.0, self_only=False):
+        def attn(width, head_dim, cross_only, out_scale=1.0, self_only=False, groups=None,
+                 norm=c.attn_norm):
             if self_only or c.context_dim is None:
-                return AttentionBlock(width, head_dim, None, groups=c.groups,
+                return AttentionBlock(width, head_dim, None, groups=groups or c.groups,
                                       eps=c.attn_norm_eps if c.self_attn_eps is None
-                                      else c.self_attn_eps, norm=c.attn_norm,
+                                      else c.self_attn_eps, norm=norm,
                                       out_scale=out_scale, **kw)
-            return AttentionBlock(width, head_dim, c.context_dim, groups=c.groups,
-                                  eps=c.attn_norm_eps, norm=c.attn_norm,
+            return AttentionBlock(width, head_dim, c.context_dim, groups=groups or c.groups,
+                                  eps=c.attn_norm_eps, norm=norm,
                                   cross_only=bool(cross_only), context_norm=c.context_norm,
                                   context_groups=c.context_norm_groups, out_scale=out_scale, **kw)
 
         self.conv_in = conv(c.in_channels, widths[0], c.conv_in_kernel, **kw)
         fourier = c.time_proj == "fourier"
-        self.time_proj = (FourierFeatures(emb, flip_sin_to_cos=c.flip_sin_to_cos,
-                                          param_dtype=c.params_dtype, rngs=rngs)
-                          if fourier else None)
+        if fourier:
+            self.time_proj = FourierFeatures(emb, flip_sin_to_cos=c.flip_sin_to_cos,
+                                             param_dtype=c.params_dtype, rngs=rngs)
+        elif c.time_proj == "learned":
+            self.time_proj = LearnedTimeFeatures(c.num_timesteps, widths[0],
+                                                 param_dtype=c.params_dtype, rngs=rngs)
+        else:
+            self.time_proj = None
         self.time_embed = TimeEmbedding(emb if fourier else widths[0], emb, act=c.outer_act,
                                         post_act=c.time_post_act, **kw)
 
@@ -652,7 +689,8 @@ class UNet(nnx.Module):
         self.down = nnx.List(down)
 
         self.mid = (MidBlock([res(width, width) for _ in range(c.mid_blocks)],
-                             attn(width, c.mid_heads, c.mid_cross_only, c.mid_attn_out_scale)
+                             attn(width, c.mid_heads, c.mid_cross_only, c.mid_attn_out_scale,
+                                  groups=c.mid_attn_groups, norm=c.mid_norm)
                              if c.mid_attention else None) if c.mid_blocks else None)
 
         up = []
