@@ -19,7 +19,8 @@ Read and converted (each with a parity test against diffusers in tests/test_conv
 * UNet2DModel: down / up blocks ResnetDownsampleBlock2D, DownBlock2D, AttnDownBlock2D /
   ResnetUpsampleBlock2D, UpBlock2D, AttnUpBlock2D (downsample_type / upsample_type 'conv' or
   'resnet'), add_attention, attention_head_dim (None: one head), attn_norm_num_groups (None
-  with 'scale_shift': no norm before the middle attention);
+  with 'scale_shift': no norm before the middle attention), time_embedding_type 'positional' /
+  'learned' (num_train_timesteps);
 * UNet2DConditionModel: down / up blocks ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D,
   DownBlock2D, AttnDownBlock2D / ResnetUpsampleBlock2D, SimpleCrossAttnUpBlock2D, UpBlock2D,
   AttnUpBlock2D in any mix, middle UNetMidBlock2DSimpleCrossAttn / UNetMidBlock2D / None;
