@@ -597,6 +597,8 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
         raise _refuse(where, "cross_attention_norm", norm,
                       f"{_NO_UNCLIP}: diffusers' LayerNorm has the block width "
                       f"({attn_widths}) and the tokens cross_attention_dim={context_dim}")
+    if not attn_widths:  # no block attends to the tokens: nothing to normalise
+        norm = None
     if norm == "group_norm" and context_dim % 32:
         raise _refuse(where, "cross_attention_norm", norm, f"diffusers normalises the tokens in "
                       f"32 groups: cross_attention_dim={context_dim} must be a multiple of 32")
