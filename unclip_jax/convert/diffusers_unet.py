@@ -413,6 +413,7 @@ def super_res_config_from_diffusers(cfg: dict, **overrides) -> SuperResConfig:
     padding = cfg.get("downsample_padding", 1)
     if not all(down_res[:-1]) and padding not in (0, 1):
         raise _refuse(where, "downsample_padding", padding, "supported: 0, 1")
+    padding = 0 if padding == 0 and not all(down_res[:-1]) else 1  # read by conv downsamplers
     attn_groups, mid_attn_norm = cfg["attn_norm_num_groups"], True
     if attn_groups is None:  # diffusers' UNetMidBlock2D: the resnets' groups, or no norm
         mid_attn_norm = cfg["resnet_time_scale_shift"] == "default"
@@ -612,6 +613,7 @@ def decoder_config_from_diffusers(unet: dict, proj: dict, **overrides) -> Decode
     padding = unet["downsample_padding"]
     if not all(res_down[:-1]) and padding not in (0, 1):
         raise _refuse(where, "downsample_padding", padding, "supported: 0, 1")
+    padding = 0 if padding == 0 and not all(res_down[:-1]) else 1  # read by conv downsamplers
     size = unet["sample_size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise CheckpointError(f"Unsupported {where}: sample_size={size!r} (UnCLIPPipeline "
