@@ -282,7 +282,8 @@ def test_variant_configs_round_trip_through_a_pipeline_manifest():
         up_resblock_updown=(True, False), out_scale=(1.0, 0.5), mid_blocks=1, emb_concat=True,
         cond_to_time="mlp", cond_time_dim=10, time_proj="fourier", conv_in_kernel=5)
     super_res = SuperResConfig(channels=8, channel_mult=(1, 1), block_widths=(8, 12), groups=4,
-                               attention_levels=(1,), attn_norm=False, mid_blocks=0,
+                               attention_levels=(1,), head_dim=4, mid_blocks=0,
+                               mid_attn_norm=False, time_proj="learned", num_timesteps=9,
                                resblock_updown=(False, True), conv_down_padding=0)
     for cls, config in (("Decoder", decoder), ("SuperRes", super_res)):
         stored = json.loads(json.dumps(config_to_dict(config)))

@@ -196,7 +196,7 @@ def test_convolutional_resampling_variant():
     (dict(context_norm="batch", context_dim=8), "context_norm must be"),
     (dict(context_norm="group", context_dim=8, context_norm_groups=3), "context_norm_groups"),
     (dict(conv_in_kernel=2), "conv_in_kernel must be an odd positive int"),
-    (dict(time_proj="learned"), "time_proj"),
+    (dict(time_proj="spectral"), "time_proj"),
     (dict(emb_act="tanh"), "emb_act"),
     (dict(up_attention_levels=(3,)), "up_attention_levels [3]"),
     (dict(attention_levels=(1,), head_dim=(8, 8, 8), up_head_dim=(8, 24, 8)), "head_dim (24)"),
