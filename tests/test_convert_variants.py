@@ -141,9 +141,15 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
     from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     unet = UNet2DConditionModel(sample_size=sample_size, **{**DECODER, **overrides}).eval()
+    c = unet.config
+    time_dim = (c.projection_class_embeddings_input_dim
+                if c.class_embed_type in ("projection", "simple_projection")
+                else c.time_embedding_dim or (2 if c.time_embedding_type == "fourier" else 4)
+                * c.block_out_channels[0])
+    ctx = c.encoder_hid_dim or c.cross_attention_dim
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=CLIP,
-                               time_embed_dim=4 * unet.config.block_out_channels[0],
-                               cross_attention_dim=unet.config.cross_attention_dim).eval()
+                               time_embed_dim=time_dim,
+                               cross_attention_dim=ctx if isinstance(ctx, int) else ctx[-1]).eval()
     randomize(unet, seed)
     randomize(proj, seed + 100)
     unet.save_pretrained(os.path.join(folder, "decoder"))
@@ -151,8 +157,10 @@ def _decoder_folder(folder, sample_size=8, seed=0, **overrides):
     return unet, proj
 
 
-def _decoder_reference(unet, proj, d):
-    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance)."""
+def _decoder_reference(unet, proj, d, mask=True):
+    """What UnCLIPPipeline computes between text_proj and the decoder (no guidance). mask=False:
+    no attention mask (diffusers pads UnCLIP's mask for spatial keys that cross-only attention
+    does not have, so UnCLIPPipeline cannot run it; every token is kept instead)."""
     import torch.nn.functional as F
     t = {k: torch.from_numpy(v) for k, v in d.items()}
     with torch.no_grad():
@@ -160,7 +168,8 @@ def _decoder_reference(unet, proj, d):
                                 text_encoder_hidden_states=t["hid"],
                                 do_classifier_free_guidance=False)
         out = unet(t["x"].permute(0, 3, 1, 2), t["t"], encoder_hidden_states=context,
-                   class_labels=emb_add, attention_mask=F.pad(t["mask"], (4, 0), value=True))
+                   class_labels=emb_add,
+                   attention_mask=F.pad(t["mask"], (4, 0), value=True) if mask else None)
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
@@ -172,6 +181,77 @@ DECODER_VARIANTS = {
     "act_fn_swish": dict(act_fn="swish"),
     "resnet_skip_time_act": dict(resnet_skip_time_act=True),
     "center_input_sample": dict(center_input_sample=True),
+    "mid_block_scale_factor": dict(mid_block_scale_factor=1.4),
+    "resnet_out_scale_factor": dict(resnet_out_scale_factor=0.7),
+    "only_cross_attention": dict(only_cross_attention=True),  # the middle block follows
+    "only_cross_attention_per_block": dict(only_cross_attention=[False, True],
+                                           mid_block_only_cross_attention=False),
+    "mid_block_only_cross_attention": dict(mid_block_only_cross_attention=True),
+    "cross_attention_norm_group": dict(cross_attention_norm="group_norm", cross_attention_dim=32),
+    "cross_attention_norm_layer": dict(cross_attention_norm="layer_norm"),  # tokens as wide
+    "time_embedding_act_fn": dict(time_embedding_act_fn="mish"),
+    "timestep_post_act": dict(timestep_post_act="gelu"),
+    "time_embedding_dim": dict(time_embedding_dim=24),
+    "time_cond_proj_dim": dict(time_cond_proj_dim=7),  # only read with timestep_cond
+    "time_embedding_type_fourier": dict(time_embedding_type="fourier", time_embedding_dim=24),
+    "time_embedding_type_fourier_default_width": dict(time_embedding_type="fourier",
+                                                      flip_sin_to_cos=False),
+    "class_embed_type_none": dict(class_embed_type=None),
+    "class_embed_type_projection": dict(class_embed_type="projection",
+                                        projection_class_embeddings_input_dim=20),
+    "class_embed_type_simple_projection": dict(class_embed_type="simple_projection",
+                                               projection_class_embeddings_input_dim=12),
+    "class_embeddings_concat": dict(class_embeddings_concat=True),
+    "layers_per_block_per_block": dict(layers_per_block=[1, 2]),
+    "attention_head_dim_per_block": dict(  # the up path reads the list unreversed
+        attention_head_dim=[4, 8],
+        down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+    "attention_head_dim_none": dict(  # one head as wide as the block
+        attention_head_dim=[None, 4], down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+    "cross_attention_dim_per_block": dict(cross_attention_dim=[16, 16]),
+    "block_out_channels_not_multiples": dict(block_out_channels=(8, 12), attention_head_dim=4),
+    "three_levels": dict(block_out_channels=(8, 16, 24),
+                         down_block_types=("ResnetDownsampleBlock2D",
+                                           "SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D",
+                                         "ResnetUpsampleBlock2D")),
+    "down_block_2d_up_block_2d": dict(
+        down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D"), resnet_skip_time_act=True,
+        resnet_out_scale_factor=0.8),
+    "downsample_padding_0": dict(down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                 downsample_padding=0),
+    "mid_block_type_unet_mid_block_2d": dict(mid_block_type="UNetMidBlock2D",
+                                             mid_block_scale_factor=1.3,
+                                             resnet_skip_time_act=True),
+    "mid_block_type_none": dict(mid_block_type=None),
+    "conv_kernels": dict(conv_in_kernel=5, conv_out_kernel=1),
+    "encoder_hid_dim": dict(encoder_hid_dim=20),  # text_proj's tokens 20 wide, then 16
+    "addition_embed_type_text": dict(addition_embed_type="text",
+                                     addition_embed_type_num_heads=4),
+    "addition_embed_type_text_wide_tokens": dict(
+        addition_embed_type="text", addition_embed_type_num_heads=2, encoder_hid_dim=20,
+        class_embed_type=None, time_embedding_act_fn="silu"),
+    "attn_blocks_self_attention": dict(  # AttnDown/UpBlock2D ignore the tokens and the mask
+        down_block_types=("AttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "AttnUpBlock2D"), norm_eps=1e-3,
+        resnet_skip_time_act=True, resnet_out_scale_factor=1.1, attention_head_dim=4,
+        mid_block_type="UNetMidBlock2D", cross_attention_norm="group_norm",
+        cross_attention_dim=32),
+    "attn_up_block_only": dict(
+        down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "SimpleCrossAttnUpBlock2D")),
+    "all_at_once": dict(
+        block_out_channels=(8, 12), attention_head_dim=[4, 6], layers_per_block=[2, 1],
+        down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D"), only_cross_attention=[True,
+                                                                                        False],
+        cross_attention_norm="group_norm", cross_attention_dim=32, mid_block_scale_factor=0.9,
+        resnet_out_scale_factor=1.2, time_embedding_act_fn="silu", timestep_post_act="mish",
+        class_embed_type="projection", projection_class_embeddings_input_dim=10,
+        class_embeddings_concat=True, resnet_skip_time_act=True, conv_in_kernel=1),
 }
 
 
@@ -183,7 +263,11 @@ def test_decoder_option_matches_diffusers(tmp_path, name):
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     d = dict(x=f(2, 8, 8, 3), t=np.array([5, 901]), zi=f(2, CLIP), zt=f(2, CLIP),
              hid=f(2, 5, CLIP), mask=np.array([[True] * 5, [True] * 2 + [False] * 3]))
-    ref = _decoder_reference(unet, proj, d)
+    c = unet.config
+    cross_only = c.mid_block_only_cross_attention or np.any(c.only_cross_attention)
+    if cross_only:
+        d["mask"][:] = True
+    ref = _decoder_reference(unet, proj, d, mask=not cross_only)
     out = np.asarray(ours(d["x"], d["t"], d["zi"], d["zt"], d["hid"], d["mask"]))
     assert out.shape == ref.shape == (2, 8, 8, 6)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
@@ -215,6 +299,31 @@ SUPER_RES_VARIANTS = {
                                    attn_norm_num_groups=4, resnet_time_scale_shift="scale_shift"),
     "learned_variance_wide_time": dict(out_channels=6, time_embedding_dim=24, norm_eps=1e-6,
                                        flip_sin_to_cos=False, freq_shift=1),
+    "attention_without_group_norm": dict(add_attention=True, attention_head_dim=4,
+                                         resnet_time_scale_shift="scale_shift"),
+    "mid_block_scale_factor": dict(add_attention=True, attention_head_dim=4,
+                                   mid_block_scale_factor=1.5),
+    "mid_block_type_none": dict(mid_block_type=None),
+    "block_out_channels_not_multiples": dict(block_out_channels=(8, 12)),
+    "down_block_2d_up_block_2d": dict(down_block_types=("DownBlock2D", "ResnetDownsampleBlock2D"),
+                                      up_block_types=("ResnetUpsampleBlock2D", "UpBlock2D")),
+    "downsample_padding_0": dict(down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, downsample_padding=0),
+    "attn_blocks": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4),
+    "attn_blocks_resnet_resample_one_head": dict(
+        down_block_types=("AttnDownBlock2D",) * 2, up_block_types=("AttnUpBlock2D",) * 2,
+        downsample_type="resnet", upsample_type="resnet", attention_head_dim=None,
+        attn_norm_num_groups=4, add_attention=True),
+    "attn_up_only": dict(up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                         attention_head_dim=8),
+    "attn_norm_num_groups_other": dict(add_attention=True, attention_head_dim=4,
+                                       attn_norm_num_groups=2),
+    "attention_blocks_normed_middle_not": dict(
+        add_attention=True, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
+        down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D")),
+    "time_embedding_type_learned": dict(time_embedding_type="learned", num_train_timesteps=1000),
 }
 
 
@@ -245,9 +354,150 @@ def test_unknown_unet_activation_is_refused(tmp_path):
         load_decoder(tmp_path)
 
 
-def test_super_res_attention_without_group_norm_is_refused(tmp_path):
-    from diffusers import UNet2DModel
-    UNet2DModel(**dict(SUPER_RES, add_attention=True, resnet_time_scale_shift="scale_shift")
-                ).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="attn_norm_num_groups=None"):
+def _config_only_folder(folder, decoder=None, text_proj=None):
+    """decoder/ and text_proj/ with config.json only: refusals come before any weight is read."""
+    unet = {**DECODER, "_class_name": "UNet2DConditionModel", "sample_size": 8, **(decoder or {})}
+    proj = {"_class_name": "UnCLIPTextProjModel", "clip_extra_context_tokens": 4,
+            "clip_embeddings_dim": CLIP, "time_embed_dim": 32, "cross_attention_dim": 16,
+            **(text_proj or {})}
+    for sub, config in (("decoder", unet), ("text_proj", proj)):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        with open(os.path.join(folder, sub, "config.json"), "w") as f:
+            json.dump(config, f)
+
+
+CROSS_ATTN = dict(down_block_types=("ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "ResnetUpsampleBlock2D"))
+# (decoder config changes, text_proj changes, what the one-line message must name)
+DECODER_REFUSALS = {
+    "cross_attn_down_block": (CROSS_ATTN, {}, "'CrossAttnDownBlock2D' is not supported"),
+    "cross_attn_up_block": (dict(up_block_types=("CrossAttnUpBlock2D",
+                                                 "ResnetUpsampleBlock2D")), {},
+                            "'CrossAttnUpBlock2D' is not supported"),
+    "k_down_block": (dict(down_block_types=("KDownBlock2D", "ResnetDownsampleBlock2D")), {},
+                     "'KDownBlock2D' is not supported"),
+    "block_types_count": (dict(down_block_types=("ResnetDownsampleBlock2D",)), {},
+                          "down_block_types=['ResnetDownsampleBlock2D']"),
+    "mid_block_cross_attn": (dict(mid_block_type="UNetMidBlock2DCrossAttn"), {},
+                             "mid_block_type='UNetMidBlock2DCrossAttn'"),
+    "class_embed_type_timestep": (dict(class_embed_type="timestep"), {},
+                                  "class_embed_type='timestep'"),
+    "class_embed_type_list": (dict(class_embed_type=["identity"]), {}, "class_embed_type=["),
+    "num_class_embeds": (dict(class_embed_type=None, num_class_embeds=10), {},
+                         "num_class_embeds=10"),
+    "projection_without_input_dim": (dict(class_embed_type="projection"), {},
+                                     "projection_class_embeddings_input_dim=None"),
+    "class_embeddings_concat_without_class": (dict(class_embed_type=None,
+                                                   class_embeddings_concat=True), {},
+                                              "class_embeddings_concat=True"),
+    "text_proj_time_embed_dim": ({}, dict(time_embed_dim=48), "time_embed_dim 48"),
+    "text_proj_cross_attention_dim": ({}, dict(cross_attention_dim=24),
+                                      "cross_attention_dim 24"),
+    "num_attention_heads": (dict(num_attention_heads=2), {}, "num_attention_heads=2"),
+    "time_embedding_type_learned": (dict(time_embedding_type="learned"), {},
+                                    "time_embedding_type='learned'"),
+    "fourier_odd_width": (dict(time_embedding_type="fourier", time_embedding_dim=33), {},
+                          "time_embedding_dim=33"),
+    "conv_in_kernel_even": (dict(conv_in_kernel=4), {}, "conv_in_kernel=4"),
+    "conv_out_kernel_zero": (dict(conv_out_kernel=0), {}, "conv_out_kernel=0"),
+    "encoder_hid_dim_type": (dict(encoder_hid_dim=12, encoder_hid_dim_type="image_proj"), {},
+                             "encoder_hid_dim_type='image_proj'"),
+    "encoder_hid_dim_missing": (dict(encoder_hid_dim_type="text_proj"), {},
+                                "encoder_hid_dim=None"),
+    "encoder_hid_dim_text_proj_width": (dict(encoder_hid_dim=12), {},
+                                        "cross_attention_dim 16"),
+    "addition_embed_type": (dict(addition_embed_type="image"), {},
+                            "addition_embed_type='image'"),
+    "addition_embed_type_heads": (dict(addition_embed_type="text"), {},
+                                  "addition_embed_type_num_heads=64"),
+    "attention_type_gated": (dict(attention_type="gated"), {}, "attention_type='gated'"),
+    "cross_attention_norm_unknown": (dict(cross_attention_norm="batch_norm"), {},
+                                     "cross_attention_norm='batch_norm'"),
+    "cross_attention_norm_layer_widths": (dict(cross_attention_norm="layer_norm",
+                                               cross_attention_dim=32), dict(
+        cross_attention_dim=32), "cross_attention_norm='layer_norm'"),
+    "cross_attention_norm_group_width": (dict(cross_attention_norm="group_norm"), {},
+                                         "cross_attention_norm='group_norm'"),
+    "cross_attention_dim_disagree": (dict(cross_attention_dim=[24, 16], down_block_types=(
+        "SimpleCrossAttnDownBlock2D",) * 2, up_block_types=("SimpleCrossAttnUpBlock2D",) * 2),
+        {}, "cross_attention_dim=[24, 16]"),
+    "attention_head_dim_mid_none": (dict(attention_head_dim=[8, None]), {},
+                                    "attention_head_dim=[8, None]"),
+    "attention_head_dim_not_dividing": (dict(attention_head_dim=6), {}, "head_dim (6)"),
+    "layers_per_block_length": (dict(layers_per_block=[1]), {}, "layers_per_block=[1]"),
+    "layers_per_block_zero": (dict(layers_per_block=0), {}, "layers_per_block=0"),
+    "only_cross_attention_length": (dict(only_cross_attention=[True]), {},
+                                    "only_cross_attention=[True]"),
+    "block_out_channels_groups": (dict(block_out_channels=(8, 10)), {},
+                                  "block_out_channels=[8, 10]"),
+    "block_out_channels_text": (dict(block_out_channels="8,16"), {},
+                                "block_out_channels='8,16'"),
+    "norm_num_groups_none": (dict(norm_num_groups=None), {}, "norm_num_groups=None"),
+    "resnet_time_scale_shift_spatial": (dict(resnet_time_scale_shift="spatial"), {},
+                                        "resnet_time_scale_shift='spatial'"),
+    "act_fn": (dict(act_fn="tanh"), {}, "act_fn='tanh'"),
+    "time_embedding_act_fn": (dict(time_embedding_act_fn="tanh"), {},
+                              "time_embedding_act_fn='tanh'"),
+    "timestep_post_act": (dict(timestep_post_act="softplus"), {}, "timestep_post_act='softplus'"),
+    "mid_block_scale_factor_zero": (dict(mid_block_scale_factor=0), {},
+                                    "mid_block_scale_factor=0"),
+    "resnet_out_scale_factor_text": (dict(resnet_out_scale_factor="2"), {},
+                                     "resnet_out_scale_factor='2'"),
+    "downsample_padding": (dict(down_block_types=("DownBlock2D", "ResnetDownsampleBlock2D"),
+                                downsample_padding=2), {}, "downsample_padding=2"),
+    "dropout": (dict(dropout=1.5), {}, "dropout=1.5"),
+    "center_input_sample": (dict(center_input_sample="yes"), {}, "center_input_sample='yes'"),
+    "in_channels": (dict(in_channels=0), {}, "in_channels=0"),
+    "clip_embeddings_dim": ({}, dict(clip_embeddings_dim="768"), "clip_embeddings_dim='768'"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODER_REFUSALS))
+def test_decoder_options_are_converted_or_refused_naming_them(tmp_path, name):
+    decoder, proj, says = DECODER_REFUSALS[name]
+    _config_only_folder(tmp_path, decoder, proj)
+    with pytest.raises(CheckpointError) as err:
+        load_decoder(tmp_path)
+    message = str(err.value)
+    assert says in message and "\n" not in message, message
+
+
+SUPER_RES_REFUSALS = {
+    "skip_down_block": (dict(down_block_types=("SkipDownBlock2D", "ResnetDownsampleBlock2D")),
+                        "'SkipDownBlock2D' is not supported"),
+    "time_embedding_type_fourier": (dict(time_embedding_type="fourier"),
+                                    "time_embedding_type='fourier'"),
+    "time_embedding_type_learned_no_steps": (dict(time_embedding_type="learned"),
+                                             "num_train_timesteps=None"),
+    "class_embed_type": (dict(class_embed_type="identity"), "class_embed_type='identity'"),
+    "num_class_embeds": (dict(num_class_embeds=3), "num_class_embeds=3"),
+    "attn_norm_num_groups": (dict(add_attention=True, attention_head_dim=4,
+                                  attn_norm_num_groups=3), "attn_norm_num_groups=3"),
+    "downsample_type": (dict(down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D"),
+                             attention_head_dim=4, downsample_type="pool"),
+                        "downsample_type='pool'"),
+    "in_channels_odd": (dict(in_channels=5), "in_channels=5"),
+    "norm_num_groups_none": (dict(norm_num_groups=None), "norm_num_groups=None"),
+    "mid_block_scale_factor_inf": (dict(mid_block_scale_factor=float("inf")),
+                                   "mid_block_scale_factor=inf"),
+    "layers_per_block_list": (dict(layers_per_block=[1, 1]), "layers_per_block=[1, 1]"),
+    "attention_head_dim_text": (dict(add_attention=True, attention_head_dim="4"),
+                                "attention_head_dim='4'"),
+}
+
+
+@pytest.mark.parametrize("name", list(SUPER_RES_REFUSALS))
+def test_super_res_options_are_converted_or_refused_naming_them(tmp_path, name):
+    config, says = SUPER_RES_REFUSALS[name]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**SUPER_RES, "_class_name": "UNet2DModel", **config}, f)
+    with pytest.raises(CheckpointError) as err:
+        load_super_res(tmp_path)
+    message = str(err.value)
+    assert says in message and "\n" not in message, message
+
+
+def test_config_json_not_an_object_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object"):
         load_super_res(tmp_path)

@@ -266,3 +266,30 @@ def test_full_size_karlo_decoder_layout():
     n = _layout_matches(abstract, table, state)
     assert n == count_params(abstract)
     print(f"Karlo decoder layout: {len(state)} tensors, {n / 1e9:.3f}B parameters, all mapped")
+
+
+def test_variant_configs_round_trip_through_a_pipeline_manifest():
+    """Converted variants (tuples per level, new fields) survive the JSON of our folders."""
+    from unclip_jax.io.pipeline_folder import config_from_dict, config_to_dict
+    from unclip_jax.models.upsampler import SuperResConfig
+    decoder = DecoderConfig(
+        image_size=8, channels=8, channel_mult=(1, 1), block_widths=(8, 12),
+        num_res_blocks=(1, 2), mid_attention=False, attention_levels=(0, 1),
+        up_attention_levels=(1,), self_attn_levels=(0,),
+        self_attn_eps=1e-3, head_dim=(4, 6), up_head_dim=(8, 4), groups=4, clip_dim=12,
+        context_dim=16, token_dim=20, token_pool_heads=2, cross_only=(False, True),
+        context_norm="group", context_norm_groups=4, resblock_updown=(False, True),
+        up_resblock_updown=(True, False), out_scale=(1.0, 0.5), mid_blocks=1, emb_concat=True,
+        cond_to_time="mlp", cond_time_dim=10, time_proj="fourier", conv_in_kernel=5)
+    super_res = SuperResConfig(channels=8, channel_mult=(1, 1), block_widths=(8, 12), groups=4,
+                               attention_levels=(1,), head_dim=4, mid_blocks=0,
+                               mid_attn_norm=False, time_proj="learned", num_timesteps=9,
+                               resblock_updown=(False, True), conv_down_padding=0)
+    for cls, config in (("Decoder", decoder), ("SuperRes", super_res)):
+        stored = json.loads(json.dumps(config_to_dict(config)))
+        assert config_from_dict(cls, stored, "test") == config
+    # and the decoder builds and runs
+    out = nnx.eval_shape(lambda: Decoder(decoder, nnx.Rngs(0))(
+        jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,)), jnp.zeros((2, 12)), jnp.zeros((2, 12)),
+        jnp.zeros((2, 3, 12)), jnp.ones((2, 3), bool)))
+    assert out.shape == (2, 8, 8, 6)

@@ -1,5 +1,7 @@
 """ADM UNet building blocks: sinusoidal features, GroupNorm, residual blocks, attention with
 encoder tokens, remat, dropout, compute dtype and the logical axis names of the parameters."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,51 @@ def test_convolutional_resampling_variant():
     out = nnx.eval_shape(lambda: UNet(config, nnx.Rngs(0))(jnp.zeros((2, 12, 16, 3)),
                                                           jnp.zeros((2,))))
     assert out.shape == (2, 12, 16, 3)
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(num_res_blocks=(1, 2)), "num_res_blocks (1, 2) must have one entry per level (3)"),
+    (dict(up_head_dim=(8,)), "up_head_dim"),
+    (dict(block_widths=(8, 16)), "block_widths"),
+    (dict(block_widths=(8, 12, 18)), "width 18 is not a multiple of groups"),
+    (dict(mid_attention=True, mid_blocks=1), "mid_blocks=2"),
+    (dict(mid_blocks=3), "mid_blocks must be 0, 1 or 2"),
+    (dict(context_norm="layer"), "context_norm needs context tokens"),
+    (dict(context_norm="batch", context_dim=8), "context_norm must be"),
+    (dict(context_norm="group", context_dim=8, context_norm_groups=3), "context_norm_groups"),
+    (dict(conv_in_kernel=2), "conv_in_kernel must be an odd positive int"),
+    (dict(time_proj="spectral"), "time_proj"),
+    (dict(emb_act="tanh"), "emb_act"),
+    (dict(up_attention_levels=(3,)), "up_attention_levels [3]"),
+    (dict(attention_levels=(1,), head_dim=(8, 8, 8), up_head_dim=(8, 24, 8)), "head_dim (24)"),
+])
+def test_variant_config_errors_name_the_field(fields, says):
+    with pytest.raises(ValueError, match="Invalid UNetConfig") as err:
+        UNetConfig(**{**dict(channels=16, channel_mult=(1, 2, 2), groups=4), **fields})
+    assert says in str(err.value)
+
+
+def test_variant_layout():
+    """Per-level blocks, widths, resampling and attention variants build the modules they name;
+    the middle block can be one residual block or none."""
+    config = UNetConfig(channels=8, channel_mult=(1, 1, 1), block_widths=(8, 12, 16),
+                        num_res_blocks=(1, 2, 1), attention_levels=(1,), up_attention_levels=(2,),
+                        head_dim=4, context_dim=6, cross_only=(False, True, False),
+                        context_norm="layer", resblock_updown=(False, True, True),
+                        up_resblock_updown=(True, False, True), mid_blocks=1, groups=4,
+                        out_scale=(1.0, 2.0, 1.0), time_proj="fourier", out_channels=3,
+                        self_attn_levels=(), up_self_attn_levels=(2,))
+    unet = nnx.eval_shape(lambda: UNet(config, nnx.Rngs(0)))
+    assert [len(level.res) for level in unet.down] == [1, 2, 1]
+    assert [len(level.res) for level in unet.up] == [2, 3, 2]  # levels 2, 1, 0
+    assert unet.down[1].attn[0].to_k is None and unet.down[1].attn[0].norm_cross is not None
+    assert unet.up[0].attn[0].add_k_proj is None and unet.up[1].attn is None
+    assert type(unet.down[0].resample).__name__ == "Downsample"
+    assert type(unet.up[1].resample).__name__ == "Upsample"  # level 1 going up
+    assert len(unet.mid.res) == 1 and unet.mid.attn is None
+    assert unet.time_proj.weight.shape == (16,)
+    out = nnx.eval_shape(lambda: UNet(config, nnx.Rngs(0))(
+        jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,)), context=jnp.zeros((2, 5, 6))))
+    assert out.shape == (2, 8, 8, 3)
+    none = dataclasses.replace(config, mid_blocks=0)
+    assert nnx.eval_shape(lambda: UNet(none, nnx.Rngs(0))).mid is None

@@ -76,8 +76,9 @@ def test_loader_refusals(tmp_path):
                     out_channels=3, norm_num_groups=4)
     config = json.loads((tmp_path / "config.json").read_text())
     # An option outside the super-res layout: named in one clear error.
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, mid_block_type=None)))
-    with pytest.raises(CheckpointError, match="mid_block_type"):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        config, down_block_types=["SkipDownBlock2D", "ResnetDownsampleBlock2D"])))
+    with pytest.raises(CheckpointError, match="'SkipDownBlock2D' is not supported"):
         load_super_res(tmp_path)
     # A config whose middle attention these weights lack: the missing tensors are named.
     (tmp_path / "config.json").write_text(json.dumps(dict(config, add_attention=True)))

@@ -35,10 +35,18 @@ from flax import nnx
 from unclip_jax.diffusion import guided_model_fn
 from unclip_jax.models.layers import LayerNorm, abstract_init, logical
 from unclip_jax.models.transformer import TextConfig, TextTransformer
-from unclip_jax.models.unet_blocks import UNet, UNetConfig, dense
+from unclip_jax.models.unet_blocks import TimeEmbedding, UNet, UNetConfig, dense
 
 Array = jax.Array
 TEXT_ENCODERS = ("clip", "transformer", "none")
+COND_TO_TIME = ("add", "linear", "mlp", "none")
+# DecoderConfig fields handed to UNetConfig as they are.
+UNET_VARIANTS = ("time_proj", "self_attn_levels", "up_self_attn_levels", "self_attn_eps",
+                 "block_widths", "up_head_dim", "up_resblock_updown", "up_res_time_act",
+                 "out_scale", "up_out_scale", "mid_blocks", "mid_head_dim", "mid_out_scale",
+                 "mid_res_time_act", "cross_only", "mid_cross_only", "context_norm",
+                 "context_norm_groups", "time_post_act", "emb_act", "emb_concat",
+                 "conv_in_kernel", "conv_out_kernel", "conv_down_padding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,11 @@ class DecoderConfig:
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int = 2
     attention_levels: tuple = (1, 2, 3)
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
+    time_proj: str = "positional"    # or 'fourier' (unet_blocks.FourierFeatures)
+    self_attn_levels: tuple = ()     # attention levels without the context tokens
+    up_self_attn_levels: tuple | None = None
+    self_attn_eps: float | None = None
     mid_attention: bool = True
     head_dim: int = 64
     groups: int = 32
@@ -66,9 +79,36 @@ class DecoderConfig:
     act: str = "silu"                # UNet activation (unet_blocks.ACTIVATIONS), everywhere
     res_time_act: bool = True        # False: diffusers' resnet_skip_time_act
     center_input: bool = False       # x_t -> 2 x_t - 1 first (diffusers' center_input_sample)
+    # UNet variants (see unet_blocks.UNetConfig; the defaults are the ADM / Karlo layout).
+    block_widths: tuple | None = None
+    up_head_dim: tuple | None = None
+    up_resblock_updown: tuple | None = None
+    up_res_time_act: tuple | None = None
+    out_scale: float | tuple = 1.0
+    up_out_scale: tuple | None = None
+    mid_blocks: int = 2
+    mid_head_dim: int | None = None
+    mid_out_scale: float = 1.0
+    mid_res_time_act: bool | None = None
+    cross_only: bool | tuple = False
+    mid_cross_only: bool = False
+    context_norm: str | None = None
+    context_norm_groups: int = 32
+    time_post_act: str | None = None
+    emb_act: str | None = None
+    emb_concat: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    conv_down_padding: int = 1
+    # How the projected z_i / z_t reach the timestep embedding: 'add' (added as they are),
+    # 'linear' or 'mlp' (Linear-SiLU-Linear) from ``cond_time_dim`` first, 'none' (they do not).
+    cond_to_time: str = "add"
+    cond_time_dim: int | None = None  # width of the projected z_i / z_t (None: emb_dim)
     # Conditioning.
     clip_dim: int = 768              # width of z_i and z_t
     context_dim: int = 512           # width of the context tokens inside attention
+    token_dim: int | None = None     # tokens built this wide, then one Linear to context_dim
+    token_pool_heads: int | None = None  # also add the tokens, attention-pooled, to the time emb
     clip_tokens: int = 4             # extra tokens projected from z_i
     use_text_embed: bool = True      # project z_t into the timestep embedding (Karlo)
     text_encoder: str = "clip"       # 'clip' | 'transformer' | 'none'
@@ -86,11 +126,18 @@ class DecoderConfig:
     scan_layers: bool = True         # the text Transformer's blocks in one lax.scan
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        for f in dataclasses.fields(self):  # JSON gives lists
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        if self.cond_to_time not in COND_TO_TIME:
+            raise ValueError(f"cond_to_time must be one of {COND_TO_TIME}, got "
+                             f"{self.cond_to_time!r}.")
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got "
                              f"{self.text_encoder!r}.")
+        if self.token_pool_heads and (self.token_dim or self.context_dim) % self.token_pool_heads:
+            raise ValueError(f"token_pool_heads ({self.token_pool_heads}) must divide the tokens' "
+                             f"width ({self.token_dim or self.context_dim}).")
         if self.clip_tokens < 1:
             raise ValueError("clip_tokens must be at least 1 (the paper and Karlo use 4).")
         self.unet_config()  # validates the UNet's shape
@@ -100,6 +147,7 @@ class DecoderConfig:
             in_channels=self.image_channels, out_channels=self.out_channels,
             channels=self.channels, channel_mult=self.channel_mult,
             num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
+            up_attention_levels=self.up_attention_levels,
             mid_attention=self.mid_attention, head_dim=self.head_dim,
             context_dim=self.context_dim, time_embed_dim=self.time_embed_dim,
             groups=self.groups, norm_eps=self.norm_eps, scale_shift=self.scale_shift,
@@ -107,7 +155,8 @@ class DecoderConfig:
             center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
-            param_dtype=self.param_dtype, remat=self.remat)
+            param_dtype=self.param_dtype, remat=self.remat,
+            **{name: getattr(self, name) for name in UNET_VARIANTS})
 
     def xf_config(self) -> TextConfig:
         return TextConfig(vocab_size=self.xf_vocab, context_length=self.xf_ctx,
@@ -124,11 +173,49 @@ class DecoderConfig:
 
     @property
     def emb_dim(self) -> int:
-        return self.time_embed_dim or 4 * self.channels
+        return self.time_embed_dim or 4 * (self.block_widths[0] if self.block_widths
+                                           else self.channels)
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the projected z_i / z_t (``emb_add`` before ``cond_to_time``)."""
+        return self.cond_time_dim or self.emb_dim
 
     @property
     def learned_variance(self) -> bool:
         return self.out_channels == 2 * self.image_channels
+
+
+class TokenPool(nnx.Module):
+    """The context tokens pooled into one time-embedding vector (DeepFloyd IF's attention pooling,
+    diffusers' TextTimeEmbedding): LayerNorm, a query from the tokens' mean plus a learned
+    position, multi-head attention over [query, tokens] (no output projection), Linear to
+    ``n_out``, LayerNorm. Every token takes part, masked or not."""
+
+    def __init__(self, width: int, n_out: int, heads: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"TokenPool: {width} channels cannot be split into {heads} heads.")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.heads = heads
+        self.norm1 = LayerNorm(width, eps=1e-5, **kw)
+        self.positional_embedding = nnx.Param(logical(nnx.initializers.normal(
+            width ** -0.5), None, "embed")(rngs.params(), (1, width), jnp.dtype(param_dtype)))
+        self.q_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, width, ("embed", "heads"), **kw)
+        self.proj = dense(width, n_out, ("embed", "mlp"), **kw)
+        self.norm2 = LayerNorm(n_out, eps=1e-5, **kw)
+
+    def __call__(self, tokens: Array) -> Array:
+        x = self.norm1(tokens)
+        b, n, w = x.shape
+        query = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
+        keys = jnp.concatenate([query, x], axis=1)
+        split = lambda y: y.reshape(b, y.shape[1], self.heads, w // self.heads)  # noqa: E731
+        pooled = jax.nn.dot_product_attention(split(self.q_proj(query)), split(self.k_proj(keys)),
+                                              split(self.v_proj(keys)))
+        return self.norm2(self.proj(pooled.reshape(b, w)))
 
 
 class Decoder(nnx.Module):
@@ -138,12 +225,19 @@ class Decoder(nnx.Module):
         c = self.config = config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
-        emb = c.emb_dim
+        emb = c.cond_dim
         self.null_image_embed = nnx.Param(logical(nnx.initializers.zeros_init(), "embed")(
             rngs.params(), (c.clip_dim,), pdt))
         self.image_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw)
         self.text_to_time = dense(c.clip_dim, emb, ("embed", "mlp"), **kw) if c.use_text_embed else None
-        self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * c.context_dim, ("embed", "mlp"), **kw)
+        if c.cond_to_time == "linear":
+            self.cond_to_time = dense(emb, c.emb_dim, ("embed", "mlp"), **kw)
+        elif c.cond_to_time == "mlp":
+            self.cond_to_time = TimeEmbedding(emb, c.emb_dim, **kw)
+        else:
+            self.cond_to_time = None
+        tok = c.token_dim or c.context_dim
+        self.image_to_tokens = dense(c.clip_dim, c.clip_tokens * tok, ("embed", "mlp"), **kw)
         if c.text_encoder == "none":
             self.text_transformer = self.text_to_context = self.text_norm = None
             self.xf_to_time = None
@@ -153,8 +247,12 @@ class Decoder(nnx.Module):
             # GLIDE also adds the Transformer's pooled (end-of-text) state to the time embedding.
             self.xf_to_time = (dense(c.xf_width, emb, ("embed", "mlp"), **kw)
                                if c.text_encoder == "transformer" else None)
-            self.text_to_context = dense(c.hidden_width, c.context_dim, ("embed", "mlp"), **kw)
-            self.text_norm = LayerNorm(c.context_dim, eps=c.text_layer_norm_eps, **kw)
+            self.text_to_context = dense(c.hidden_width, tok, ("embed", "mlp"), **kw)
+            self.text_norm = LayerNorm(tok, eps=c.text_layer_norm_eps, **kw)
+        self.context_proj = (dense(tok, c.context_dim, ("embed", "mlp"), **kw)
+                             if c.token_dim is not None else None)
+        self.token_pool = (TokenPool(tok, c.emb_dim, c.token_pool_heads, **kw)
+                           if c.token_pool_heads else None)
         self.unet = UNet(c.unet_config(), rngs)
 
     # ---------------------------------------------------------------------------------------
@@ -162,7 +260,8 @@ class Decoder(nnx.Module):
                      text_hidden: Array | None = None, text_mask: Array | None = None, *,
                      text_tokens: Array | None = None, drop_image: Array | None = None,
                      drop_text: Array | None = None) -> tuple[Array, Array, Array]:
-        """(emb_add [B, E], context [B, 4 + L, context_dim], context_mask [B, 4 + L] bool)."""
+        """(emb_add [B, E], context [B, 4 + L, token_dim or context_dim], context_mask
+        [B, 4 + L] bool): before ``cond_to_time``, ``token_pool`` and ``context_proj``."""
         c = self.config
         if image_embed.ndim != 2 or image_embed.shape[-1] != c.clip_dim:
             raise ValueError(f"image_embed must be [B, {c.clip_dim}], got {image_embed.shape}.")
@@ -185,7 +284,7 @@ class Decoder(nnx.Module):
             emb_add = emb_add + self.text_to_time(text_embed)
 
         tokens = self.image_to_tokens(image_embed)
-        tokens = tokens.reshape(b, c.context_dim, c.clip_tokens).swapaxes(1, 2)
+        tokens = tokens.reshape(b, c.token_dim or c.context_dim, c.clip_tokens).swapaxes(1, 2)
         context, keep = tokens, jnp.ones((b, c.clip_tokens), bool)
 
         if c.text_encoder != "none":
@@ -225,6 +324,15 @@ class Decoder(nnx.Module):
         emb_add, context, keep = self.conditioning(
             image_embed, text_embed, text_hidden, text_mask, text_tokens=text_tokens,
             drop_image=drop_image, drop_text=drop_text)
+        if self.config.cond_to_time == "none":
+            emb_add = None
+        elif self.cond_to_time is not None:
+            emb_add = self.cond_to_time(emb_add)
+        if self.token_pool is not None:
+            pooled = self.token_pool(context).astype(jnp.float32)
+            emb_add = pooled if emb_add is None else emb_add + pooled
+        if self.context_proj is not None:
+            context = self.context_proj(context)
         return self.unet(x_t, t, emb_add=emb_add, context=context, context_mask=keep,
                          deterministic=deterministic, rng=rng)
 

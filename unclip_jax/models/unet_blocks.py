@@ -8,6 +8,7 @@ Blocks
   ``timestep_embedding(t, dim)``   sinusoidal features of (possibly fractional) timesteps
   :class:`GroupNorm`               GroupNorm with float32 statistics
   :class:`TimeEmbedding`           Linear -> SiLU -> Linear on the sinusoidal features
+  :class:`FourierFeatures`         Gaussian Fourier timestep features (``time_proj='fourier'``)
   :class:`ResBlock`                GroupNorm-SiLU-conv, timestep conditioning (scale-shift norm or
                                    additive), dropout, zero-initialised output conv, optional
                                    BigGAN-style up/down-sampling inside the block
@@ -22,7 +23,10 @@ with ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttn*`` blocks (which is ADM's w
 ``resblock_updown=True``): per level ``num_res_blocks`` residual blocks (each followed by attention
 at attention levels) and a downsampling residual block (except the last level); a middle block
 res-attn-res; the up path mirrors it with ``num_res_blocks + 1`` blocks per level fed the skip
-connections. ``unclip_jax.convert.diffusers_unet`` maps the parameters one to one.
+connections. ``UNetConfig``'s variant fields (per-level block counts, head widths, widths,
+resampling kinds, output scales, attention variants, embedding activations) cover the other
+layouts of those diffusers classes. ``unclip_jax.convert.diffusers_unet`` maps the parameters
+one to one.
 
 Dropout is explicit: ``deterministic=False`` plus an ``rng`` key at call time (no hidden RNG
 state), so a jitted train step stays a pure function of its inputs. ``remat=True`` recomputes
@@ -39,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unclip_jax.models.layers import logical
+from unclip_jax.models.layers import LayerNorm, logical
 
 Array = jax.Array
 # Activations by diffusers' names (get_activation); SiLU is ADM's and Karlo's.
@@ -117,17 +121,50 @@ class GroupNorm(nnx.Module):
 
 
 class TimeEmbedding(nnx.Module):
-    """Sinusoidal features -> Linear -> SiLU (or ``act``) -> Linear."""
+    """Sinusoidal features -> Linear -> SiLU (or ``act``) -> Linear (-> ``post_act``)."""
 
-    def __init__(self, n_in: int, n_out: int, *, act: str = "silu", dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, n_in: int, n_out: int, *, act: str = "silu", post_act: str | None = None,
+                 dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.act = act
+        self.act, self.post_act = act, post_act
         self.linear_1 = dense(n_in, n_out, ("embed", "mlp"), **kw)
         self.linear_2 = dense(n_out, n_out, ("mlp", "embed"), **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.linear_2(ACTIVATIONS[self.act](self.linear_1(x)))
+        y = self.linear_2(ACTIVATIONS[self.act](self.linear_1(x)))
+        return y if self.post_act is None else ACTIVATIONS[self.post_act](y)
+
+
+class FourierFeatures(nnx.Module):
+    """Gaussian Fourier features of timesteps: [cos, sin](2 pi t w) (``flip_sin_to_cos``, else
+    [sin, cos]) with ``weight`` w [dim / 2] drawn from N(0, 1) (diffusers'
+    GaussianFourierProjection with log=False)."""
+
+    def __init__(self, dim: int, *, flip_sin_to_cos: bool = True, param_dtype, rngs: nnx.Rngs):
+        self.flip = flip_sin_to_cos
+        self.weight = nnx.Param(logical(nnx.initializers.normal(1.0), None)(
+            rngs.params(), (dim // 2,), param_dtype))
+
+    def __call__(self, t: Array) -> Array:
+        args = jnp.asarray(t, jnp.float32)[:, None] * self.weight[...].astype(jnp.float32)[None]
+        args = args * 2 * math.pi
+        first, second = (jnp.cos(args), jnp.sin(args)) if self.flip else (jnp.sin(args),
+                                                                           jnp.cos(args))
+        return jnp.concatenate([first, second], axis=-1)
+
+
+class LearnedTimeFeatures(nnx.Module):
+    """A learned table of timestep features: ``weight`` [num_timesteps, dim], row t for step t
+    (diffusers' UNet2DModel time_embedding_type='learned'; t outside the table is clipped)."""
+
+    def __init__(self, num_timesteps: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(logical(nnx.initializers.normal(1.0), None, "embed")(
+            rngs.params(), (num_timesteps, dim), param_dtype))
+
+    def __call__(self, t: Array) -> Array:
+        index = jnp.clip(jnp.round(jnp.asarray(t)).astype(jnp.int32), 0,
+                         self.weight.shape[0] - 1)
+        return jnp.take(self.weight[...].astype(jnp.float32), index, axis=0)
 
 
 def _nearest_up(x: Array) -> Array:
@@ -165,16 +202,16 @@ class ResBlock(nnx.Module):
     h = conv2(dropout(silu(h)));  out = skip(x) + h, skip a 1x1 conv when the width changes.
     conv2 starts at zero, so a fresh block is the identity on its skip path. ``act`` replaces
     every SiLU (diffusers' resnet_act_fn); ``time_act=False`` feeds emb to the projection as it
-    is (diffusers' skip_time_act).
+    is (diffusers' skip_time_act); ``out_scale`` divides the output, (skip(x) + h) / out_scale.
     """
 
     def __init__(self, n_in: int, n_out: int, emb_dim: int, *, groups: int = 32,
                  eps: float = 1e-5, scale_shift: bool = True, up: bool = False,
                  down: bool = False, dropout: float = 0.0, act: str = "silu",
-                 time_act: bool = True, dtype: Any = jnp.float32,
+                 time_act: bool = True, out_scale: float = 1.0, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.act, self.time_act = act, time_act
+        self.act, self.time_act, self.out_scale = act, time_act, float(out_scale)
         self.up, self.down, self.scale_shift, self.rate = up, down, scale_shift, dropout
         self.norm1 = GroupNorm(n_in, groups, eps, **kw)
         self.conv1 = conv(n_in, n_out, 3, **kw)
@@ -202,16 +239,18 @@ class ResBlock(nnx.Module):
         h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return x + h if self.out_scale == 1.0 else (x + h) / self.out_scale
 
 
 class Downsample(nnx.Module):
-    """Stride-2 3x3 convolution (ADM's conv_resample downsampling)."""
+    """Stride-2 3x3 convolution (ADM's conv_resample downsampling); ``padding`` 0 pads the bottom
+    and right edges by one instead of every edge."""
 
-    def __init__(self, channels: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, padding: int = 1, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        pad = ((1, 1), (1, 1)) if padding else ((0, 1), (0, 1))
         self.conv = nnx.Conv(channels, channels, kernel_size=(3, 3), strides=(2, 2),
-                             padding=((1, 1), (1, 1)), dtype=dtype, param_dtype=param_dtype,
+                             padding=pad, dtype=dtype, param_dtype=param_dtype,
                              kernel_init=logical(_conv_init(), None, None, "conv_in", "conv_out"),
                              bias_init=logical(nnx.initializers.zeros_init(), None),
                              rngs=rngs)
@@ -238,20 +277,41 @@ class AttentionBlock(nnx.Module):
     (``add_k_proj`` / ``add_v_proj``) and put in front of the spatial keys / values (GLIDE);
     ``context_mask`` [B, L] (True = attend) masks them. The kernel is
     ``jax.nn.dot_product_attention`` (scale 1/sqrt(head_dim), float32 softmax).
+
+    Variants: ``norm=False`` drops the GroupNorm; ``cross_only`` attends to the context tokens
+    alone (no spatial keys / values, no ``to_k`` / ``to_v``); ``context_norm`` 'layer' or 'group'
+    (``context_groups`` groups) normalises the context tokens first (``norm_cross``);
+    ``out_scale`` divides the output, (x + y) / out_scale.
     """
 
     def __init__(self, channels: int, head_dim: int, context_dim: int | None = None, *,
-                 groups: int = 32, eps: float = 1e-5, dtype: Any = jnp.float32,
+                 groups: int = 32, eps: float = 1e-5, norm: bool = True,
+                 cross_only: bool = False, context_norm: str | None = None,
+                 context_groups: int = 32, out_scale: float = 1.0, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if channels % head_dim:
             raise ValueError(f"Attention over {channels} channels cannot use heads of width "
                              f"{head_dim}; make the channel width a multiple of head_dim.")
+        if context_dim is None and (cross_only or context_norm is not None):
+            raise ValueError("cross_only / context_norm need context tokens (context_dim).")
+        if context_norm not in (None, "layer", "group"):
+            raise ValueError(f"context_norm must be None, 'layer' or 'group', got "
+                             f"{context_norm!r}.")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.heads, self.head_dim = channels // head_dim, head_dim
-        self.group_norm = GroupNorm(channels, groups, eps, **kw)
+        self.heads, self.head_dim, self.out_scale = channels // head_dim, head_dim, float(out_scale)
+        self.group_norm = GroupNorm(channels, groups, eps, **kw) if norm else None
         self.to_q = dense(channels, channels, ("embed", "heads"), **kw)
-        self.to_k = dense(channels, channels, ("embed", "heads"), **kw)
-        self.to_v = dense(channels, channels, ("embed", "heads"), **kw)
+        if cross_only:
+            self.to_k = self.to_v = None
+        else:
+            self.to_k = dense(channels, channels, ("embed", "heads"), **kw)
+            self.to_v = dense(channels, channels, ("embed", "heads"), **kw)
+        if context_norm == "layer":
+            self.norm_cross = LayerNorm(context_dim, eps=1e-5, **kw)
+        elif context_norm == "group":
+            self.norm_cross = GroupNorm(context_dim, context_groups, 1e-5, **kw)
+        else:
+            self.norm_cross = None
         if context_dim is not None:
             self.add_k_proj = dense(context_dim, channels, ("embed", "heads"), **kw)
             self.add_v_proj = dense(context_dim, channels, ("embed", "heads"), **kw)
@@ -263,22 +323,32 @@ class AttentionBlock(nnx.Module):
                  context_mask: Array | None = None) -> Array:
         b, hgt, wid, c = x.shape
         heads = lambda y: y.reshape(b, y.shape[1], self.heads, self.head_dim)
-        h = self.group_norm(x.reshape(b, hgt * wid, c))
-        q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
+        h = x.reshape(b, hgt * wid, c)
+        if self.group_norm is not None:
+            h = self.group_norm(h)
+        q = heads(self.to_q(h))
+        k = v = None
+        if self.to_k is not None:
+            k, v = heads(self.to_k(h)), heads(self.to_v(h))
         mask = None
         if self.add_k_proj is not None:
             if context is None:
                 raise ValueError("This attention block attends to context tokens: pass context "
                                  "[B, L, context_dim].")
-            k = jnp.concatenate([heads(self.add_k_proj(context)), k], axis=1)
-            v = jnp.concatenate([heads(self.add_v_proj(context)), v], axis=1)
+            if self.norm_cross is not None:
+                context = self.norm_cross(context)
+            ck, cv = heads(self.add_k_proj(context)), heads(self.add_v_proj(context))
+            k = ck if k is None else jnp.concatenate([ck, k], axis=1)
+            v = cv if v is None else jnp.concatenate([cv, v], axis=1)
             if context_mask is not None:
-                keep = jnp.concatenate([jnp.asarray(context_mask, bool),
-                                        jnp.ones((b, hgt * wid), bool)], axis=1)
+                keep = jnp.asarray(context_mask, bool)
+                if self.to_k is not None:
+                    keep = jnp.concatenate([keep, jnp.ones((b, hgt * wid), bool)], axis=1)
                 mask = keep[:, None, None, :]
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         y = self.to_out(y.reshape(b, hgt * wid, c))
-        return x + y.reshape(b, hgt, wid, c)
+        out = x + y.reshape(b, hgt, wid, c)
+        return out if self.out_scale == 1.0 else out / self.out_scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,71 +364,209 @@ class UNetConfig:
     ``context_dim``: width of context tokens the attention attends to (None: self-attention only).
     ``resblock_updown``: resample inside residual blocks (BigGAN / Karlo) or with convolutions.
     ``time_embed_dim`` None means 4 x ``channels``.
+
+    Per-level fields (``PER_LEVEL``) take one value for every level or a tuple with one entry
+    per level (index 0 = full resolution); those in ``UP_VARIANTS`` have an ``up_<name>`` twin
+    for the up path (None: as going down). The variants below default to the ADM / Karlo layout:
+
+    ``up_attention_levels``  the up path's attention levels (None: ``attention_levels``)
+    ``self_attn_levels``   attention levels whose blocks attend to the positions only, without
+                           the context tokens (``up_self_attn_levels`` going up, None: the same;
+                           ``self_attn_eps`` their GroupNorm eps, None: ``attn_norm_eps``)
+    ``block_widths``       explicit level widths (None: ``channels * channel_mult``)
+    ``out_scale``          residual blocks return (skip + h) / out_scale (``mid_out_scale`` in
+                           the middle; ``mid_attn_out_scale`` divides its attention's output)
+    ``mid_blocks``         2: res-attn-res in the middle; 1: one residual block; 0: no middle
+    ``mid_head_dim``       None: the head width of the last level
+    ``mid_res_time_act``   None: ``res_time_act`` of the last level
+    ``cross_only``         attention to the context tokens only (``mid_cross_only`` in the middle)
+    ``context_norm``       'layer' / 'group' (``context_norm_groups``): normalise the context
+                           tokens in every attention block
+    ``attn_norm``          False: no GroupNorm before attention
+    ``time_post_act``      activation after the timestep MLP (before ``emb_add``)
+    ``emb_act``            activation of the embedding after ``emb_add`` is added
+    ``emb_concat``         concatenate ``emb_add`` to the embedding instead of adding it (the
+                           residual blocks then read 2 x emb_dim)
+    ``conv_in_kernel`` / ``conv_out_kernel``  odd kernel sizes of the first and last conv
+    ``conv_down_padding``  1 (every edge) or 0 (bottom / right only) for ``Downsample``
+    ``time_proj``          'fourier': Gaussian Fourier features of width emb_dim
+                           (``FourierFeatures``) instead of sinusoidal ones of width channels;
+                           'learned': a table of ``num_timesteps`` rows (``LearnedTimeFeatures``)
+    ``mid_attn_groups``    GroupNorm groups of the middle attention (None: ``groups``);
+                           ``mid_attn_norm`` whether it has one (None: ``attn_norm``)
     """
 
     in_channels: int = 3
     out_channels: int = 6
     channels: int = 64
     channel_mult: tuple = (1, 2, 3, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple = 2
     attention_levels: tuple = ()
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
+    self_attn_levels: tuple = ()      # attention levels that ignore the context tokens
+    up_self_attn_levels: tuple | None = None
+    self_attn_eps: float | None = None  # their GroupNorm eps (None: attn_norm_eps)
     mid_attention: bool = False
-    head_dim: int = 64
+    head_dim: int | tuple = 64
     context_dim: int | None = None
     time_embed_dim: int | None = None
     groups: int = 32
     norm_eps: float = 1e-5
     attn_norm_eps: float = 1e-5
     scale_shift: bool = True
-    resblock_updown: bool = True
+    resblock_updown: bool | tuple = True
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     act: str = "silu"                # inside the residual blocks
     outer_act: str = "silu"          # in the timestep MLP and before conv_out
-    res_time_act: bool = True        # act(emb) before each block's projection (not skip_time_act)
+    res_time_act: bool | tuple = True  # act(emb) before each block's projection (not skip_time_act)
     center_input: bool = False       # x -> 2x - 1 first (diffusers' center_input_sample)
+    block_widths: tuple | None = None
+    up_head_dim: tuple | None = None
+    up_resblock_updown: tuple | None = None
+    up_res_time_act: tuple | None = None
+    out_scale: float | tuple = 1.0
+    up_out_scale: tuple | None = None
+    mid_blocks: int = 2
+    mid_head_dim: int | None = None
+    mid_out_scale: float = 1.0
+    mid_attn_out_scale: float = 1.0
+    mid_res_time_act: bool | None = None
+    cross_only: bool | tuple = False
+    mid_cross_only: bool = False
+    context_norm: str | None = None
+    context_norm_groups: int = 32
+    attn_norm: bool = True
+    time_post_act: str | None = None
+    emb_act: str | None = None
+    emb_concat: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    conv_down_padding: int = 1       # 0: the conv downsampler pads bottom / right only
+    time_proj: str = "positional"    # timestep features: 'positional' | 'fourier' | 'learned'
+    num_timesteps: int = 1000        # rows of the 'learned' table
+    mid_attn_groups: int | None = None  # GroupNorm groups of the middle attention (None: groups)
+    mid_attn_norm: bool | None = None   # its GroupNorm at all (None: attn_norm)
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        for f in dataclasses.fields(self):  # JSON gives lists
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
         problems = []
         for name in ("act", "outer_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 problems.append(f"{name} must be one of {tuple(ACTIVATIONS)}, got "
                                 f"{getattr(self, name)!r}")
+        for name in ("time_post_act", "emb_act"):
+            if getattr(self, name) not in (None, *ACTIVATIONS):
+                problems.append(f"{name} must be None or one of {tuple(ACTIVATIONS)}, got "
+                                f"{getattr(self, name)!r}")
         n = len(self.channel_mult)
         if n < 1:
             problems.append("channel_mult must name at least one level")
-        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < n]
-        if bad:
-            problems.append(f"attention_levels {bad} are not levels of a {n}-level UNet")
-        for m in self.channel_mult:
-            if (self.channels * m) % self.groups:
-                problems.append(f"width {self.channels * m} is not a multiple of groups "
-                                f"({self.groups})")
-        if (self.attention_levels or self.mid_attention):
-            levels = {lvl for lvl in self.attention_levels if 0 <= lvl < n}
-            for lvl in levels | ({n - 1} if self.mid_attention and n else set()):
-                if (self.channels * self.channel_mult[lvl]) % self.head_dim:
-                    problems.append(f"width {self.channels * self.channel_mult[lvl]} at level "
-                                    f"{lvl} is not a multiple of head_dim ({self.head_dim})")
+        if self.block_widths is not None and len(self.block_widths) != n:
+            problems.append(f"block_widths {self.block_widths} must have one width per level "
+                            f"({n})")
+        for name in PER_LEVEL + tuple(f"up_{v}" for v in UP_VARIANTS):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                problems.append(f"{name} {value} must have one entry per level ({n})")
+        if problems:
+            raise ValueError("Invalid UNetConfig: " + "; ".join(sorted(set(problems))) + ".")
+        widths = self.widths
+        for name in ("attention_levels", "up_attention_levels", "self_attn_levels",
+                     "up_self_attn_levels"):
+            bad = [lvl for lvl in getattr(self, name) or () if not 0 <= lvl < n]
+            if bad:
+                problems.append(f"{name} {bad} are not levels of a {n}-level UNet")
+        for w in widths:
+            if w % self.groups:
+                problems.append(f"width {w} is not a multiple of groups ({self.groups})")
+        for lvl, up in [(lvl, up) for up in (False, True) for lvl in self.attn_levels(up)]:
+            if 0 <= lvl < n:
+                head = self.at("head_dim", lvl, up)
+                if widths[lvl] % head:
+                    problems.append(f"width {widths[lvl]} at level {lvl} is not a multiple of "
+                                    f"head_dim ({head})")
+        if self.mid_attention and widths[-1] % self.mid_heads:
+            problems.append(f"width {widths[-1]} at level {n - 1} is not a multiple of "
+                            f"head_dim ({self.mid_heads})")
+        if self.mid_attention and self.mid_blocks != 2:
+            problems.append("mid_attention needs mid_blocks=2 (res-attn-res)")
+        if self.mid_blocks not in (0, 1, 2):
+            problems.append(f"mid_blocks must be 0, 1 or 2, got {self.mid_blocks}")
+        if self.context_norm not in (None, "layer", "group"):
+            problems.append(f"context_norm must be None, 'layer' or 'group', got "
+                            f"{self.context_norm!r}")
+        elif self.context_norm is not None and self.context_dim is None:
+            problems.append("context_norm needs context tokens (context_dim)")
+        elif self.context_norm == "group" and self.context_dim % self.context_norm_groups:
+            problems.append(f"context_dim {self.context_dim} is not a multiple of "
+                            f"context_norm_groups ({self.context_norm_groups})")
+        if self.time_proj not in ("positional", "fourier", "learned"):
+            problems.append(f"time_proj must be 'positional', 'fourier' or 'learned', got "
+                            f"{self.time_proj!r}")
+        if self.time_proj == "learned" and self.num_timesteps < 1:
+            problems.append(f"num_timesteps must be at least 1, got {self.num_timesteps}")
+        if self.mid_attention and self.mid_attn_groups and widths[-1] % self.mid_attn_groups:
+            problems.append(f"width {widths[-1]} is not a multiple of mid_attn_groups "
+                            f"({self.mid_attn_groups})")
+        elif self.time_proj == "fourier" and self.emb_dim % 2:
+            problems.append(f"Fourier features need an even emb_dim, got {self.emb_dim}")
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            k = getattr(self, name)
+            if not isinstance(k, int) or k < 1 or k % 2 == 0:
+                problems.append(f"{name} must be an odd positive int, got {k!r}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.num_res_blocks < 1:
+        if any(self.at("num_res_blocks", lvl) < 1 for lvl in range(n)):
             problems.append("num_res_blocks must be at least 1")
         if problems:
             raise ValueError("Invalid UNetConfig: " + "; ".join(sorted(set(problems))) + ".")
 
+    def attn_levels(self, up: bool = False) -> tuple:
+        """The levels with attention going down (or up)."""
+        if up and self.up_attention_levels is not None:
+            return self.up_attention_levels
+        return self.attention_levels
+
+    def self_only(self, lvl: int, up: bool = False) -> bool:
+        """Whether the attention at level ``lvl`` ignores the context tokens."""
+        levels = self.up_self_attn_levels if up and self.up_self_attn_levels is not None \
+            else self.self_attn_levels
+        return lvl in levels or self.context_dim is None
+
+    def at(self, name: str, lvl: int, up: bool = False):
+        """The value of per-level field ``name`` at level ``lvl`` (of the up path if ``up``)."""
+        value = getattr(self, f"up_{name}") if up and name in UP_VARIANTS else None
+        if value is None:
+            value = getattr(self, name)
+        return value[lvl] if isinstance(value, tuple) else value
+
+    @property
+    def mid_norm(self) -> bool:
+        """Whether the middle attention has a GroupNorm."""
+        return self.attn_norm if self.mid_attn_norm is None else self.mid_attn_norm
+
+    @property
+    def mid_heads(self) -> int:
+        """The head width of the middle attention."""
+        return self.mid_head_dim or self.at("head_dim", len(self.channel_mult) - 1)
+
     @property
     def emb_dim(self) -> int:
-        return self.time_embed_dim or 4 * self.channels
+        return self.time_embed_dim or 4 * (self.block_widths[0] if self.block_widths
+                                           else self.channels)
 
     @property
     def widths(self) -> tuple:
+        if self.block_widths is not None:
+            return tuple(self.block_widths)
         return tuple(self.channels * m for m in self.channel_mult)
 
     @property
@@ -368,6 +576,11 @@ class UNetConfig:
     @property
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+
+PER_LEVEL = ("num_res_blocks", "head_dim", "resblock_updown", "res_time_act", "out_scale",
+             "cross_only")
+UP_VARIANTS = ("head_dim", "resblock_updown", "res_time_act", "out_scale")
 
 
 class Level(nnx.Module):
@@ -416,54 +629,88 @@ class UNet(nnx.Module):
         c = self.config = config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
         emb = c.emb_dim
+        res_emb = 2 * emb if c.emb_concat else emb
         widths = c.widths
         n = len(widths)
 
-        def res(n_in, n_out, **extra):
-            return ResBlock(n_in, n_out, emb, groups=c.groups, eps=c.norm_eps,
+        def res(n_in, n_out, lvl=None, going_up=False, **extra):
+            if lvl is None:  # the middle block
+                scale, time_act = c.mid_out_scale, c.mid_res_time_act
+                if time_act is None:
+                    time_act = c.at("res_time_act", n - 1)
+            else:
+                scale = c.at("out_scale", lvl, going_up)
+                time_act = c.at("res_time_act", lvl, going_up)
+            return ResBlock(n_in, n_out, res_emb, groups=c.groups, eps=c.norm_eps,
                             scale_shift=c.scale_shift, dropout=c.dropout, act=c.act,
-                            time_act=c.res_time_act, **extra, **kw)
+                            time_act=bool(time_act), out_scale=scale, **extra, **kw)
 
-        def attn(width):
-            return AttentionBlock(width, c.head_dim, c.context_dim, groups=c.groups,
-                                  eps=c.attn_norm_eps, **kw)
+        def attn(width, head_dim, cross_only, out_scale=1.0, self_only=False, groups=None,
+                 norm=c.attn_norm):
+            if self_only or c.context_dim is None:
+                return AttentionBlock(width, head_dim, None, groups=groups or c.groups,
+                                      eps=c.attn_norm_eps if c.self_attn_eps is None
+                                      else c.self_attn_eps, norm=norm,
+                                      out_scale=out_scale, **kw)
+            return AttentionBlock(width, head_dim, c.context_dim, groups=groups or c.groups,
+                                  eps=c.attn_norm_eps, norm=norm,
+                                  cross_only=bool(cross_only), context_norm=c.context_norm,
+                                  context_groups=c.context_norm_groups, out_scale=out_scale, **kw)
 
-        self.conv_in = conv(c.in_channels, widths[0], 3, **kw)
-        self.time_embed = TimeEmbedding(widths[0], emb, act=c.outer_act, **kw)
+        self.conv_in = conv(c.in_channels, widths[0], c.conv_in_kernel, **kw)
+        fourier = c.time_proj == "fourier"
+        if fourier:
+            self.time_proj = FourierFeatures(emb, flip_sin_to_cos=c.flip_sin_to_cos,
+                                             param_dtype=c.params_dtype, rngs=rngs)
+        elif c.time_proj == "learned":
+            self.time_proj = LearnedTimeFeatures(c.num_timesteps, widths[0],
+                                                 param_dtype=c.params_dtype, rngs=rngs)
+        else:
+            self.time_proj = None
+        self.time_embed = TimeEmbedding(emb if fourier else widths[0], emb, act=c.outer_act,
+                                        post_act=c.time_post_act, **kw)
 
         down, skips, width = [], [widths[0]], widths[0]
         for lvl, out in enumerate(widths):
             blocks = []
-            for i in range(c.num_res_blocks):
-                blocks.append(res(width, out))
+            for i in range(c.at("num_res_blocks", lvl)):
+                blocks.append(res(width, out, lvl))
                 width = out
                 skips.append(width)
-            attns = [attn(out) for _ in blocks] if lvl in c.attention_levels else None
+            attns = ([attn(out, c.at("head_dim", lvl), c.at("cross_only", lvl),
+                           self_only=c.self_only(lvl)) for _ in blocks]
+                     if lvl in c.attention_levels else None)
             resample = None
             if lvl < n - 1:
-                resample = res(out, out, down=True) if c.resblock_updown else Downsample(out, **kw)
+                resample = (res(out, out, lvl, down=True) if c.at("resblock_updown", lvl)
+                            else Downsample(out, padding=c.conv_down_padding, **kw))
                 skips.append(out)
             down.append(Level(blocks, attns, resample))
         self.down = nnx.List(down)
 
-        self.mid = MidBlock([res(width, width), res(width, width)],
-                            attn(width) if c.mid_attention else None)
+        self.mid = (MidBlock([res(width, width) for _ in range(c.mid_blocks)],
+                             attn(width, c.mid_heads, c.mid_cross_only, c.mid_attn_out_scale,
+                                  groups=c.mid_attn_groups, norm=c.mid_norm)
+                             if c.mid_attention else None) if c.mid_blocks else None)
 
         up = []
         for lvl in reversed(range(n)):
             out, blocks = widths[lvl], []
-            for i in range(c.num_res_blocks + 1):
-                blocks.append(res(width + skips.pop(), out))
+            for i in range(c.at("num_res_blocks", lvl) + 1):
+                blocks.append(res(width + skips.pop(), out, lvl, going_up=True))
                 width = out
-            attns = [attn(out) for _ in blocks] if lvl in c.attention_levels else None
+            attns = ([attn(out, c.at("head_dim", lvl, True), c.at("cross_only", lvl),
+                           self_only=c.self_only(lvl, True))
+                      for _ in blocks] if lvl in c.attn_levels(True) else None)
             resample = None
             if lvl > 0:
-                resample = res(out, out, up=True) if c.resblock_updown else Upsample(out, **kw)
+                resample = (res(out, out, lvl, going_up=True, up=True)
+                            if c.at("resblock_updown", lvl, True) else Upsample(out, **kw))
             up.append(Level(blocks, attns, resample))
         self.up = nnx.List(up)
 
         self.norm_out = GroupNorm(widths[0], c.groups, c.norm_eps, **kw)
-        self.conv_out = conv(widths[0], c.out_channels, 3, zero=True, **kw)
+        self.conv_out = conv(widths[0], c.out_channels, c.conv_out_kernel, zero=True, **kw)
 
     def __call__(self, x: Array, t: Array, emb_add: Array | None = None,
                  context: Array | None = None, context_mask: Array | None = None,
@@ -477,10 +724,21 @@ class UNet(nnx.Module):
             raise ValueError(f"Input size {x.shape[1]}x{x.shape[2]} must be divisible by {factor} "
                              f"for a {len(c.channel_mult)}-level UNet.")
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-        emb = self.time_embed(timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                                                 freq_shift=c.freq_shift).astype(c.compute_dtype))
-        if emb_add is not None:
+        if self.time_proj is not None:
+            features = self.time_proj(t)
+        else:
+            features = timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                          freq_shift=c.freq_shift)
+        emb = self.time_embed(features.astype(c.compute_dtype))
+        if c.emb_concat:
+            if emb_add is None:
+                raise ValueError("This UNet concatenates emb_add to the timestep embedding "
+                                 "(emb_concat=True): pass emb_add [B, emb_dim].")
+            emb = jnp.concatenate([emb, emb_add.astype(emb.dtype)], axis=-1)
+        elif emb_add is not None:
             emb = emb + emb_add.astype(emb.dtype)
+        if c.emb_act is not None:
+            emb = ACTIVATIONS[c.emb_act](emb)
         counter = iter(range(10 ** 6))
 
         def key():
@@ -506,10 +764,12 @@ class UNet(nnx.Module):
                 h = run_res(level.resample, h)
                 skips.append(h)
 
-        h = run_res(self.mid.res[0], h)
-        if self.mid.attn is not None:
-            h = run_attn(self.mid.attn, h)
-        h = run_res(self.mid.res[1], h)
+        if self.mid is not None:
+            h = run_res(self.mid.res[0], h)
+            if self.mid.attn is not None:
+                h = run_attn(self.mid.attn, h)
+            for block in list(self.mid.res)[1:]:
+                h = run_res(block, h)
 
         for level in self.up:
             for i, block in enumerate(level.res):

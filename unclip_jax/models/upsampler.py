@@ -51,15 +51,42 @@ class SuperResConfig:
     center_input: bool = False       # [x_t, low_res] -> 2 [x_t, low_res] - 1 first
     mid_attention: bool = False      # self-attention in the middle block (Karlo: none)
     head_dim: int = 64               # its head width
+    # Variants (see unet_blocks.UNetConfig; the defaults are the ADM / Karlo layout).
+    attention_levels: tuple = ()     # levels whose residual blocks are followed by self-attention
+    up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
+    block_widths: tuple | None = None
+    attn_norm: bool = True           # False: no GroupNorm before the attention
+    mid_attn_norm: bool | None = None  # the middle attention's (None: attn_norm)
+    mid_attn_groups: int | None = None  # its groups (None: groups)
+    time_proj: str = "positional"    # or 'learned' (a table of num_timesteps rows)
+    num_timesteps: int = 1000
+    mid_blocks: int = 2              # 0: no middle block
+    mid_out_scale: float = 1.0
+    mid_attn_out_scale: float = 1.0
+    up_resblock_updown: tuple | None = None
+    conv_down_padding: int = 1
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # JSON gives lists
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        self.unet_config()  # validates the UNet's shape
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(
             in_channels=2 * self.image_channels, out_channels=self.out_channels,
             channels=self.channels, channel_mult=tuple(self.channel_mult),
-            num_res_blocks=self.num_res_blocks, attention_levels=(),
+            num_res_blocks=self.num_res_blocks, attention_levels=self.attention_levels,
+            up_attention_levels=self.up_attention_levels,
+            block_widths=self.block_widths, attn_norm=self.attn_norm,
+            mid_attn_norm=self.mid_attn_norm, mid_attn_groups=self.mid_attn_groups,
+            time_proj=self.time_proj, num_timesteps=self.num_timesteps,
+            mid_blocks=self.mid_blocks, mid_out_scale=self.mid_out_scale,
+            mid_attn_out_scale=self.mid_attn_out_scale,
+            up_resblock_updown=self.up_resblock_updown, conv_down_padding=self.conv_down_padding,
             mid_attention=self.mid_attention, head_dim=self.head_dim, attn_norm_eps=self.norm_eps,
             context_dim=None, time_embed_dim=self.time_embed_dim, groups=self.groups,
             norm_eps=self.norm_eps, scale_shift=self.scale_shift, act=self.act,
