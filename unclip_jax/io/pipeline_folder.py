@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import typing
 import uuid
 from typing import Any, Callable
 
@@ -119,21 +122,79 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 def config_from_dict(cls: str, fields: dict[str, Any], where: str):
-    """Rebuild the config dataclass of manifest class ``cls`` from its stored fields."""
-    if cls not in _REGISTRY:
-        raise FolderError(f"{where}: unknown component class {cls!r}; this version of unclip-jax "
-                          f"reads {', '.join(CLASSES)}.")
+    """Rebuild the config dataclass of manifest class ``cls`` from its stored fields, each
+    checked against the field's type (one FolderError naming the field)."""
+    if not isinstance(cls, str) or cls not in _REGISTRY:
+        raise FolderError(f"{where}: unknown component class {_short(cls)}; this version of "
+                          f"unclip-jax reads {', '.join(CLASSES)}.")
     config_cls = _REGISTRY[cls][0]
+    if not isinstance(fields, dict):
+        raise FolderError(f"{where}: 'config' must be an object of field -> value, not a "
+                          f"{type(fields).__name__}; the folder is damaged: re-export it.")
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise FolderError(f"{where}: config keys {unknown} are not fields of {config_cls.__name__}; "
-                          "the folder was written by another version of unclip-jax.")
+        raise FolderError(f"{where}: config keys {_short(unknown)} are not fields of "
+                          f"{config_cls.__name__}; the folder was written by another version of "
+                          "unclip-jax.")
+    hints = typing.get_type_hints(config_cls)
+    for key, value in fields.items():
+        problem = _field_problem(hints[key], value)
+        if problem:
+            raise FolderError(f"{where}: config field {key!r} is {_short(value)}, {problem}; "
+                              "the manifest is damaged: re-export the folder.")
     fields = {k: tuple(_tuplify(v)) if isinstance(v, list) else v for k, v in fields.items()}
     try:
         return config_cls(**fields)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a config's own checks raise several kinds
         raise FolderError(f"{where}: invalid {config_cls.__name__}: {e}") from None
+
+
+_MAX_INT = 2**31 - 1
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile manifest can hold huge values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _field_problem(hint, value) -> str | None:
+    """Why ``value`` cannot fill a config field annotated ``hint`` (None when it can)."""
+    if hint is Any:   # dtype, param_dtype
+        return None if value in _DTYPE_NAMES else f"expected one of {', '.join(_DTYPE_NAMES)}"
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        return None if type(value) is bool else "expected true or false"
+    if hint is int:
+        if not _is_int(value):
+            return "expected an integer"
+        return None if 0 <= value <= _MAX_INT else f"expected an integer in [0, {_MAX_INT}]"
+    if hint is float:
+        if not _is_number(value):
+            return "expected a number"
+        return None if math.isfinite(value) else "expected a finite number"
+    if hint is str:
+        return None if isinstance(value, str) and len(value) < 100 else "expected a short string"
+    if hint is tuple:
+        if not (isinstance(value, list) and len(value) <= 16
+                and all(_is_int(v) and 0 <= v <= 1024 for v in value)):
+            return "expected a list of at most 16 small non-negative integers"
+        return None
+    return None
 
 
 def _tuplify(v):
@@ -155,7 +216,8 @@ def _check_folder(folder: str) -> None:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The validated manifest of a pipeline folder."""
+    """The validated manifest of a pipeline folder: every field is checked (types, ranges, the
+    weights paths staying inside the folder) and a problem is one FolderError naming it."""
     folder = paths.check(folder)
     _check_folder(folder)
     path = manifest_path(folder)
@@ -164,30 +226,164 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
                           "(write one with UnCLIPPipeline.save_pretrained, or convert a diffusers "
                           "folder with `unclip-jax convert --from diffusers SRC --out DST`).")
     try:
+        size = paths.getsize(path)
+    except OSError as e:
+        raise FolderError(f"{path} cannot be read ({e}).") from None
+    if size > MAX_MANIFEST_BYTES:
+        raise FolderError(f"{path} is {size} bytes, more than a manifest ever needs "
+                          f"({MAX_MANIFEST_BYTES}); the folder is damaged: re-export it.")
+    try:
         with paths.open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FolderError(f"{path} is not valid JSON ({e}); the folder is damaged, re-export it.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise FolderError(f"{path} has format {got!r}, expected {FORMAT!r}: this is not an "
-                          "unclip-jax pipeline manifest.")
-    if manifest.get("version") != VERSION:
-        raise FolderError(f"{path} is format version {manifest.get('version')!r}; this unclip-jax "
-                          f"reads version {VERSION}. Use the unclip-jax release that wrote it, or "
-                          "re-export the folder.")
-    comps = manifest.setdefault("components", {})
-    if not isinstance(comps, dict):
-        raise FolderError(f"{path}: 'components' must be an object of name -> entry.")
-    for name, entry in comps.items():
-        if not isinstance(entry, dict) or not {"class", "config", "weights"} <= set(entry):
-            raise FolderError(f"{path}: component {name!r} needs 'class', 'config' and 'weights'.")
-        if entry["class"] not in CLASSES:
-            raise FolderError(f"{path}: component {name!r} has unknown class {entry['class']!r}; "
-                              f"known: {', '.join(CLASSES)}.")
+            manifest = json.loads(f.read(), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FolderError(f"{path} is not valid JSON ({_short(str(e), 120)}); the folder is "
+                          "damaged: re-export it.") from None
+    except OSError as e:
+        raise FolderError(f"{path} cannot be read ({e}).") from None
+    validate_manifest(manifest, folder)
+    manifest.setdefault("components", {})
     manifest.setdefault("tokenizer", {})
     manifest.setdefault("sampling", {})
     return manifest
+
+
+MAX_MANIFEST_BYTES = 16 * 2**20
+_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def validate_manifest(manifest: Any, folder: str) -> None:
+    """Check a parsed manifest's structure and every field; one FolderError names the first
+    problem and what to do. Weights paths must be relative, inside ``folder`` (symlinks
+    resolved, locally)."""
+    path = manifest_path(folder)
+
+    def bad(what: str, fix: str = "the manifest is damaged: re-export the folder") -> FolderError:
+        return FolderError(f"{path}: {what}; {fix}.")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FolderError(f"{path} has format {_short(got)}, expected {FORMAT!r}: this is not an "
+                          "unclip-jax pipeline manifest.")
+    version = manifest.get("version")
+    if not _is_int(version) or version != VERSION:
+        raise FolderError(f"{path} is format version {_short(version)}; this unclip-jax "
+                          f"reads version {VERSION}. Use the unclip-jax release that wrote it, or "
+                          "re-export the folder.")
+    comps = manifest.get("components", {})
+    if not isinstance(comps, dict):
+        raise bad(f"'components' must be an object of name -> entry, not a "
+                  f"{type(comps).__name__}")
+    files: dict[str, str] = {}
+    for name, entry in comps.items():
+        if not _NAME.match(name):
+            raise bad(f"component name {_short(name)} must be letters, digits and underscores")
+        where = f"component {name!r}"
+        if not isinstance(entry, dict):
+            raise bad(f"{where} must be an object with 'class', 'config' and 'weights', not a "
+                      f"{type(entry).__name__}")
+        lacking = [k for k in ("class", "config", "weights") if k not in entry]
+        if lacking:
+            raise bad(f"{where} lacks {', '.join(repr(k) for k in lacking)} (it needs 'class', "
+                      "'config' and 'weights')")
+        if not isinstance(entry["class"], str) or entry["class"] not in CLASSES:
+            raise bad(f"{where} has unknown class {_short(entry['class'])} (known: "
+                      f"{', '.join(CLASSES)})", "use the unclip-jax release that wrote it, or "
+                      "re-export the folder")
+        weights_problem(folder, entry["weights"], f"{path}: {where}")
+        if entry["weights"] in files:
+            raise bad(f"components {files[entry['weights']]!r} and {name!r} share the weights "
+                      f"file {entry['weights']!r}")
+        files[entry["weights"]] = name
+        config_from_dict(entry["class"], entry["config"], f"{path} {where}")
+    _validate_tokenizer(manifest.get("tokenizer", {}), bad)
+    _validate_sampling(manifest.get("sampling", {}), bad)
+
+
+def weights_problem(folder: str, weights: Any, where: str) -> None:
+    """Refuse a component's ``weights`` entry that is not a relative path inside ``folder``."""
+    problem = paths.relative_problem(weights)
+    if problem is None and not paths.inside(paths.join(folder, weights), folder):
+        problem = "is a symlink (or under one) that leads out of the folder"
+    if problem:
+        raise FolderError(f"{where}: 'weights' {_short(weights)} {problem}; it must name a file "
+                          "inside the pipeline folder, e.g. \"decoder.safetensors\". Fix the "
+                          "manifest or re-export the folder.")
+
+
+def _validate_tokenizer(tok: Any, bad) -> None:
+    if not isinstance(tok, dict):
+        raise bad(f"'tokenizer' must be an object, not a {type(tok).__name__}")
+    for key in ("kind", "vocab"):
+        if key in tok and not isinstance(tok[key], str):
+            raise bad(f"tokenizer.{key} is {_short(tok[key])}, expected a string")
+    ctx = tok.get("context_length")
+    if ctx is not None and not (_is_int(ctx) and 3 <= ctx <= 100_000):
+        raise bad(f"tokenizer.context_length is {_short(ctx)}, expected an integer in "
+                  "[3, 100000]")
+    pad = tok.get("pad_id")
+    if pad is not None and not (_is_int(pad) and 0 <= pad < 10_000_000):
+        raise bad(f"tokenizer.pad_id is {_short(pad)}, expected a token id (an integer >= 0)")
+
+
+# key -> (check, what it must be) for the sampling settings (unclip_jax.pipeline.settings
+# validates their meaning when the pipeline is built; these are the types and ranges).
+def _int_in(lo, hi):
+    return lambda v: _is_int(v) and lo <= v <= hi
+
+
+def _num_in(lo, hi, *, open_lo=False):
+    return lambda v: (_is_number(v) and math.isfinite(v) and (v > lo if open_lo else v >= lo)
+                      and v <= hi)
+
+
+_SAMPLING_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sampler": (lambda v: isinstance(v, str), "a sampler name"),
+    "schedule": (lambda v: isinstance(v, str), "a schedule name"),
+    "variance": (lambda v: v is None or isinstance(v, str), "a variance name or null"),
+    "prediction_type": (lambda v: isinstance(v, str), "a prediction type name"),
+    "steps": (_int_in(1, 100_000), "an integer in [1, 100000]"),
+    "num_train_steps": (_int_in(1, 100_000), "an integer in [1, 100000]"),
+    "float32_cumprod": (lambda v: type(v) is bool, "true or false"),
+    "eta": (_num_in(0.0, 1e6), "a finite number >= 0"),
+    "clip_range": (lambda v: v is None or _num_in(0.0, 1e9, open_lo=True)(v),
+                   "a finite number > 0, or null"),
+    "guidance_scale": (_num_in(-1e6, 1e6), "a finite number"),
+    "best_of": (_int_in(1, 10_000), "an integer in [1, 10000]"),
+    "size": (_int_in(1, 65_536), "an image size in [1, 65536]"),
+    "start_t": (lambda v: v is None or _int_in(0, 100_000)(v), "an integer >= 0, or null"),
+    "models": (lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+               "a list of component names"),
+    "temperature": (_num_in(0.0, 1e6, open_lo=True), "a finite number > 0"),
+    "top_p": (_num_in(0.0, 1.0, open_lo=True), "a number in (0, 1]"),
+    "dot_percentile": (_num_in(0.0, 100.0), "a number in [0, 100]"),
+}
+
+
+def _validate_sampling(sampling: Any, bad) -> None:
+    if not isinstance(sampling, dict):
+        raise bad(f"'sampling' must be an object of stage -> settings, not a "
+                  f"{type(sampling).__name__}")
+    for stage, value in sampling.items():
+        if stage == "super_res":
+            if not isinstance(value, list):
+                raise bad(f"sampling.super_res must be a list of stage settings, not a "
+                          f"{type(value).__name__}")
+            stages = [(f"sampling.super_res[{i}]", v) for i, v in enumerate(value)]
+        else:
+            stages = [(f"sampling.{_short(stage, 30)}", value)]
+        for where, settings in stages:
+            if not isinstance(settings, dict):
+                raise bad(f"{where} must be an object of setting -> value, not a "
+                          f"{type(settings).__name__}")
+            for key, v in settings.items():
+                check, what = _SAMPLING_TYPES.get(key, (None, ""))
+                if check is not None and not check(v):
+                    raise bad(f"{where}.{key} is {_short(v)}, expected {what}",
+                              "fix the manifest or re-export the folder")
 
 
 def save_manifest(folder: str | os.PathLike, *, components: dict | None = None,
@@ -279,6 +475,7 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     fields.update(config_overrides or {})
     config = config_from_dict(entry["class"], fields, where)
     build = _REGISTRY[entry["class"]][1]
+    weights_problem(folder, entry["weights"], where)
     weights = paths.join(folder, entry["weights"])
     if not paths.isfile(weights):
         raise FolderError(f"{folder} lacks {entry['weights']}, the weights of component {name!r}; "
@@ -286,9 +483,15 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
     try:
         tensors = safetensors.TensorFiles([weights])
     except safetensors.SafetensorsError as e:
-        raise FolderError(f"{weights} cannot be read ({e}); re-export the folder.") from None
+        raise FolderError(f"{e} (component {name!r} of {folder}: re-export the folder)") from None
+    _check_layer_counts(config, len(tensors.names()), where, weights)
 
-    abstract = abstract_init(lambda: build(config))
+    try:
+        abstract = abstract_init(lambda: build(config))
+    except Exception as e:  # noqa: BLE001 - a hostile config can break a constructor anywhere
+        raise FolderError(f"{where}: its config does not describe a {entry['class']} that can be "
+                          f"built ({type(e).__name__}: {_short(str(e), 200)}); re-export the "
+                          "folder.") from None
     graphdef, state = nnx.split(abstract)
     flat = {".".join(str(p) for p in path): var for path, var in state.flat_state()}
     shapes = unstack_layer_shapes({k: tuple(v.shape) for k, v in flat.items()})  # per layer
@@ -307,11 +510,45 @@ def load_component(folder: str | os.PathLike, name: str, manifest: dict | None =
             lines.append(f"  misshapen tensors ({len(misshapen)}): " + ", ".join(misshapen))
         lines.append("Re-export the folder; the weights and the manifest must be written together.")
         raise FolderError("\n".join(lines))
-    arrays = stack_layer_names({k: tensors.read(k) for k in shapes},
-                               {k: tuple(v.shape) for k, v in flat.items()})
+    wanted = _per_layer_dtypes(flat)
+    try:
+        arrays = stack_layer_names(
+            {k: safetensors.cast_checked(tensors.read(k), wanted[k], f"{weights}: tensor {k!r}")
+             for k in shapes},
+            {k: tuple(v.shape) for k, v in flat.items()})
+    except safetensors.SafetensorsError as e:
+        raise FolderError(str(e)) from None
     for key, var in flat.items():
         var.set_value(jnp.asarray(arrays[key]).astype(var.dtype))
     return nnx.merge(graphdef, state)
+
+
+def _per_layer_dtypes(flat: dict) -> dict[str, np.dtype]:
+    """Per-layer tensor name -> the numpy dtype of the variable it fills (zero-strided
+    placeholders go through the same unstacking as the shapes: nothing is allocated)."""
+    fake = {k: np.broadcast_to(np.zeros((), np.dtype(v.dtype)), tuple(v.shape))
+            for k, v in flat.items()}
+    return {k: a.dtype for k, a in unstack_layer_names(fake).items()}
+
+
+_LAYER_FIELDS = ("text_layers", "vision_layers", "num_layers", "depth", "num_res_blocks",
+                 "xf_layers")
+
+
+def _check_layer_counts(config, tensor_count: int, where: str, weights: str) -> None:
+    """Every layer holds at least one tensor: a config claiming more layers than its file has
+    tensors is refused before the model is built (a huge count would take forever to build)."""
+    for field in _LAYER_FIELDS:
+        n = getattr(config, field, None)
+        if isinstance(n, int) and n > tensor_count:
+            raise FolderError(f"{where}: config field {field!r} is {n}, more layers than "
+                              f"{weights} has tensors ({tensor_count}); the manifest does not "
+                              "describe these weights: re-export the folder.")
+    levels = len(getattr(config, "channel_mult", ()) or ())
+    blocks = getattr(config, "num_res_blocks", 0) or 0
+    if levels * max(blocks, 1) > tensor_count:
+        raise FolderError(f"{where}: config describes {levels} levels of {blocks} blocks, more "
+                          f"than {weights} has tensors ({tensor_count}); re-export the folder.")
 
 
 def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
