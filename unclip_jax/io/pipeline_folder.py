@@ -50,7 +50,7 @@ from flax import nnx
 from unclip_jax.clip.model import CLIP, CLIPConfig
 from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.errors import UserError
-from unclip_jax.io import paths, safetensors
+from unclip_jax.io import outputs, paths, safetensors
 from unclip_jax.io.atomic import atomic_write, umask
 from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.decoder import Decoder, DecoderConfig
@@ -148,6 +148,20 @@ def config_from_dict(cls: str, fields: dict[str, Any], where: str):
         return config_cls(**fields)
     except Exception as e:  # noqa: BLE001 - a config's own checks raise several kinds
         raise FolderError(f"{where}: invalid {config_cls.__name__}: {e}") from None
+
+
+def config_field_problems(config_cls: type, fields: dict[str, Any]) -> list[str]:
+    """'FIELD is VALUE, expected ...' for every field of ``fields`` (JSON values, lists for
+    tuples) that cannot fill the dataclass ``config_cls`` (the checks of the manifest)."""
+    hints = typing.get_type_hints(config_cls)
+    out = []
+    for key, value in fields.items():
+        if key in hints:
+            problem = _field_problem(hints[key], list(value) if isinstance(value, tuple)
+                                     else value)
+            if problem:
+                out.append(f"{key} is {_short(value)}, {problem}")
+    return out
 
 
 _MAX_INT = 2**31 - 1
@@ -551,40 +565,180 @@ def _check_layer_counts(config, tensor_count: int, where: str, weights: str) -> 
                           f"than {weights} has tensors ({tensor_count}); re-export the folder.")
 
 
-def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp_folder)`` to fill a fresh sibling folder, then swap it in for ``folder``:
-    an existing good folder is replaced only once the new one is complete (remotely, where
-    there is no rename, the old folder is deleted and the new one copied in its place)."""
+def _listed_files(manifest: dict | None) -> set[str]:
+    """The files a (validated) manifest owns: itself and every component's weights."""
+    if manifest is None:
+        return set()
+    return {MANIFEST} | {e["weights"] for e in manifest.get("components", {}).values()}
+
+
+def check_output(folder: str | os.PathLike, *, overwrite: bool = True,
+                 adding: list[str] | None = None, will_write=(),
+                 flag: str = "--out") -> dict | None:
+    """Check, before any work, that a pipeline can be written to ``folder``: a new or empty
+    folder, or an unclip-jax pipeline folder (replaced only when ``overwrite``). ``adding``:
+    the component names a command adds to the folder (export) instead of replacing the whole
+    pipeline; then only components already there need ``overwrite``. A non-empty folder that is
+    not a pipeline folder is always refused, and so is one holding a file we would write that
+    its manifest does not list (``will_write``: such file names). Returns the existing
+    manifest (or None)."""
+    folder = paths.check(folder)
+    over = "--overwrite" if flag.startswith("--") else "overwrite=True"
+    if paths.exists(folder) and not paths.isdir(folder):
+        raise FolderError(f"{flag} {folder} exists and is not a folder; choose another output "
+                          "path.")
+    if not paths.exists(folder):
+        outputs.check_folder(folder, flag=flag)   # its parent must be a folder we can write
+        return None
+    outputs.check_folder(folder, flag=flag)       # permissions
+    names = [n for n in paths.listdir(folder)]
+    if not names:
+        return None
+    if MANIFEST not in names:
+        raise FolderError(f"{flag} {folder} exists, is not empty and is not an unclip-jax "
+                          "pipeline folder; refusing to replace it (nothing there is ours to "
+                          "replace). Choose an empty or new folder.")
+    try:
+        manifest = read_manifest(folder)
+    except FolderError as e:
+        raise FolderError(f"{flag} {folder} holds a damaged pipeline manifest, so which of its "
+                          f"files are ours is unknown; not writing there. Remove "
+                          f"{manifest_path(folder)} or choose another folder. ({e})") from None
+    comps = manifest["components"]
+    if adding is None and not overwrite:
+        raise FolderError(f"{flag} {folder} already holds an unclip-jax pipeline "
+                          f"({', '.join(sorted(comps)) or 'no components'}). Pass {over} to "
+                          f"replace it (only {MANIFEST} and the weights it lists are replaced; "
+                          "your other files there are kept), or choose another folder.")
+    if adding is not None and not overwrite:
+        there = [n for n in adding if n in comps]
+        if there:
+            raise FolderError(f"{flag} {folder} already has the component(s) "
+                              f"{', '.join(there)}. Pass {over} to replace them, or choose "
+                              "another folder or --name.")
+    ours = _listed_files(manifest)
+    for file in [f"{n}.safetensors" for n in adding or ()] + list(will_write):
+        if file in names and file not in ours:
+            raise FolderError(f"{flag} {folder} holds {file}, which its {MANIFEST} does not "
+                              "list (not a file unclip-jax wrote); not replacing it. Move it, "
+                              "or choose another folder.")
+    return manifest
+
+
+def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], None], *,
+                           overwrite: bool = True, adding: list[str] | None = None,
+                           flag: str = "--out") -> None:
+    """Run ``write(tmp_folder)`` to fill a fresh sibling folder with a manifest and the weights
+    it adds, then move those files into ``folder``.
+
+    ``folder`` is checked first (:func:`check_output`: new, empty, or a pipeline folder, which
+    needs ``overwrite`` unless ``adding`` names only new components). Only our files are
+    touched: the new manifest and weights replace the old manifest and the weights it listed
+    (weights the new manifest no longer lists are removed); every other file in the folder is
+    kept. Locally the switch is crash-safe: until the new manifest is renamed in, the folder's
+    manifest points at the old weights (kept under hidden backup names while they are
+    replaced), so an interrupted save leaves the old pipeline loadable. A new folder appears
+    by one rename. Remotely (no rename) files are copied in, the manifest last."""
     folder = paths.absolute(folder)
+    old = check_output(folder, overwrite=overwrite, adding=adding, flag=flag)
     parent = paths.dirname(folder)
     paths.makedirs(parent)
-    if paths.isfile(folder):
-        raise FolderError(f"{folder} exists and is not a folder; choose another output path.")
-    if paths.isdir(folder) and paths.listdir(folder) and not paths.isfile(manifest_path(folder)):
-        raise FolderError(f"{folder} exists, is not empty and is not an unclip-jax pipeline "
-                          "folder; refusing to replace it. Choose an empty or new folder.")
-    if paths.is_remote(folder):
+    remote = paths.is_remote(folder)
+    if remote:
         tmp = paths.join(parent, f".{paths.basename(folder)}.{uuid.uuid4().hex}.tmp")
-        try:
-            write(tmp)
-            paths.rmtree(folder)
-            paths.replace(tmp, folder)
-        except BaseException:
-            paths.rmtree(tmp)
-            raise
-        return
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=parent)
+    else:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp",
+                               dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes 0700
+        if not remote:
+            os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes 0700
         write(tmp)
-        if os.path.isdir(folder):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.rename(folder, old)
+        if not remote and not (os.path.isdir(folder) and os.listdir(folder)):
+            if os.path.isdir(folder):
+                os.rmdir(folder)          # an empty folder: the new one takes its place
             os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            return
+        _move_in(folder, tmp, old, remote)
+    finally:
+        paths.rmtree(tmp)
+
+
+def _move_in(folder: str, tmp: str, old: dict | None, remote: bool) -> None:
+    """Move the files of ``tmp`` (a manifest and weights) into ``folder``, replacing only the
+    files ``old`` (its manifest before) lists; see :func:`save_folder_atomically`."""
+    new_files = paths.listdir(tmp)
+    if MANIFEST not in new_files:
+        raise FolderError(f"Nothing was written for {folder}: no {MANIFEST} was produced.")
+    new_manifest = _read_json_file(manifest_path(tmp))
+    ours = _listed_files(old)
+    existing = set(paths.listdir(folder)) if paths.isdir(folder) else set()
+    for f in new_files:
+        if paths.isdir(paths.join(tmp, f)):
+            raise FolderError(f"Cannot write {folder}: {f} is a folder in the output.")
+        if f in existing and f not in ours:
+            raise FolderError(f"{folder} holds {f}, which its {MANIFEST} does not list (not a "
+                              "file unclip-jax wrote); not replacing it. Move it, or choose "
+                              "another folder.")
+        if paths.isdir(paths.join(folder, f)):
+            raise FolderError(f"{folder}: {f} is a folder where a file would be written; move "
+                              "it or choose another folder.")
+    weights = [f for f in new_files if f != MANIFEST]
+    if remote:
+        paths.makedirs(folder)
+        for f in weights + [MANIFEST]:
+            paths.replace(paths.join(tmp, f), paths.join(folder, f))
+    else:
+        backups = _back_up_replaced(folder, old, [f for f in weights if f in existing])
+        for f in weights:
+            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+        os.replace(os.path.join(tmp, MANIFEST), manifest_path(folder))
+        _fsync_dir(folder)
+        for b in backups:
+            os.remove(b)
+    keep = _listed_files(new_manifest)
+    for f in sorted(ours - keep):   # weights the old manifest listed and the new one does not
+        p = paths.join(folder, f)
+        if paths.isfile(p):
+            paths.remove(p)
+
+
+def _read_json_file(path: str) -> dict:
+    with paths.open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _back_up_replaced(folder: str, old: dict | None, replaced: list[str]) -> list[str]:
+    """Before weights files the old manifest lists are replaced: link (or copy) each to a
+    hidden backup name and point the old manifest at the backups, so the folder stays a
+    loadable (old) pipeline until the new manifest is renamed in. Returns the backups."""
+    if old is None or not replaced:
+        return []
+    tag = uuid.uuid4().hex[:8]
+    renamed, backups = {}, []
+    for f in replaced:
+        backup = os.path.join(folder, f".{os.path.basename(f)}.{tag}.old")
+        try:
+            os.link(os.path.join(folder, f), backup)
+        except OSError:
+            shutil.copy2(os.path.join(folder, f), backup)
+        renamed[f] = os.path.basename(backup)
+        backups.append(backup)
+    interim = json.loads(json.dumps(old))
+    for entry in interim["components"].values():
+        entry["weights"] = renamed.get(entry["weights"], entry["weights"])
+    text = json.dumps(interim, indent=2, sort_keys=True) + "\n"
+    atomic_write(manifest_path(folder), lambda fh: fh.write(text), mode="w")
+    return backups
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
