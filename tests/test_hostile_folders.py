@@ -52,8 +52,9 @@ def _manifest(folder):
 
 
 def _write_manifest(folder, m):
-    with open(os.path.join(folder, "unclip.json"), "w") as f:
-        f.write(m if isinstance(m, str) else json.dumps(m))
+    data = m if isinstance(m, bytes) else (m if isinstance(m, str) else json.dumps(m)).encode()
+    with open(os.path.join(folder, "unclip.json"), "wb") as f:
+        f.write(data)
 
 
 def _edit(fn):
@@ -102,11 +103,29 @@ def _absolute_weights(folder, tmp_path):
     _set(("components", "prior", "weights"), str(other))(folder, tmp_path)
 
 
+def _manifest_symlink_out(folder, tmp_path):
+    outside = tmp_path / "shared.json"
+    shutil.move(os.path.join(folder, "unclip.json"), outside)
+    os.symlink(outside, os.path.join(folder, "unclip.json"))
+
+
+def _manifest_huge(folder, tmp_path):
+    with open(os.path.join(folder, "unclip.json"), "w") as f:
+        f.write(" " * (17 * 2**20) + "{}")
+
+
+def _manifest_deep(folder, tmp_path):
+    _write_manifest(folder, "[" * 100_000 + "]" * 100_000)
+
+
 MANIFEST_CASES = {
+    "manifest-symlink-out": (_manifest_symlink_out, "symlink"),
+    "manifest-huge": (_manifest_huge, "bytes"),
+    "manifest-deeply-nested": (_manifest_deep, "not valid JSON"),
     "manifest-is-a-list": (_raw("[1, 2]"), "format"),
     "manifest-invalid-json": (_raw("{\"format\": "), "not valid JSON"),
     "manifest-nan": (_raw('{"format": "unclip-jax-pipeline", "version": NaN}'), "not valid"),
-    "manifest-not-utf8": (_raw("\udcff"), "not valid JSON"),
+    "manifest-not-utf8": (_raw(b'{"format": "\xff\xfe"}'), "not valid JSON"),
     "manifest-empty": (_raw(""), "not valid JSON"),
     "format-other": (_set(("format",), "diffusers"), "format"),
     "version-string": (_set(("version",), "1"), "version"),
@@ -195,6 +214,14 @@ MANIFEST_CASES = {
                                        "size"),
     "sampling-models-string": (_set(("sampling", "super_res"), [{"models": "sr"}]), "models"),
     "sampling-top-p-two": (_set(("sampling", "ar_prior", "top_p"), 2.0), "top_p"),
+    "mixed-decoder-clip-dim": (_set(("components", "decoder", "config", "clip_dim"), 128),
+                               "not trained together"),
+    "mixed-prior-embed-dim": (_set(("components", "prior", "config", "embed_dim"), 32),
+                              "not trained together"),
+    "decoder-named-class-clip": (_edit(lambda m: m["components"]["decoder"].update(
+        {"class": "CLIP", "config": m["components"]["clip"]["config"]})), "uses 'decoder'"),
+    "tokenizer-longer-than-clip": (_set(("tokenizer", "context_length"), 500), "longer"),
+    "tokenizer-pad-beyond-vocab": (_set(("tokenizer", "pad_id"), 10**6), "vocab_size"),
 }
 
 
@@ -366,7 +393,7 @@ def test_narrower_float_storage_still_loads(pipe, tmp_path):
 
 def test_safetensors_reader_refuses_damage_by_name(tmp_path):
     path = tmp_path / "x.safetensors"
-    safetensors.write(path, {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.int64)})
+    safetensors.write(path, {"a": np.ones((2, 2), np.float32), "b": np.zeros(4, np.float32)})
     _rewrite_header(_overlap)(str(path))
     with pytest.raises(safetensors.SafetensorsError, match="x.safetensors.*overlap"):
         safetensors.read(path)
@@ -675,7 +702,8 @@ SOURCE_CASES = {
     "src-scheduler-range-nan": (_json_edit("prior_scheduler/scheduler_config.json",
                                            lambda d: json.dumps(d).replace(
                                                '"clip_sample_range": 5.0',
-                                               '"clip_sample_range": NaN')), "not valid JSON"),
+                                               '"clip_sample_range": NaN')),
+                                "clip_sample_range"),
     "src-scheduler-range-negative": (_json_set("prior_scheduler/scheduler_config.json",
                                                "clip_sample_range", -1), "clip_sample_range"),
     "src-scheduler-variance-other": (_json_set("decoder_scheduler/scheduler_config.json",
@@ -754,7 +782,7 @@ def test_convert_out_refused_before_work(karlo, converted, tmp_path, capsys, kin
     elif kind == "same-as-source":
         src = _copy(karlo, tmp_path, "src")
         out = src
-        says = "differ from the source"
+        says = "refusing"
     elif kind == "parent-is-file":
         (tmp_path / "f").write_text("x")
         out = tmp_path / "f" / "out"

@@ -239,6 +239,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise FolderError(f"{folder} has no {MANIFEST}: it is not an unclip-jax pipeline folder "
                           "(write one with UnCLIPPipeline.save_pretrained, or convert a diffusers "
                           "folder with `unclip-jax convert --from diffusers SRC --out DST`).")
+    if not paths.inside(path, folder):
+        raise FolderError(f"{path} is a symlink that leads out of the folder; a pipeline "
+                          "folder's files must lie inside it. Copy the manifest in instead.")
     try:
         size = paths.getsize(path)
     except OSError as e:
@@ -315,6 +318,50 @@ def validate_manifest(manifest: Any, folder: str) -> None:
         config_from_dict(entry["class"], entry["config"], f"{path} {where}")
     _validate_tokenizer(manifest.get("tokenizer", {}), bad)
     _validate_sampling(manifest.get("sampling", {}), bad)
+    _check_compatible(comps, manifest.get("tokenizer", {}), bad)
+
+
+# well-known component names -> the classes the pipeline can use under them
+_NAME_CLASSES = {"clip": ("CLIP", "CLIPText"), "text_encoder": ("CLIP", "CLIPText"),
+                 "prior": ("DiffusionPrior", "ARPrior"), "ar_prior": ("ARPrior", "DiffusionPrior"),
+                 "decoder": ("Decoder",)}
+
+
+def _check_compatible(comps: dict, tok: dict, bad) -> None:
+    """Components that cannot work together (mixed from runs of other sizes) are refused here,
+    not by a shape error in the middle of sampling."""
+    for name, allowed in _NAME_CLASSES.items():
+        if name in comps and comps[name]["class"] not in allowed:
+            raise bad(f"component {name!r} has class {comps[name]['class']!r}; the pipeline uses "
+                      f"{name!r} as a {' or '.join(allowed)}",
+                      "rename the component or re-export the folder")
+    text = next((n for n in ("clip", "text_encoder") if n in comps), None)
+    if text is None:
+        return
+    t = comps[text]["config"]
+    embed, width = t.get("embed_dim", 512), t.get("text_width", 512)
+    ctx, vocab = t.get("context_length", 77), t.get("vocab_size", 49408)
+    if tok.get("context_length") is not None and tok["context_length"] > ctx:
+        raise bad(f"tokenizer.context_length {tok['context_length']} is longer than component "
+                  f"{text!r} reads ({ctx} tokens)", "fix the manifest or re-export the folder")
+    if tok.get("pad_id") is not None and tok["pad_id"] >= vocab:
+        raise bad(f"tokenizer.pad_id {tok['pad_id']} is not a token of component {text!r} "
+                  f"(vocab_size {vocab})", "fix the manifest or re-export the folder")
+    needs = []
+    for name, entry in comps.items():
+        c = entry["config"]
+        if entry["class"] in ("DiffusionPrior", "ARPrior"):
+            needs.append((name, "embed_dim", c.get("embed_dim"), embed, "embed_dim"))
+        if entry["class"] == "Decoder":
+            needs.append((name, "clip_dim", c.get("clip_dim", 768), embed, "embed_dim"))
+            if c.get("text_encoder", "clip") == "clip":
+                w = c.get("text_width") or c.get("clip_dim", 768)
+                needs.append((name, "text_width", w, width, "text_width"))
+    for name, field, got, want, theirs in needs:
+        if got is not None and got != want:
+            raise bad(f"component {name!r} has {field} {got}, but component {text!r} has "
+                      f"{theirs} {want}: they were not trained together",
+                      "export every component from matching runs")
 
 
 def weights_problem(folder: str, weights: Any, where: str) -> None:
@@ -388,7 +435,8 @@ def _validate_sampling(sampling: Any, bad) -> None:
                           f"{type(value).__name__}")
             stages = [(f"sampling.super_res[{i}]", v) for i, v in enumerate(value)]
         else:
-            stages = [(f"sampling.{_short(stage, 30)}", value)]
+            label = stage if _NAME.match(stage) else _short(stage, 30)
+            stages = [(f"sampling.{label}", value)]
         for where, settings in stages:
             if not isinstance(settings, dict):
                 raise bad(f"{where} must be an object of setting -> value, not a "
@@ -456,8 +504,9 @@ def save_component(folder: str | os.PathLike, name: str, module, *, dtype=None,
     back to the config's dtypes on load. Returns the manifest entry.
     """
     folder = paths.check(folder)
-    if not name or not name.replace("_", "").isalnum():
-        raise FolderError(f"Component name {name!r} must be letters, digits and underscores.")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise FolderError(f"Component name {name!r} must be 1 to 64 letters (a-z, A-Z), digits "
+                          "and underscores.")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
         raise FolderError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}.")
     entry = component_entry(name, module)
