@@ -34,10 +34,11 @@ def add_parser(subparsers) -> None:
 def run(args, overrides) -> int:
     import time
 
-    from unclip_jax.convert.diffusers_pipeline import WRITES, convert_diffusers_pipeline
+    from unclip_jax.convert.diffusers_pipeline import (WRITES, check_source,
+                                                       convert_diffusers_pipeline)
     from unclip_jax.io import pipeline_folder
-    pipeline_folder.check_output(args.out, overwrite=args.overwrite,   # before any work
-                                 will_write=WRITES)
+    check_source(args.src)                                              # before any work
+    pipeline_folder.check_output(args.out, overwrite=args.overwrite, will_write=WRITES)
     start = time.time()
     print(f"converting {args.src} -> {args.out}")
     report = convert_diffusers_pipeline(args.src, args.out, allow_pickle=args.allow_pickle,

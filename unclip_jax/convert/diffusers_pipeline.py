@@ -286,6 +286,15 @@ def _expect_prediction(s: dict, want: str, where: str) -> dict:
     return s
 
 
+def check_source(src: str) -> str:
+    """Refuse a source that is not a local folder (one ConvertError saying what it is)."""
+    if not os.path.isdir(src):
+        what = "is a file, not a folder" if os.path.exists(src) else "does not exist"
+        raise ConvertError(f"Source folder {src!r} {what}; pass a diffusers UnCLIPPipeline "
+                           "folder (UnCLIPPipeline.save_pretrained).")
+    return src
+
+
 def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *,
                                allow_pickle: bool = False, dtype: str | None = None,
                                log=None, overwrite: bool = True,
@@ -300,9 +309,7 @@ def convert_diffusers_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *
     """
 
     src, dst = os.fspath(src), os.fspath(dst)
-    if not os.path.isdir(src):
-        raise ConvertError(f"Source folder {src!r} does not exist; pass a diffusers "
-                           "UnCLIPPipeline folder (UnCLIPPipeline.save_pretrained).")
+    check_source(src)
     _check_source_files(src)
     index_path = os.path.join(src, "model_index.json")
     if os.path.isfile(index_path):

@@ -632,6 +632,8 @@ def check_output(folder: str | os.PathLike, *, overwrite: bool = True,
     its manifest does not list (``will_write``: such file names). Returns the existing
     manifest (or None)."""
     folder = paths.check(folder)
+    if not folder.strip():
+        raise FolderError(f"{flag} is empty; give the folder to write the pipeline to.")
     over = "--overwrite" if flag.startswith("--") else "overwrite=True"
     if paths.exists(folder) and not paths.isdir(folder):
         raise FolderError(f"{flag} {folder} exists and is not a folder; choose another output "
