@@ -836,3 +836,27 @@ def test_hf_cache_snapshot_links_are_followed(karlo, tmp_path):
             os.symlink(os.path.relpath(blob, snap / rel), snap / rel / f)
     report = convert_diffusers_pipeline(str(snap), str(tmp_path / "out"))
     assert "prior" in report["components"]
+
+
+def test_export_of_a_mismatched_component_is_refused_untouched(pipe, tmp_path, monkeypatch):
+    """A prior of another embedding width cannot become the pipeline's 'prior' (the folder
+    would no longer sample); under another name it is kept alongside."""
+    import ml_collections
+    from flax import nnx
+
+    from unclip_jax.models.diffusion_prior import DiffusionPrior, PriorConfig
+    from unclip_jax.train import to_pipeline
+    other = pipeline_fixtures.materialise(lambda: DiffusionPrior(PriorConfig(
+        embed_dim=32, context_length=77, num_heads=2, head_dim=16, num_layers=1,
+        embed_norm="mean_std"), rngs=nnx.Rngs(0)), 5)
+    cfg = ml_collections.ConfigDict({"stage": "diffusion_prior"})
+    monkeypatch.setattr(to_pipeline, "load_trained", lambda *a, **k: (other, cfg, 3))
+    folder = _copy(pipe, tmp_path)
+    _user_files(folder)
+    before = snapshot(tmp_path)
+    with pytest.raises(FolderError, match="not trained together"):
+        to_pipeline.export_workdir("run", folder, "prior", overwrite=True)
+    assert snapshot(tmp_path) == before
+    to_pipeline.export_workdir("run", folder, "prior_small", overwrite=False)
+    assert pipeline_folder.load_component(folder, "prior_small").config.embed_dim == 32
+    pipeline_folder.load_component(folder, "prior")

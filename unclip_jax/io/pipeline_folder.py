@@ -349,6 +349,8 @@ def _check_compatible(comps: dict, tok: dict, bad) -> None:
                   f"(vocab_size {vocab})", "fix the manifest or re-export the folder")
     needs = []
     for name, entry in comps.items():
+        if name not in _NAME_CLASSES:   # other names (an experiment's 'prior2') are not used
+            continue                    # by the pipeline together with the text encoder
         c = entry["config"]
         if entry["class"] in ("DiffusionPrior", "ARPrior"):
             needs.append((name, "embed_dim", c.get("embed_dim"), embed, "embed_dim"))
@@ -704,6 +706,8 @@ def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], Non
         if not remote:
             os.chmod(tmp, 0o777 & ~umask())   # mkdtemp makes 0700
         write(tmp)
+        if paths.isfile(manifest_path(tmp)):   # never switch to a manifest we would refuse
+            validate_manifest(_read_json_file(manifest_path(tmp)), folder)
         if not remote and not (os.path.isdir(folder) and os.listdir(folder)):
             if os.path.isdir(folder):
                 os.rmdir(folder)          # an empty folder: the new one takes its place
