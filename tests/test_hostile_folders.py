@@ -509,8 +509,8 @@ def test_interrupted_switch_leaves_the_old_pipeline_loadable(pipe, tmp_path, mon
     new = pipeline_fixtures.materialise(lambda: DiffusionPrior(cfg, rngs=nnx.Rngs(0)), 99)
     real = os.replace
 
-    def dying(src, dst):
-        if os.path.basename(dst) == "unclip.json" and ".tmp" in os.path.dirname(src):
+    def dying(src, dst):   # the new manifest moving from the temporary folder into place
+        if dst == os.path.join(folder, "unclip.json") and os.path.dirname(src) != folder:
             raise KeyboardInterrupt("killed")
         return real(src, dst)
 
@@ -519,6 +519,7 @@ def test_interrupted_switch_leaves_the_old_pipeline_loadable(pipe, tmp_path, mon
         pipeline_folder.save_folder_atomically(
             folder, lambda d: pipeline_folder.save_component(d, "prior", new))
     monkeypatch.setattr(os, "replace", real)
+    assert any(n.endswith(".old") for n in os.listdir(folder))   # killed mid-switch indeed
     got = pipeline_folder.module_tensors(pipeline_folder.load_component(folder, "prior"))
     assert got.keys() == old.keys()
     for k in old:
@@ -533,6 +534,7 @@ def test_interrupted_switch_leaves_the_old_pipeline_loadable(pipe, tmp_path, mon
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
     assert snapshot(*keep) == before
+    assert not [n for n in os.listdir(folder) if n.startswith(".")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -620,7 +621,15 @@ def _listed_files(manifest: dict | None) -> set[str]:
     """The files a (validated) manifest owns: itself and every component's weights."""
     if manifest is None:
         return set()
-    return {MANIFEST} | {e["weights"] for e in manifest.get("components", {}).values()}
+    files = {MANIFEST} | {e["weights"] for e in manifest.get("components", {}).values()}
+    for f in list(files):   # a save interrupted mid-switch: the file a backup stands in for
+        m = _BACKUP.match(os.path.basename(f))
+        if m:
+            files.add(posixpath.join(posixpath.dirname(f), m.group(1)))
+    return files
+
+
+_BACKUP = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.old$")
 
 
 def check_output(folder: str | os.PathLike, *, overwrite: bool = True,
