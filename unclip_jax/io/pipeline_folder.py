@@ -19,14 +19,21 @@ ships, stored under the name 'text_encoder'), 'DiffusionPrior', 'ARPrior', 'Deco
 
 Tensors may be stored in a narrower float type (``save_component(..., dtype='bfloat16')``); each
 is cast on load to the dtype of the variable it fills (the config's ``param_dtype`` for
-parameters). Integer buffers are stored as they are.
+parameters). Integer buffers are stored as they are; a tensor is never cast between integer and
+float types (a FolderError names it).
 
-Writes are atomic: files go to a temporary name in the same folder and are renamed over the
-old one, so an interrupted save leaves the previous good file (and manifest) in place. The
-tensors are read and written by :mod:`unclip_jax.io.safetensors`.
+A folder is untrusted input: :func:`read_manifest` checks every field (types, finite numbers in
+range, each ``weights`` a relative path that stays inside the folder, symlinks resolved locally,
+components the pipeline uses together of matching sizes), and each safetensors header is checked
+before any data is read (:mod:`unclip_jax.io.safetensors`).
+
+Writes never lose what is not ours (:func:`save_folder_atomically`): the new files are written
+into a temporary sibling folder, then moved in; only the manifest and the weights files it lists
+are replaced, the rest of the folder is kept; a non-empty folder that is not a pipeline folder
+is refused; an interrupted save leaves the old pipeline loadable.
 Every refusal is a :class:`FolderError` (a :class:`unclip_jax.errors.UserError`) naming what is
 wrong and what to do: a missing folder or manifest, an unknown format or version, an unknown
-component, and missing / unexpected / misshapen tensors listed by name.
+component, a field of the wrong type, and missing / unexpected / misshapen tensors listed by name.
 """
 from __future__ import annotations
 
@@ -703,6 +710,8 @@ def save_folder_atomically(folder: str | os.PathLike, write: Callable[[str], Non
     by one rename. Remotely (no rename) files are copied in, the manifest last."""
     folder = paths.absolute(folder)
     old = check_output(folder, overwrite=overwrite, adding=adding, flag=flag)
+    if not paths.is_remote(folder):
+        folder = os.path.realpath(folder)   # a symlinked --out: work beside its target
     parent = paths.dirname(folder)
     paths.makedirs(parent)
     remote = paths.is_remote(folder)
