@@ -862,3 +862,21 @@ def test_export_of_a_mismatched_component_is_refused_untouched(pipe, tmp_path, m
     to_pipeline.export_workdir("run", folder, "prior_small", overwrite=False)
     assert pipeline_folder.load_component(folder, "prior_small").config.embed_dim == 32
     pipeline_folder.load_component(folder, "prior")
+
+
+@pytest.mark.parametrize("claimed", ["notes.txt", ".notes.txt.0123abcd.old"])
+def test_a_manifest_claiming_a_user_file_cannot_get_it_deleted(pipe, tmp_path, claimed):
+    folder = _copy(pipe, tmp_path)
+    keep = _user_files(folder)
+    m = _manifest(folder)
+    m["components"]["junk"] = dict(m["components"]["prior"], weights=claimed)
+    _write_manifest(folder, m)
+    if claimed.startswith("."):
+        shutil.copy(os.path.join(folder, "notes.txt"), os.path.join(folder, claimed))
+        keep.append(os.path.join(folder, claimed))
+    before = snapshot(*keep)
+    try:
+        pipeline_folder.save_folder_atomically(folder, _prior_only(pipe))
+    except UserError:
+        pass
+    assert snapshot(*keep) == before

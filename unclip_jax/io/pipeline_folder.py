@@ -631,7 +631,7 @@ def _listed_files(manifest: dict | None) -> set[str]:
     files = {MANIFEST} | {e["weights"] for e in manifest.get("components", {}).values()}
     for f in list(files):   # a save interrupted mid-switch: the file a backup stands in for
         m = _BACKUP.match(os.path.basename(f))
-        if m:
+        if m and m.group(1).endswith(".safetensors"):
             files.add(posixpath.join(posixpath.dirname(f), m.group(1)))
     return files
 
@@ -771,8 +771,15 @@ def _move_in(folder: str, tmp: str, old: dict | None, remote: bool) -> None:
     keep = _listed_files(new_manifest)
     for f in sorted(ours - keep):   # weights the old manifest listed and the new one does not
         p = paths.join(folder, f)
-        if paths.isfile(p):
+        # only what we write ourselves: a manifest naming some other file cannot get it deleted
+        if _is_weights_name(f) and paths.isfile(p):
             paths.remove(p)
+
+
+def _is_weights_name(f: str) -> bool:
+    """A weights file name we write: NAME.safetensors, or a backup of one mid-switch."""
+    m = _BACKUP.match(os.path.basename(f))
+    return f.endswith(".safetensors") or bool(m and m.group(1).endswith(".safetensors"))
 
 
 def _read_json_file(path: str) -> dict:
