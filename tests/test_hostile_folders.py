@@ -694,6 +694,10 @@ SOURCE_CASES = {
     "src-text-config-layers-string": (_json_set("text_encoder/config.json",
                                                 "num_hidden_layers", "two"),
                                       "num_hidden_layers"),
+    "src-text-layers-huge": (_json_set("text_encoder/config.json", "num_hidden_layers", 10**9),
+                             "num_hidden_layers"),
+    "src-text-eps-string": (_json_set("text_encoder/config.json", "layer_norm_eps", "small"),
+                            "layer_norm_eps"),
     "src-decoder-sample-size-string": (_json_set("decoder/config.json", "sample_size", "big"),
                                        "sample_size"),
     "src-sr-sample-size-bool": (_json_set("super_res_first/config.json", "sample_size", True),
@@ -880,3 +884,33 @@ def test_a_manifest_claiming_a_user_file_cannot_get_it_deleted(pipe, tmp_path, c
     except UserError:
         pass
     assert snapshot(*keep) == before
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"model_type": "clip", "text_config": {"num_hidden_layers": 10**9}, "vision_config": {}},
+     "more than 4096 layers"),
+    ({"model_type": "clip", "text_config": [1], "vision_config": {}}, "must be an object"),
+    ({"model_type": "clip", "text_config": {"hidden_size": "wide"}, "vision_config": {}},
+     "text_width"),
+    ({"model_type": "clip", "text_config": {}, "vision_config": {"layer_norm_eps": None}},
+     "layer_norm_eps"),
+])
+def test_hostile_hf_clip_config_is_one_checkpoint_error(config, says):
+    from unclip_jax.convert import hf_clip
+    from unclip_jax.torch_weights import CheckpointError
+    with pytest.raises(CheckpointError, match=says):
+        hf_clip.config_from_hf(config)
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"num_layers": 10**6}, "more than 4096 layers"),
+    ({"num_attention_heads": "2"}, "num_heads"),
+    ({"embedding_dim": -3}, "embed_dim"),
+    ({"dropout": "none"}, "dropout"),
+    ({"_class_name": "UNet2DModel"}, "not a PriorTransformer"),
+])
+def test_hostile_diffusers_prior_config_is_one_checkpoint_error(config, says):
+    from unclip_jax.convert.diffusers_prior import config_from_diffusers
+    from unclip_jax.torch_weights import CheckpointError
+    with pytest.raises(CheckpointError, match=says):
+        config_from_diffusers({"additional_embeddings": 4, **config})

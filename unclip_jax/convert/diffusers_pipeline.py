@@ -117,8 +117,10 @@ def _check_source_files(src: str) -> None:
             _check_counts(config, _read_json(config))
 
 
-def _check_counts(path: str, cfg: dict) -> None:
+def _check_counts(path: str, cfg: dict, depth: int = 0) -> None:
     for key, value in cfg.items():
+        if isinstance(value, dict) and depth < 4:   # e.g. a CLIPModel's text_config
+            _check_counts(path, value, depth + 1)
         if key in _COUNT_KEYS and value is not None and not (
                 type(value) is int and 0 <= value <= 4096):
             raise ConvertError(f"{path}: {key} is {str(value)[:40]!r}, expected an integer in "

@@ -158,11 +158,18 @@ def config_from_dict(cls: str, fields: dict[str, Any], where: str):
         raise FolderError(f"{where}: invalid {config_cls.__name__}: {e}") from None
 
 
+MAX_LAYERS = 4096
+"""The most layers (blocks) a config read from a file may ask for: building more would take
+forever before the weights could even be compared."""
+
+
 def config_field_problems(config_cls: type, fields: dict[str, Any]) -> list[str]:
     """'FIELD is VALUE, expected ...' for every field of ``fields`` (JSON values, lists for
-    tuples) that cannot fill the dataclass ``config_cls`` (the checks of the manifest)."""
+    tuples) that cannot fill the dataclass ``config_cls`` (the checks of the manifest), and
+    for layer counts above :data:`MAX_LAYERS`."""
     hints = typing.get_type_hints(config_cls)
-    out = []
+    out = [f"{k} is {_short(v)}, more than {MAX_LAYERS} layers" for k, v in fields.items()
+           if k in _LAYER_FIELDS and _is_int(v) and v > MAX_LAYERS]
     for key, value in fields.items():
         if key in hints:
             problem = _field_problem(hints[key], list(value) if isinstance(value, tuple)
