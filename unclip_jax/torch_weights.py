@@ -4,8 +4,11 @@ Every importer (Hugging Face CLIP, diffusers' prior, decoder and super-resolutio
 *name table*: our parameter path -> (the checkpoint's tensor name, a layout kind). This module
 does the rest, the same way for all of them:
 
-* finds the weights of a folder: ``<stem>.safetensors`` or a sharded ``<stem>.safetensors.index.json``;
-  pickled ``.bin`` / ``.pt`` files are refused, never opened (unpickling can run code);
+* finds the weights of a folder: ``<stem>.safetensors``, a sharded
+  ``<stem>.safetensors.index.json`` or a variant (``<stem>.fp16.safetensors``), every file
+  inside the folder (no '..', no absolute names, no symlinks out); pickled ``.bin`` / ``.pt``
+  files are refused, never opened (unpickling can run code);
+* refuses an integer tensor for a float parameter (or the reverse): never cast;
 * checks the table against the file before reading any data: every parameter must come from
   exactly one tensor and every tensor must be used (names in ``ignore`` excepted); otherwise one
   :class:`CheckpointMismatchError` lists every missing, unexpected and misshapen tensor;

@@ -204,7 +204,8 @@ def load_text_encoder(folder: str, *, dtype: str = "float32"):
 
     cfg = _read_json(os.path.join(folder, "config.json"))
     tensors = TensorFiles(weight_files(folder, "model", "transformers save_pretrained"))
-    if cfg.get("model_type") == "clip" or any(n.startswith("vision_model.") for n in tensors.names()):
+    if cfg.get("model_type") == "clip" or any(n.startswith("vision_model.")
+                                              for n in tensors.names()):
         return "clip", hf_clip.from_pretrained(folder, dtype=dtype)
     if cfg.get("model_type") not in (None, "clip_text_model"):
         raise ConvertError(f"{folder}/config.json has model_type {cfg.get('model_type')!r}; "
@@ -283,8 +284,8 @@ def _scheduler_settings(src: str, name: str) -> dict:
 def _expect_prediction(s: dict, want: str, where: str) -> dict:
     got = s.pop("prediction_type")
     if got != want:
-        raise ConvertError(f"{where}: prediction_type {got[:40]!r}; the {where.split('_')[0]} stage "
-                           f"of unCLIP predicts {want!r}.")
+        raise ConvertError(f"{where}: prediction_type {got[:40]!r}; the "
+                           f"{where.split('_')[0]} stage of unCLIP predicts {want!r}.")
     return s
 
 

@@ -502,7 +502,8 @@ def module_tensors(module, dtype=None) -> dict[str, np.ndarray]:
     out = {}
     for name, var in flat_state(module).items():
         a = np.asarray(jax.device_get(var[...]))
-        if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+        if dtype is not None and (np.issubdtype(a.dtype, np.floating)
+                                  or a.dtype.name == "bfloat16"):
             a = a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
         out[name] = a
     return unstack_layer_names(out)  # the per-layer names of stacked Transformer layers

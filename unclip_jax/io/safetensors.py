@@ -164,12 +164,13 @@ def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise _invalid(path, f"tensor {_short(name)} needs 'dtype', 'shape' and 'data_offsets'")
     if not isinstance(info["dtype"], str) or info["dtype"] not in _NUMPY:
-        raise _invalid(path, f"tensor {_short(name)} has dtype {_short(info['dtype'])}; unclip-jax reads "
-                             f"{', '.join(_NUMPY)}")
+        raise _invalid(path, f"tensor {_short(name)} has dtype {_short(info['dtype'])}; "
+                             f"unclip-jax reads {', '.join(_NUMPY)}")
     shape, offsets = info["shape"], info["data_offsets"]
     if not (isinstance(shape, list) and len(shape) <= 64
             and all(type(d) is int and d >= 0 for d in shape)):
-        raise _invalid(path, f"tensor {_short(name)} has shape {_short(shape)}, not a list of sizes")
+        raise _invalid(path, f"tensor {_short(name)} has shape {_short(shape)}, not a list of "
+                             "sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise _invalid(path, f"tensor {_short(name)} has data_offsets {_short(offsets)}")
@@ -178,8 +179,8 @@ def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:
         raise _invalid(path, f"tensor {_short(name)} spans {offsets[1] - offsets[0]} bytes, its "
                              f"{info['dtype']} shape {shape} needs {want}")
     if offsets[1] > data_len:
-        raise _invalid(path, f"truncated: tensor {_short(name)} ends at byte {offsets[1]} of the data, "
-                             f"which has {data_len}")
+        raise _invalid(path, f"truncated: tensor {_short(name)} ends at byte {offsets[1]} of the "
+                             f"data, which has {data_len}")
 
 
 class TensorFiles:
