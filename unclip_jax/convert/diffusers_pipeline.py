@@ -121,11 +121,12 @@ def _check_counts(path: str, cfg: dict, depth: int = 0) -> None:
     for key, value in cfg.items():
         if isinstance(value, dict) and depth < 4:   # e.g. a CLIPModel's text_config
             _check_counts(path, value, depth + 1)
-        if key in _COUNT_KEYS and value is not None and not (
-                type(value) is int and 0 <= value <= 4096):
+        counts = value if isinstance(value, list) else [value]   # per block, or one for all
+        if key in _COUNT_KEYS and value is not None and not all(
+                type(v) is int and 0 <= v <= 4096 for v in counts):
             raise ConvertError(f"{path}: {key} is {str(value)[:40]!r}, expected an integer in "
-                               "[0, 4096]; the config is damaged.")
-        if isinstance(value, list) and len(value) > 64:
+                               "[0, 4096] (or a list of them); the config is damaged.")
+        if isinstance(value, list) and len(value) > 256 and not key.startswith("_"):
             raise ConvertError(f"{path}: {key} lists {len(value)} entries; the config is "
                                "damaged.")
         if isinstance(value, float) and not math.isfinite(value):
