@@ -86,6 +86,10 @@ VARIANTS = {
        "--sampling shapes": "unclip-jax export --workdir runs/decoder --out shapes_model "
        "--name decoder --ema --dtype bfloat16 --sampling shapes"
        for s in ("prior", "ar_prior", "sr64", "sr128")},
+    # configs/shapes.py repeats README's Hugging Face export, which wrote runs/clip_hf in this
+    # same folder already: replacing it takes --overwrite
+    "unclip-jax export --workdir runs/clip --hf-out runs/clip_hf":
+        "unclip-jax export --workdir runs/clip --hf-out runs/clip_hf --overwrite",
     # configs/clip.py
     "unclip-jax train --config configs/clip.py:size=small --workdir runs/clip_small "
     "--config.input.paths='[\"shards/*.tar\"]'": TRACE + " configs/clip.py:runlocal",

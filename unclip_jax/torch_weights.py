@@ -4,8 +4,11 @@ Every importer (Hugging Face CLIP, diffusers' prior, decoder and super-resolutio
 *name table*: our parameter path -> (the checkpoint's tensor name, a layout kind). This module
 does the rest, the same way for all of them:
 
-* finds the weights of a folder: ``<stem>.safetensors`` or a sharded ``<stem>.safetensors.index.json``;
-  pickled ``.bin`` / ``.pt`` files are refused, never opened (unpickling can run code);
+* finds the weights of a folder: ``<stem>.safetensors``, a sharded
+  ``<stem>.safetensors.index.json`` or a variant (``<stem>.fp16.safetensors``), every file
+  inside the folder (no '..', no absolute names, no symlinks out); pickled ``.bin`` / ``.pt``
+  files are refused, never opened (unpickling can run code);
+* refuses an integer tensor for a float parameter (or the reverse): never cast;
 * checks the table against the file before reading any data: every parameter must come from
   exactly one tensor and every tensor must be used (names in ``ignore`` excepted); otherwise one
   :class:`CheckpointMismatchError` lists every missing, unexpected and misshapen tensor;
@@ -30,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from unclip_jax.errors import UserError
-from unclip_jax.io.safetensors import TensorFiles
+from unclip_jax.io import paths
+from unclip_jax.io.safetensors import TensorFiles, dtype_kind
 from unclip_jax.models.transformer import layer_paths, unstack_layer_shapes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -71,41 +75,77 @@ def check_folder(path: str, what: str) -> None:
                               f"expected {what}.")
 
 
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: str) -> dict[str, Any]:
-    """A JSON object from ``path``, or a CheckpointError saying what is wrong with it."""
+    """A JSON object from ``path`` (inside its folder: a symlink out is refused), or a
+    CheckpointError saying what is wrong with it."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist.")
+    _inside_or_refuse(path, os.path.dirname(os.path.abspath(path)), "The config")
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is {os.path.getsize(path)} bytes, too large for a config; "
+                              "the folder is damaged.")
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}.")
     return value
 
 
-def weight_files(path: str, stem: str, saved_by: str) -> list[str]:
-    """The safetensors file(s) of a folder: ``stem.safetensors`` or a sharded index.
+def _inside_or_refuse(file: str, folder: str, what: str) -> str:
+    """``file`` if it (every symlink resolved) stays inside ``folder`` (or the Hugging Face
+    cache's blobs/ a snapshot folder links into); else a CheckpointError."""
+    if not paths.inside(file, folder, also=[b for b in [paths.hf_cache_blobs(folder)] if b]):
+        raise CheckpointError(f"{what} {file} is a symlink (or under one) that leads out of "
+                              f"{folder} (to {os.path.realpath(file)}); weights and configs "
+                              "are only read from inside the folder given. Copy the file into "
+                              "the folder instead.")
+    return file
 
-    ``saved_by`` names what writes such folders, for the error messages
-    (e.g. "transformers CLIPModel.save_pretrained").
+
+def weight_files(path: str, stem: str, saved_by: str) -> list[str]:
+    """The safetensors file(s) of a folder: ``stem.safetensors``, a sharded index, or a
+    variant such as ``stem.fp16.safetensors`` when the plain file is absent.
+
+    Every file (and the index's shard names) must stay inside ``path``: no absolute names, no
+    '..', no symlinks leading out. ``saved_by`` names what writes such folders, for the error
+    messages (e.g. "transformers CLIPModel.save_pretrained").
     """
     index = os.path.join(path, f"{stem}.safetensors.index.json")
     single = os.path.join(path, f"{stem}.safetensors")
     if os.path.isfile(index):
+        _inside_or_refuse(index, path, "The index")
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map' object.")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map' object (tensor name -> shard "
+                                  "file); the folder is damaged: save it again.")
+        for name in weight_map.values():
+            problem = paths.relative_problem(name)
+            if problem:
+                raise CheckpointError(f"{index} names a shard {str(name)[:80]!r} that {problem}; "
+                                      "shards must be files inside the folder.")
         files = sorted(set(weight_map.values()))
         absent = [name for name in files if not os.path.isfile(os.path.join(path, name))]
         if absent:
             raise CheckpointError(f"{index} lists shard(s) missing from {path}: "
                                   + ", ".join(absent))
-        return [os.path.join(path, name) for name in files]
+        return [_inside_or_refuse(os.path.join(path, name), path, "The shard")
+                for name in files]
     if os.path.isfile(single):
-        return [single]
-    pickled = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
+        return [_inside_or_refuse(single, path, "The weights file")]
+    names = os.listdir(path)
+    variants = sorted(n for n in names if n.startswith(stem + ".") and n.endswith(".safetensors")
+                      and os.path.isfile(os.path.join(path, n)))
+    if variants:   # e.g. diffusion_pytorch_model.fp16.safetensors
+        return [_inside_or_refuse(os.path.join(path, variants[0]), path, "The weights file")]
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickled:
         raise CheckpointError(
             f"{path} holds only pickled PyTorch weights ({', '.join(pickled)}); they are not "
@@ -179,6 +219,18 @@ def load_into(abstract: nnx.Module, table: NameTable, tensors: TensorFiles, *, p
     unexpected = sorted(n for n in available - used if not ignore(n))
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(path, what, sorted(missing), unexpected, mismatched, hint)
+
+    # an integer tensor is never cast into a float parameter (or back): refused by name first
+    wrong = sorted(f"{table[q][0]} ({tensors.dtype(table[q][0])}, the model's "
+                   f"{np.dtype(var.dtype)})"
+                   for p, var in flat.items() for q in rows[p]
+                   if dtype_kind(tensors.dtype(table[q][0])) != dtype_kind(var.dtype))
+    if wrong:
+        raise CheckpointError(f"Checkpoint {path}: tensor(s) stored with a dtype of another kind "
+                              f"than the model's variables (integer vs float), which are never "
+                              f"cast: {', '.join(wrong[:5])}"
+                              + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+                              + ". The weights do not belong to this model or were saved wrongly.")
 
     def read(q):
         name, kind = table[q]

@@ -20,8 +20,12 @@ class CheckpointNotFound(UserError, FileNotFoundError):
 def resolve_checkpoint(path: str | None) -> str:
     """The pipeline folder to load: ``path`` if given, else the bundled Shapes model."""
     if path:
+        if "://" in path:   # remote (gs://): checked when read, by unclip_jax.io.pipeline_folder
+            return path
         if not os.path.isfile(os.path.join(path, "unclip.json")):
-            what = "does not exist" if not os.path.exists(path) else "has no unclip.json"
+            what = ("does not exist" if not os.path.exists(path)
+                    else "is a file, not a folder" if not os.path.isdir(path)
+                    else "has no unclip.json")
             raise CheckpointNotFound(
                 f"--checkpoint {path} {what}; pass a pipeline folder written by "
                 "UnCLIPPipeline.save_pretrained, `unclip-jax export` or `unclip-jax convert`.")

@@ -7,7 +7,6 @@ tensor must map: missing or unexpected tensors are listed and nothing is written
 from __future__ import annotations
 
 
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="Convert a diffusers UnCLIPPipeline (Karlo) folder to our format.",
@@ -17,8 +16,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--from", dest="source_format", choices=("diffusers",), default="diffusers",
                    help="Format of the source folder.")
     p.add_argument("src", metavar="SRC", help="The source folder.")
-    p.add_argument("--out", required=True, metavar="DST", help="The output folder (written "
-                   "atomically; an existing pipeline folder there is replaced when done).")
+    p.add_argument("--out", required=True, metavar="DST", help="The output folder: new, empty, "
+                   "or an unclip-jax pipeline folder to replace (with --overwrite). Written "
+                   "atomically; only unclip.json and its weights files are replaced, other "
+                   "files there are kept.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the pipeline already in --out (its manifest and the weights it "
+                   "lists; nothing else).")
     p.add_argument("--allow-pickle", action="store_true",
                    help="Read pickled .bin weights with torch.load(weights_only=True) when a "
                    "component has no safetensors.")
@@ -30,12 +34,16 @@ def add_parser(subparsers) -> None:
 def run(args, overrides) -> int:
     import time
 
-    from unclip_jax.convert.diffusers_pipeline import convert_diffusers_pipeline
+    from unclip_jax.convert.diffusers_pipeline import (WRITES, check_source,
+                                                       convert_diffusers_pipeline)
+    from unclip_jax.io import pipeline_folder
+    check_source(args.src)                                              # before any work
+    pipeline_folder.check_output(args.out, overwrite=args.overwrite, will_write=WRITES)
     start = time.time()
     print(f"converting {args.src} -> {args.out}")
     report = convert_diffusers_pipeline(args.src, args.out, allow_pickle=args.allow_pickle,
                                         dtype=None if args.dtype == "float32" else args.dtype,
-                                        log=print)
+                                        log=print, overwrite=args.overwrite)
     total = sum(c["params"] for c in report["components"].values())
     print(f"every tensor mapped; {total:,} values in {len(report['components'])} components; "
           f"{time.time() - start:.1f}s")

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="The trainer workdir (its latest checkpoint is exported).")
     p.add_argument("--out", metavar="PIPELINE_DIR",
-                   help="Pipeline folder to add the component to (created if missing).")
+                   help="Pipeline folder to add the component to (created if missing; an "
+                   "existing component is replaced only with --overwrite, other files kept).")
     p.add_argument("--name", help="Component name, e.g. text_encoder, clip, prior, ar_prior, "
                    "decoder, sr64 (default: from the stage).")
     p.add_argument("--ema", action="store_true", help="Export the EMA of the parameters.")
@@ -30,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Storage dtype of float tensors (default: as trained).")
     p.add_argument("--hf-out", metavar="DIR", help="CLIP runs: also write a Hugging Face "
                    "CLIPModel folder here.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the component NAME if --out already has it (and the files of "
+                   "--hf-out); other components and files there are kept.")
     p.add_argument("--sampling", choices=("shapes",),
                    help="Write these sampling defaults into the folder's manifest.")
     p.set_defaults(func=run)
@@ -49,17 +53,14 @@ def run(args, overrides) -> int:
         raise UserError("Nothing to write: give --out PIPELINE_DIR (and --name) and/or --hf-out "
                         "DIR.")
     from unclip_jax.train import to_pipeline
-    name = args.name
-    if name is None:
-        from unclip_jax.train.checkpoint import make_manager, latest_step, read_meta
-        m = make_manager(args.workdir)
-        step = latest_step(m)
-        stage = read_meta(m, step).get("config", {}).get("stage") if step is not None else None
-        m.close()
-        name = _DEFAULT_NAMES.get(stage, "component")
+    stage = to_pipeline.stage_of(to_pipeline.check_workdir(args.workdir))
+    name = args.name or _DEFAULT_NAMES.get(stage, "component")
+    # every output is checked before the model is loaded
+    to_pipeline.check_export(args.workdir, args.out, name, stage=stage, hf_out=args.hf_out,
+                             sampling=args.sampling, overwrite=args.overwrite)
     summary = to_pipeline.export_workdir(args.workdir, args.out, name, ema=args.ema,
                                          dtype=args.dtype, hf_out=args.hf_out,
-                                         sampling=args.sampling)
+                                         sampling=args.sampling, overwrite=args.overwrite)
     parts = [f"step {summary['step']} of {summary['stage']}" + (" (EMA)" if args.ema else "")]
     if "out" in summary:
         parts.append(f"-> {summary['out']}/{summary['name']}.safetensors ({summary['cls']}, "

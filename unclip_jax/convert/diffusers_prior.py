@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from unclip_jax.io import safetensors
+from unclip_jax.io import pipeline_folder, safetensors
 from unclip_jax.models.diffusion_prior import (TIME_ACTIVATIONS, DiffusionPrior, PriorConfig,
                                                abstract_prior)
 from unclip_jax.torch_weights import (TORCH_METADATA, CheckpointError, check_folder, load_into,
@@ -90,7 +90,8 @@ def config_from_diffusers(d: dict[str, Any], **overrides: Any) -> PriorConfig:
     if problems:
         raise CheckpointError("Unsupported PriorTransformer config.json: " + "; ".join(problems)
                               + ".")
-    inner = c["num_attention_heads"] * c["attention_head_dim"]
+    heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
+    inner = heads * head_dim if type(heads) is int and type(head_dim) is int else None
     fields = dict(
         embed_dim=c["embedding_dim"], text_embed_dim=c["embedding_proj_dim"],
         text_width=None if c["encoder_hid_proj_type"] == "linear" else inner,
@@ -100,7 +101,12 @@ def config_from_diffusers(d: dict[str, Any], **overrides: Any) -> PriorConfig:
         time_embed_act=c["time_embed_act_fn"], norm_in=c["norm_in_type"] == "layer",
         text_embed_norm=c["embedding_proj_norm_type"] == "layer",
         text_proj=c["encoder_hid_proj_type"] == "linear", prd_token=prd,
-        dropout=float(c["dropout"]), embed_norm="mean_std")
+        dropout=c["dropout"], embed_norm="mean_std")
+    problems = pipeline_folder.config_field_problems(PriorConfig, fields)
+    if problems:
+        raise CheckpointError("Unsupported PriorTransformer config.json: " + "; ".join(problems)
+                              + ".")
+    fields["dropout"] = float(fields["dropout"])
     fields.update(overrides)
     if fields.get("learned_null"):
         raise CheckpointError("diffusers PriorTransformer checkpoints carry no null text "

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from unclip_jax.clip.model import ACTIVATIONS, CLIP, CLIPConfig, abstract_model
-from unclip_jax.io import paths, safetensors
+from unclip_jax.io import paths, pipeline_folder, safetensors
+from unclip_jax.io.atomic import atomic_write
 from unclip_jax.torch_weights import (  # noqa: F401 (the errors are re-exported)
     TORCH_METADATA, CheckpointError, CheckpointMismatchError, check_folder, load_into, read_json,
     state_dict, weight_files)
@@ -64,6 +65,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> CLIPConfig:
             f"config.json is not a CLIP config: model_type {model_type!r}, architectures "
             f"{hf.get('architectures')}; expected model_type 'clip' with text_config and "
             "vision_config, as written by transformers CLIPModel.save_pretrained.")
+    for key in ("text_config", "vision_config", "text_config_dict", "vision_config_dict"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"config.json: {key} must be an object, not a "
+                                  f"{type(hf[key]).__name__}.")
     t = {**_TEXT_DEFAULTS, **(hf.get("text_config") or {}), **(hf.get("text_config_dict") or {})}
     v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {}),
          **(hf.get("vision_config_dict") or {})}
@@ -73,7 +78,11 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> CLIPConfig:
     if t["hidden_act"] != v["hidden_act"] or t["hidden_act"] not in ACTIVATIONS:
         problems.append(f"hidden_act text={t['hidden_act']!r} vision={v['hidden_act']!r}; "
                         f"supported: the same one of {ACTIVATIONS} in both towers")
-    if not math.isclose(t["layer_norm_eps"], v["layer_norm_eps"]):
+    eps = (t["layer_norm_eps"], v["layer_norm_eps"])
+    if not all(type(e) in (int, float) and math.isfinite(e) and e > 0 for e in eps):
+        problems.append(f"layer_norm_eps must be a positive number (text {eps[0]!r}, vision "
+                        f"{eps[1]!r})")
+    elif not math.isclose(t["layer_norm_eps"], v["layer_norm_eps"]):
         problems.append(f"layer_norm_eps differs between towers (text {t['layer_norm_eps']}, "
                         f"vision {v['layer_norm_eps']})")
     if v["num_channels"] != 3:
@@ -92,7 +101,11 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> CLIPConfig:
         vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"],
         vision_heads=v["num_attention_heads"], vision_mlp_dim=v["intermediate_size"],
         activation=t["hidden_act"], layer_norm_eps=float(t["layer_norm_eps"]),
-        eos_token_id=t["eos_token_id"], logit_scale_init=float(top["logit_scale_init_value"]))
+        eos_token_id=t["eos_token_id"], logit_scale_init=top["logit_scale_init_value"])
+    problems = pipeline_folder.config_field_problems(CLIPConfig, fields)
+    if problems:
+        raise CheckpointError("Unsupported CLIP config.json: " + "; ".join(problems) + ".")
+    fields["logit_scale_init"] = float(fields["logit_scale_init"])
     fields.update(overrides)
     return CLIPConfig(**fields)
 
@@ -211,5 +224,5 @@ def save_pretrained(model: CLIP, path: str | os.PathLike) -> None:
     path = paths.check(path)
     safetensors.write(paths.join(path, SAFETENSORS_NAME), to_hf_state_dict(model),
                       metadata=TORCH_METADATA)
-    with paths.open(paths.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(model.config), f, indent=2)
+    text = json.dumps(config_to_hf(model.config), indent=2)
+    atomic_write(paths.join(path, CONFIG_NAME), lambda f: f.write(text), mode="w")

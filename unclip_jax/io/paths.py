@@ -216,3 +216,50 @@ class AppendFile:
         if self._local is not None:
             self._local.close()
             self._local = None
+
+
+# --------------------------------------------------------------------------------------------
+# Paths read from files (manifests, indexes): they must stay inside their folder
+# --------------------------------------------------------------------------------------------
+
+def relative_problem(name) -> str | None:
+    """Why ``name`` (a path read from a file, meant relative to its folder) may not be used, or
+    None: it must be a non-empty string, not absolute, with no '..' part and no URL scheme."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name or not name.strip():
+        return "is empty"
+    if "\0" in name:
+        return "holds a NUL character"
+    if _SCHEME.match(name):
+        return "is a URL, not a path relative to the folder"
+    parts = re.split(r"[/\\]", name)
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or os.path.isabs(name):
+        return "is an absolute path"
+    if ".." in parts:
+        return "leaves the folder ('..')"
+    return None
+
+
+def hf_cache_blobs(folder) -> str | None:
+    """The ``blobs/`` folder of the Hugging Face Hub cache entry that ``folder`` lies in (a
+    snapshot's files are symlinks into it), or None."""
+    parts = os.path.abspath(os.fspath(folder)).split(os.sep)
+    if "snapshots" not in parts[1:]:
+        return None
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    blobs = os.sep.join(parts[:i] + ["blobs"])
+    return blobs if os.path.isdir(blobs) else None
+
+
+def inside(path, root, *, also=()) -> bool:
+    """Whether the local ``path``, every symlink resolved, lies inside the folder ``root`` (or
+    one of the folders ``also``). Remote paths: True (object stores have no symlinks)."""
+    if is_remote(path) or is_remote(root):
+        return True
+    real = os.path.realpath(path)
+    for r in (root, *also):
+        r = os.path.realpath(r)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False

@@ -28,6 +28,8 @@ from unclip_jax.io import paths
 from unclip_jax.io.atomic import atomic_write
 
 METADATA = "__metadata__"
+MAX_HEADER_BYTES = 100 * 2**20
+"""The largest header read (real ones are well under 1 MB even for thousands of tensors)."""
 
 # numpy dtype name <-> safetensors dtype code
 DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -112,46 +114,73 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
             if len(first) < 8:
                 raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", first)
+            if header_len > MAX_HEADER_BYTES:
+                raise _invalid(path, f"the header claims {header_len} bytes, more than the "
+                                     f"{MAX_HEADER_BYTES} bytes a real header needs")
             if header_len > size - 8:
                 raise _invalid(path, f"truncated: the header claims {header_len} bytes, the file "
                                      f"has {size - 8} after the length")
             raw = f.read(header_len)
+            if len(raw) != header_len:
+                raise _invalid(path, f"truncated: {len(raw)} of the header's {header_len} bytes")
     except OSError as e:
         raise SafetensorsError(f"{path} cannot be read: {e}") from e
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _invalid(path, f"the header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise _invalid(path, f"the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop(METADATA, None) or {}
     if not isinstance(metadata, dict):
         raise _invalid(path, f"{METADATA} is a JSON {type(metadata).__name__}, not an object")
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise _invalid(path, f"{METADATA} values must be strings (offending keys: {bad[:3]})")
     data_start, data_len = 8 + header_len, size - 8 - header_len
+    spans = []
     for name, info in header.items():
         _check_entry(path, name, info, data_len)
+        if info["data_offsets"][1] > info["data_offsets"][0]:
+            spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise _invalid(path, f"tensors {_short(a)} and {_short(b)} overlap in the data")
     return header, metadata, data_start
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile header can hold huge values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_entry(path: str, name: str, info: Any, data_len: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise _invalid(path, f"tensor {name!r} needs 'dtype', 'shape' and 'data_offsets'")
-    if info["dtype"] not in _NUMPY:
-        raise _invalid(path, f"tensor {name!r} has dtype {info['dtype']!r}; unclip-jax reads "
-                             f"{', '.join(_NUMPY)}")
+        raise _invalid(path, f"tensor {_short(name)} needs 'dtype', 'shape' and 'data_offsets'")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in _NUMPY:
+        raise _invalid(path, f"tensor {_short(name)} has dtype {_short(info['dtype'])}; "
+                             f"unclip-jax reads {', '.join(_NUMPY)}")
     shape, offsets = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise _invalid(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(shape, list) and len(shape) <= 64
+            and all(type(d) is int and d >= 0 for d in shape)):
+        raise _invalid(path, f"tensor {_short(name)} has shape {_short(shape)}, not a list of "
+                             "sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        raise _invalid(path, f"tensor {name!r} has data_offsets {offsets!r}")
+        raise _invalid(path, f"tensor {_short(name)} has data_offsets {_short(offsets)}")
     want = math.prod(shape) * _NUMPY[info["dtype"]].itemsize
     if offsets[1] - offsets[0] != want:
-        raise _invalid(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its "
+        raise _invalid(path, f"tensor {_short(name)} spans {offsets[1] - offsets[0]} bytes, its "
                              f"{info['dtype']} shape {shape} needs {want}")
     if offsets[1] > data_len:
-        raise _invalid(path, f"truncated: tensor {name!r} ends at byte {offsets[1]} of the data, "
-                             f"which has {data_len}")
+        raise _invalid(path, f"truncated: tensor {_short(name)} ends at byte {offsets[1]} of the "
+                             f"data, which has {data_len}")
 
 
 class TensorFiles:
@@ -178,6 +207,10 @@ class TensorFiles:
     def shape(self, name: str) -> tuple:
         return tuple(self.headers[name][1]["shape"])
 
+    def dtype(self, name: str) -> np.dtype:
+        """The numpy dtype the tensor ``name`` is stored as."""
+        return _NUMPY[self.headers[name][1]["dtype"]]
+
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new (writable) numpy array."""
         file, info = self.headers[name]
@@ -201,3 +234,33 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file, by name."""
     files = TensorFiles([path])
     return {name: files.read(name) for name in sorted(files.names())}
+
+
+def dtype_kind(dtype) -> str:
+    """'float', 'int' or 'bool': what a dtype holds (widths aside)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return "bool"
+    if dtype.kind in "iu":
+        return "int"
+    return "float"   # f, and bfloat16 (kind 'V' in ml_dtypes)
+
+
+def cast_checked(array: np.ndarray, dtype, what: str) -> np.ndarray:
+    """``array`` as ``dtype`` when that keeps its meaning: float widths change freely (a narrower
+    storage type), integers only when every value fits; an integer tensor is never cast to a
+    float parameter or back (one SafetensorsError naming ``what``)."""
+    dtype = np.dtype(dtype)
+    have, want = dtype_kind(array.dtype), dtype_kind(dtype)
+    if have != want:
+        raise SafetensorsError(f"{what} is stored as {array.dtype} ({have}), but the model's "
+                               f"variable is {dtype} ({want}); a tensor is never cast between "
+                               "integer and float types. The file does not belong to this model "
+                               "or was written wrongly: write it again.")
+    if want == "int" and array.dtype != dtype and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise SafetensorsError(f"{what} holds values outside {dtype}'s range "
+                                   f"[{info.min}, {info.max}]; the file does not belong to this "
+                                   "model: write it again.")
+    return array.astype(dtype, copy=False)

@@ -28,7 +28,7 @@ from unclip_jax.clip.text_encoder import CLIPTextEncoder
 from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.convert import hf_clip
 from unclip_jax.errors import UserError
-from unclip_jax.io import paths, pipeline_folder
+from unclip_jax.io import outputs, paths, pipeline_folder
 from unclip_jax.models.layers import abstract_init
 from unclip_jax.pipeline.settings import SAMPLING_PRESETS
 from unclip_jax.train import checkpoint as ckpt
@@ -51,14 +51,43 @@ def _config_from_meta(meta: dict, workdir: str):
     return ml_collections.ConfigDict(cfg)
 
 
+def check_workdir(workdir: str) -> str:
+    """Refuse a workdir that is not a trainer workdir with checkpoints (before anything is
+    created there: the checkpoint manager would make the folder)."""
+    workdir = paths.check(workdir)
+    if not paths.isdir(workdir):
+        what = "is not a folder" if paths.exists(workdir) else "does not exist"
+        raise TrainedExportError(f"--workdir {workdir!r} {what}; pass the folder given to "
+                                 "`unclip-jax train --workdir`.")
+    if not paths.isdir(ckpt.checkpoint_dir(workdir)):
+        raise TrainedExportError(f"{workdir} holds no checkpoints/ folder: it is not a trainer "
+                                 "workdir, or no checkpoint was saved yet (train first).")
+    return workdir
+
+
+def stage_of(workdir: str) -> str | None:
+    """The stage the latest checkpoint of ``workdir`` trained (from its metadata), or None."""
+    manager = ckpt.make_manager(check_workdir(workdir))
+    try:
+        step = ckpt.latest_step(manager)
+        meta = ckpt.read_meta(manager, step) if step is not None else {}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails inside Orbax
+        raise TrainedExportError(f"The latest checkpoint of {workdir} cannot be read "
+                                 f"({type(e).__name__}: {str(e)[:200]}); it is damaged.") from None
+    finally:
+        manager.close()
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    stage = cfg.get("stage") if isinstance(cfg, dict) else None
+    return stage if isinstance(stage, str) else None
+
+
 def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
     """(module, config, step) of the latest (or ``step``) checkpoint of a trainer workdir.
 
     ``ema=True`` takes the EMA of the parameters (an error if the run kept none)."""
-    workdir = paths.check(workdir)
-    if not paths.isdir(workdir):
-        raise TrainedExportError(f"--workdir {workdir!r} does not exist; pass the folder given to "
-                                 "`unclip-jax train --workdir`.")
+    check_workdir(workdir)
     manager = ckpt.make_manager(workdir)
     try:
         step = ckpt.latest_step(manager) if step is None else step
@@ -76,6 +105,12 @@ def load_trained(workdir: str, *, ema: bool = False, step: int | None = None):
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                               abstract)
         state, _ = ckpt.restore(manager, step, target)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails inside Orbax
+        raise TrainedExportError(f"Checkpoint step {step} of {workdir} cannot be restored "
+                                 f"({type(e).__name__}: {str(e)[:200]}); it is damaged or was "
+                                 "written by another configuration.") from None
     finally:
         manager.close()
     params = state["ema"] if ema else state["params"]
@@ -91,19 +126,48 @@ def text_encoder_of(clip_model):
     return te
 
 
-def _manifest_sampling(out: str) -> dict:
-    """The sampling section already in ``out``'s manifest ({} if none)."""
-    if paths.isfile(pipeline_folder.manifest_path(out)):
-        return copy.deepcopy(pipeline_folder.read_manifest(out).get("sampling", {}))
-    return {}
+def check_export(workdir: str, out: str | None, name: str, *, stage: str | None = None,
+                 hf_out: str | None = None, sampling: str | None = None,
+                 overwrite: bool = True) -> None:
+    """Every check of an export that needs no model: the component name (against the stage
+    when known), the sampling preset and both output folders (:func:`check_workdir` checks
+    the workdir)."""
+    if out:
+        if not isinstance(name, str) or not pipeline_folder._NAME.match(name):
+            raise TrainedExportError(f"--name {name!r}: a component name is 1 to 64 letters, "
+                                     "digits and underscores (e.g. decoder, prior, sr64).")
+        if stage == "clip" and name not in ("clip", "text_encoder"):
+            raise TrainedExportError(f"A CLIP run exports as 'clip' (both towers) or "
+                                     f"'text_encoder' (text tower only), not {name!r}.")
+    if hf_out and stage is not None and stage != "clip":
+        raise TrainedExportError(f"--hf-out writes a CLIP; {workdir} trained stage {stage!r}.")
+    if sampling is not None and sampling not in SAMPLING_PRESETS:
+        raise TrainedExportError(f"Unknown sampling preset {sampling!r}; known: "
+                                 f"{', '.join(SAMPLING_PRESETS)}.")
+    if out:
+        pipeline_folder.check_output(out, overwrite=overwrite, adding=[name])
+    if hf_out:
+        outputs.check_folder(hf_out, will_write=[hf_clip.CONFIG_NAME, hf_clip.SAFETENSORS_NAME],
+                             overwrite=overwrite, flag="--hf-out")
+        if out and paths.absolute(hf_out) == paths.absolute(out):
+            raise TrainedExportError("--hf-out and --out must be different folders.")
 
 
 def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = False,
                    dtype: str | None = None, hf_out: str | None = None,
-                   sampling: str | None = None, context_length: int | None = None) -> dict:
+                   sampling: str | None = None, context_length: int | None = None,
+                   overwrite: bool = True) -> dict:
     """Write the model of ``workdir`` as component ``name`` of the pipeline folder ``out`` (and,
-    for CLIP, optionally as a Hugging Face folder ``hf_out``). Returns a summary dict."""
+    for CLIP, optionally as a Hugging Face folder ``hf_out``). Returns a summary dict.
+
+    ``out`` must be new, empty or a pipeline folder; a component already there (or, for
+    ``hf_out``, its files) is replaced only with ``overwrite`` (the CLI's ``--overwrite``).
+    Other components and any other files in ``out`` are kept; the folder switches to the new
+    manifest atomically (see :func:`unclip_jax.io.pipeline_folder.save_folder_atomically`)."""
+    check_export(workdir, out, name, hf_out=hf_out, sampling=sampling, overwrite=overwrite)
     module, config, step = load_trained(workdir, ema=ema)
+    check_export(workdir, out, name, stage=config.stage, hf_out=hf_out, sampling=sampling,
+                 overwrite=overwrite)
     summary: dict[str, Any] = {"workdir": workdir, "step": step, "stage": config.stage,
                                "ema": ema}
     if config.stage == "clip":
@@ -113,38 +177,37 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
             summary["hf_out"] = hf_out
         if name == "text_encoder":
             module = text_encoder_of(module)
-        elif name != "clip" and out:
-            raise TrainedExportError(f"A CLIP run exports as 'clip' (both towers) or "
-                                     f"'text_encoder' (text tower only), not {name!r}.")
-    elif hf_out:
-        raise TrainedExportError(f"--hf-out writes a CLIP; {workdir} trained stage "
-                                 f"{config.stage!r}.")
-    if out:
-        entry = pipeline_folder.save_component(out, name, module, dtype=dtype)
-        path = paths.join(out, entry["weights"])
-        summary.update(out=out, name=name, cls=entry["class"], bytes=paths.getsize(path))
-        extra = {}
-        existing = _manifest_sampling(out)   # the folder's sampling section, read once
+    if not out:
+        return summary
+
+    def write(tmp: str) -> None:
+        old = (pipeline_folder.read_manifest(out)
+               if paths.isfile(pipeline_folder.manifest_path(out)) else None)
+        entry = pipeline_folder.save_component(tmp, name, module, dtype=dtype,
+                                               update_manifest=False)
+        components = dict(old["components"]) if old else {}
+        components[name] = entry
+        tokenizer = dict(old["tokenizer"]) if old else {}
+        existing = copy.deepcopy(old["sampling"]) if old else {}
+        new_sampling = existing
         if sampling is not None:
-            if sampling not in SAMPLING_PRESETS:
-                raise TrainedExportError(f"Unknown sampling preset {sampling!r}; known: "
-                                         f"{', '.join(SAMPLING_PRESETS)}.")
-            extra["sampling"] = copy.deepcopy(SAMPLING_PRESETS[sampling])
+            new_sampling = copy.deepcopy(SAMPLING_PRESETS[sampling])
             # a preset never overrides what an exported decoder recorded it predicts
             kept = existing.get("decoder", {}).get("prediction_type")
             if kept:
-                extra["sampling"]["decoder"]["prediction_type"] = kept
+                new_sampling["decoder"]["prediction_type"] = kept
         if config.stage == "decoder":
             # the sampler must read the model's output as what it was trained to predict
-            if "sampling" not in extra:
-                extra["sampling"] = existing
-            extra["sampling"].setdefault("decoder", {})["prediction_type"] = str(
+            new_sampling.setdefault("decoder", {})["prediction_type"] = str(
                 config.diffusion.get("prediction_type", "epsilon"))
         if config.stage == "clip":
             ctx = int(context_length or module.config.context_length)
-            extra["tokenizer"] = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
-                                  "context_length": ctx,
-                                  "pad_id": int(get_tokenizer(ctx).pad_id)}
-        if extra:
-            pipeline_folder.save_manifest(out, **extra)
+            tokenizer = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
+                         "context_length": ctx, "pad_id": int(get_tokenizer(ctx).pad_id)}
+        pipeline_folder.save_manifest(tmp, components=components, tokenizer=tokenizer,
+                                      sampling=new_sampling, replace=True)
+        summary.update(out=out, name=name, cls=entry["class"],
+                       bytes=paths.getsize(paths.join(tmp, entry["weights"])))
+
+    pipeline_folder.save_folder_atomically(out, write, overwrite=overwrite, adding=[name])
     return summary
