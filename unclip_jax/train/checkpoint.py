@@ -87,7 +87,8 @@ def save(manager, step: int, state: dict, meta: dict, force: bool = True) -> Non
 
 
 _WRITE_FAILURES = ("no space left", "enospc", "disk quota", "edquot", "file too large",
-                   "read-only file system", "permission denied", "input/output error")
+                   "read-only file system", "permission denied", "input/output error",
+                   "os_error_code")
 
 
 def _write_reason(e: BaseException) -> str:
