@@ -104,6 +104,10 @@ BAD_OVERRIDES = [
     (["nope=1"], "unknown config key"),
     (["optimizer=1"], "is a group"),
     (["model.num_layers"], "no value"),
+    (["input.num_concepts=0"], "num_concepts"),
+    (["input.context_length=0"], "context_length"),
+    (["input.task_seed=-1"], "task_seed"),
+    (["input.kind=nope"], "input"),
 ]
 
 
@@ -133,6 +137,19 @@ def test_bad_stage_setting_is_refused(capsys, tmp_path, config, overrides, says)
     argv = ["train", "--config", config, "--workdir", workdir] + [f"--config.{o}"
                                                                   for o in overrides]
     assert_refused(capsys, argv, says=says, keep=[tmp_path])
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["input.dim=16"], "x_t must be"),
+    (["input.text_width=5"], "text_hidden"),
+    (["model.context_length=3"], "text_hidden"),
+    (["eval_every=1", "sampling.best_of=0"], "best_of"),
+], ids=["input-dim", "input-width", "model-context", "sample-best-of"])
+def test_settings_that_do_not_fit_are_refused_before_writing(capsys, tmp_path, overrides, says):
+    workdir = str(tmp_path / "run")
+    argv = _train(workdir, "total_steps=2", *overrides)
+    assert_refused(capsys, argv, says=("do not fit", says), keep=[tmp_path])
     assert not os.path.exists(workdir)
 
 

@@ -16,8 +16,10 @@ import numbers
 import os
 from typing import Any
 
+from unclip_jax.data.synthetic_embeddings import make_prior_task
 from unclip_jax.errors import UserError
 from unclip_jax.io import outputs, paths
+from unclip_jax.train.inputs import InputError
 from unclip_jax.train.optimizer import OptimizerConfigError, optimizer_config
 from unclip_jax.train.registry import get_stage
 from unclip_jax.train.sharding import parse_rules
@@ -123,6 +125,8 @@ def check_config(config: Any) -> None:
     if _get(config, "input", None) is None:
         raise TrainConfigError("The config has no 'input' group: nothing to train on. Add one "
                                "(see configs/*.py).")
+    if config.input.get("kind", "synthetic_prior") == "synthetic_prior":
+        _check_synthetic_input(config.input)
     try:
         optimizer_config(config)
     except (TypeError, ValueError) as e:
@@ -130,6 +134,19 @@ def check_config(config: Any) -> None:
             raise
         raise OptimizerConfigError(f"config.optimizer: {e}. Fix the optimizer settings.") from None
     _check_stage(config, stage)
+
+
+def _check_synthetic_input(cfg: Any) -> None:
+    """The synthetic caption -> z_i task's sizes (unclip_jax.train.inputs.SyntheticPriorInput)."""
+    sizes = {}
+    for name, default, low in (("num_concepts", 8, 1), ("dim", 32, 1), ("text_width", 32, 1),
+                               ("context_length", 8, 3), ("task_seed", 0, 0)):
+        sizes[name] = check_int(cfg.get(name, default), f"input.{name}", low=low,
+                                high=MAX_SEED if name == "task_seed" else 1 << 16)
+    try:
+        make_prior_task(seed=sizes.pop("task_seed"), **sizes)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config.input cannot make the synthetic task: {e}") from None
 
 
 def _check_stage(config: Any, stage) -> None:

@@ -33,6 +33,7 @@ it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -249,7 +250,9 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
             # writable host copies: prepare() sets buffers (quantiser fit, embedding stats)
             rest_host = jax.tree.map(np.array, jax.device_get(state["rest"]))
             model = nnx.merge(graphdef, abstract["params"], rest_host)
-            info = stage.prepare(model, config, batches)
+            with _settings_do_not_fit("the batches of config.input and the model "
+                                      "(config.model)"):
+                info = stage.prepare(model, config, batches)
             _, _, rest = step_lib.split_model(model)
             state["rest"] = jax.device_put(rest, state_sh["rest"])
             if info:
@@ -277,6 +280,44 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
 
     try:
         batch = next_batch()
+
+        # ------------------------------------------------------------ update step
+        _section("update step", log)
+        loss_fn = stage.make_loss_fn(config)
+
+        def step_fn(s, batch, rng):
+            fn = step_lib.make_train_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
+            ts, metrics = fn(_to_train_state(s), batch, rng)
+            metrics = dict(metrics, learning_rate=lr_fn(s["step"]))
+            return _from_train_state(ts, s["rest"]), metrics
+
+        rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
+        t0 = time.perf_counter()
+        with _settings_do_not_fit("the batches of config.input and the model (config.model)"):
+            traced = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
+                             out_shardings=(state_sh, replicated),
+                             donate_argnums=0).trace(state, batch, rng)
+        compiled = traced.lower().compile()
+        # the model's FLOPs (matrix products and convolutions of the global step) per device;
+        # XLA's count of the compiled program misses the library calls on GPU
+        flops = model_flops(traced.jaxpr) / mesh.size or compiled_flops(compiled)
+        log(f"compiled in {time.perf_counter() - t0:.1f} s; "
+            + (f"{flops / 1e9:.3f} GFLOP per step per device" if flops else "FLOPs unknown"))
+
+        sample_fn = None
+        eval_batch = None
+        if eval_every and stage.sample is not None:
+            eval_batch = inputs_lib.host_global_batches(
+                config.input, global_batch_size=batch_size, seed=config.seed + 104729, count=1,
+                keys=batch_keys)[0]
+
+            def sample_pure(params, rest, b, key):
+                return stage.sample(nnx.merge(graphdef, params, rest), config, b, key)
+
+            sample_fn = jax.jit(sample_pure)
+            with _settings_do_not_fit("the sample hook (config.sampling, eval_every)"):
+                jax.eval_shape(sample_fn, state.get("ema", state["params"]), state["rest"],
+                               eval_batch, jax.random.PRNGKey(1))
     except BaseException:
         if manager is not None:
             manager.close()
@@ -287,39 +328,6 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     writer = MetricWriter(workdir, active=is_main)
     for line in early:
         writer.text(line)
-
-    # ---------------------------------------------------------------- update step
-    _section("update step", log)
-    loss_fn = stage.make_loss_fn(config)
-
-    def step_fn(s, batch, rng):
-        fn = step_lib.make_train_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
-        ts, metrics = fn(_to_train_state(s), batch, rng)
-        metrics = dict(metrics, learning_rate=lr_fn(s["step"]))
-        return _from_train_state(ts, s["rest"]), metrics
-
-    rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
-    t0 = time.perf_counter()
-    traced = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
-                     out_shardings=(state_sh, replicated), donate_argnums=0).trace(state, batch, rng)
-    compiled = traced.lower().compile()
-    # the model's FLOPs (matrix products and convolutions of the global step) per device; XLA's
-    # count of the compiled program misses the library calls on GPU
-    flops = model_flops(traced.jaxpr) / mesh.size or compiled_flops(compiled)
-    log(f"compiled in {time.perf_counter() - t0:.1f} s; "
-        + (f"{flops / 1e9:.3f} GFLOP per step per device" if flops else "FLOPs unknown"))
-
-    sample_fn = None
-    eval_batch = None
-    if eval_every and stage.sample is not None:
-        eval_batch = inputs_lib.host_global_batches(
-            config.input, global_batch_size=batch_size, seed=config.seed + 104729, count=1,
-            keys=batch_keys)[0]
-
-        def sample_pure(params, rest, b, key):
-            return stage.sample(nnx.merge(graphdef, params, rest), config, b, key)
-
-        sample_fn = jax.jit(sample_pure)
 
     # ---------------------------------------------------------------- loop
     _section("loop", log)
@@ -408,6 +416,21 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     log(f"done: step {step}, {summary['steps_per_s'] or 0:.2f} steps/s, loss "
         f"{last_metrics.get('loss', float('nan')):.5g}")
     return summary
+
+
+@contextlib.contextmanager
+def _settings_do_not_fit(what: str):
+    """A ValueError while tracing (a shape check of the model or the sampler) is a config that
+    does not fit together: one TrainConfigError, before anything is written."""
+    try:
+        with plain_tracer_errors():
+            yield
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        text = " ".join(str(e).split())[:400].rstrip(".")
+        raise TrainConfigError(f"{what} do not fit together: {text}. Make the config agree "
+                               "(nothing was written).") from None
 
 
 def _jsonable(x):
