@@ -107,7 +107,7 @@ BAD_OVERRIDES = [
     (["input.num_concepts=0"], "num_concepts"),
     (["input.context_length=0"], "context_length"),
     (["input.task_seed=-1"], "task_seed"),
-    (["input.kind=nope"], "input"),
+    (["input.kind=nope", "total_steps=6"], "input"),
 ]
 
 
