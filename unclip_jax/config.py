@@ -68,7 +68,7 @@ def coerce(value: str, like: Any, key: str) -> Any:
         try:
             number = float(value)
         except ValueError:
-            raise fail("a finite number") from None
+            raise fail("a number") from None
         if not math.isfinite(number):
             raise fail("a finite number")
         return number
