@@ -154,4 +154,5 @@ def _sample(model, c, batch, rng):
 STAGE = Stage("ar_prior", build_model=lambda c, rngs: ARPrior(model_config(c), rngs=rngs),
               make_loss_fn=lambda c: make_loss_fn(c.get("text_drop_prob", 0.1)),
               batch_keys=lambda c: BATCH_KEYS, prepare=_prepare,
-              prepare_batches=_prepare_batches, sample=_sample, model_config=model_config)
+              prepare_batches=_prepare_batches, sample=_sample, model_config=model_config,
+              check_settings=lambda c: make_loss_fn(c.get("text_drop_prob", 0.1)))

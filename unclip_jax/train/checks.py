@@ -153,8 +153,8 @@ def _check_stage(config: Any, stage) -> None:
     """The stage's own settings: its model config dataclass and its loss settings."""
     if _get(config, "model", None) is None:
         raise TrainConfigError("The config has no 'model' group; add one (see configs/*.py).")
-    for what, fn in (("config.model", stage.model_config), ("the stage's settings",
-                                                             stage.make_loss_fn),
+    for what, fn in (("config.model", stage.model_config),
+                     ("the stage's settings", stage.check_settings),
                      ("the batch fields", stage.batch_keys)):
         if fn is None:
             continue

@@ -135,4 +135,4 @@ def _sample(model, c, batch, rng):
 STAGE = Stage("decoder", build_model=lambda c, rngs: Decoder(model_config(c), rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
               batch_keys=lambda c: batch_keys(model_config(c)), sample=_sample,
-              model_config=model_config)
+              model_config=model_config, check_settings=from_config)

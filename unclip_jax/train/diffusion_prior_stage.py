@@ -177,4 +177,5 @@ STAGE = Stage("diffusion_prior",
               build_model=lambda c, rngs: DiffusionPrior(model_config(c), rngs=rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
               batch_keys=_batch_keys, prepare=_prepare, prepare_batches=lambda c: 4,
-              sample=_sample, model_config=model_config)
+              sample=_sample, model_config=model_config,
+              check_settings=from_config)

@@ -16,6 +16,8 @@ A :class:`Stage` tells the trainer, from a config file's ConfigDict,
                                    images are a [N, H, W, 3] array in [-1, 1] for a PNG grid
   model_config(config)             the model's config dataclass (its checks refuse bad fields):
                                    the trainer calls it before building anything
+  check_settings(config)           optional: refuse the stage's own settings (diffusion, drop
+                                   probabilities) without building anything (no JAX backend)
 
 Each ``*_stage.py`` module defines its ``STAGE``; :mod:`unclip_jax.train.registry` names them.
 The optimizer and EMA come from the config the same way for every stage
@@ -53,6 +55,7 @@ class Stage:
     prepare_batches: Callable[[Any], int] = lambda c: 0
     sample: Callable[[nnx.Module, Any, dict, jax.Array], tuple[dict, Any]] | None = None
     model_config: Callable[[Any], Any] | None = None
+    check_settings: Callable[[Any], Any] | None = None
 
 
 def check_diffusion_settings(cfg: Any, probabilities: tuple[str, ...] = ()) -> None:

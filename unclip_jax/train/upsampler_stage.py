@@ -135,4 +135,5 @@ def _sample(model, c, batch, rng):
 
 STAGE = Stage("upsampler", build_model=lambda c, rngs: SuperRes(model_config(c), rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
-              batch_keys=lambda c: BATCH_KEYS, sample=_sample, model_config=model_config)
+              batch_keys=lambda c: BATCH_KEYS, sample=_sample, model_config=model_config,
+              check_settings=from_config)
