@@ -401,3 +401,15 @@ def test_precompute_bad_out_is_refused(capsys, tmp_path, where, says):
     if where == "manifest-folder":
         (out / "manifest.json").mkdir(parents=True)
     assert_refused(capsys, _precompute(str(out), "--overwrite"), says=says, keep=[tmp_path])
+
+
+@pytest.mark.parametrize("damage", ["truncated-arrays", "garbage-meta"])
+def test_export_of_a_corrupt_checkpoint_is_one_line(capsys, workdir, tmp_path, damage):
+    if damage == "truncated-arrays":
+        _truncate_arrays(workdir, 4)
+    else:
+        _garble_meta(workdir, 4)
+    out = tmp_path / "bundle"
+    assert_refused(capsys, ["export", "--workdir", workdir, "--out", out, "--name", "prior"],
+                   says=("checkpoint 4", "cannot be read"), keep=[workdir])
+    assert not out.exists()

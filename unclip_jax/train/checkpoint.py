@@ -305,15 +305,16 @@ def restore_newest(workdir: str, manager, abstract_state: dict, config: Any, *,
     broken: list[tuple[int, str]] = []
     for step in steps:
         try:
-            meta = check_meta(read_meta(manager, step), step)
+            meta = read_meta(manager, step)
             check_compatible(meta, abstract_state, config, where)
             state, meta = restore(manager, step, abstract_state)
         except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds
             if _not_corruption(e):
                 raise
             _quiet_closed_loops()
-            broken.append((step, _why(e)))
-            log(f"checkpoint {step} in {where} cannot be restored ({_why(e)}); trying the one "
+            why = getattr(e, "reason", None) or _why(e)
+            broken.append((step, why))
+            log(f"checkpoint {step} in {where} cannot be restored ({why}); trying the one "
                 "before it")
             continue
         if broken:
@@ -337,8 +338,25 @@ def restore_newest(workdir: str, manager, abstract_state: dict, config: Any, *,
         "afresh in this workdir, or use another --workdir.")
 
 
+def _unreadable(manager, step: int, e: BaseException) -> "CheckpointCorrupt":
+    _quiet_closed_loops()
+    err = CheckpointCorrupt(
+        f"Checkpoint {step} in {manager.directory} cannot be read ({_why(e)}). Rerun `unclip-jax "
+        "train` with its config and workdir (it moves a corrupt checkpoint aside and resumes "
+        "from the newest one that reads), or use an older step.")
+    err.reason = _why(e)
+    return err
+
+
 def read_meta(manager, step: int) -> dict:
-    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    """The meta of checkpoint ``step`` (CheckpointCorrupt when it cannot be read)."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return check_meta(dict(meta) if isinstance(meta, dict) else meta, step)
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds
+        if _not_corruption(e) or isinstance(e, UserError):
+            raise
+        raise _unreadable(manager, step, e) from None
 
 
 def check_compatible(meta: dict, abstract_state: dict, config: Any, where: str) -> None:
@@ -362,8 +380,13 @@ def check_compatible(meta: dict, abstract_state: dict, config: Any, where: str) 
 
 def restore(manager, step: int, abstract_state: dict) -> tuple[dict, dict]:
     """(state, meta) of ``step``, the state laid out as ``abstract_state``'s shardings."""
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds
+        if _not_corruption(e) or isinstance(e, UserError):
+            raise
+        raise _unreadable(manager, step, e) from None
     return out["state"], dict(out["meta"])
 
 
@@ -374,17 +397,25 @@ def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}.")
-    meta = read_meta(manager, step)
-    # Target: every leaf on this process's first device (the saved devices may not exist here).
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    saved = manager.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one),
-                          saved, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    arrays = jax.tree.map(np.asarray, state["state"])
-    manager.close()
+    try:
+        meta = read_meta(manager, step)
+        # Target: every leaf on this process's first device (the saved devices may not exist
+        # here).
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), saved,
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+        arrays = jax.tree.map(np.asarray, state["state"])
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds
+        if _not_corruption(e) or isinstance(e, UserError):
+            raise
+        raise _unreadable(manager, step, e) from None
+    finally:
+        close_quietly(manager)
     return arrays, meta
 
 

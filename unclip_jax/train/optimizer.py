@@ -50,8 +50,8 @@ class OptimizerConfig:
             _integer("warmup_steps", self.warmup_steps), _integer("total_steps", self.total_steps),
         ) if p]
         if problems:
-            raise OptimizerConfigError("; ".join(problems) + ". Fix them in the config file or with "
-                                       "--config.optimizer.KEY=VALUE.")
+            raise OptimizerConfigError("; ".join(problems) + ". Fix them in the config file or "
+                                       "with --config.optimizer.KEY=VALUE.")
         if self.lr_schedule not in SCHEDULES:
             raise OptimizerConfigError(f"lr_schedule must be one of {SCHEDULES}, got "
                                        f"{self.lr_schedule!r}.")
