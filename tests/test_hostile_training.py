@@ -225,6 +225,10 @@ def test_workdir_with_a_folder_named_train_log_is_refused(capsys, workdir):
     assert_refused(capsys, _train(workdir), says="train.log", keep=[workdir])
 
 
+def test_empty_workdir_name_is_refused(capsys):
+    assert_refused(capsys, _train(""), says="--workdir")
+
+
 def test_workdir_with_an_unsupported_scheme_is_refused(capsys):
     assert_refused(capsys, _train("gs2://bucket/run"), says="scheme")
 
@@ -377,10 +381,16 @@ def _precompute(out, *flags):
     (["--clip", "/nonexistent-unclip"], "--clip"),
     (["--config.x=1"], "need --config"),
     (["--batch-size", "x"], "invalid int"),
+    (["--input", "shapes:bogus"], "splits"),
+    (["--input", "tfds:nonexistent_ds:train", "--data-dir", "{tmp}"], "cannot load"),
+    (["--input", "tfds::train", "--data-dir", "{tmp}"], "tfds:NAME:SPLIT"),
+    (["--input", "config"], "--config"),
 ], ids=["num0", "num-neg", "batch0", "shard0", "size0", "size-huge", "seed-neg", "seed-huge",
-        "input", "data-dir", "clip", "override", "batch-text"])
+        "input", "data-dir", "clip", "override", "batch-text", "shapes-split", "tfds-missing",
+        "tfds-no-name", "config-without-file"])
 def test_precompute_bad_flag_is_refused(capsys, tmp_path, flags, says):
     out = tmp_path / "emb"
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert_refused(capsys, _precompute(str(out), *flags), says=says, keep=[tmp_path])
     assert not out.exists()
 

@@ -45,6 +45,8 @@ def _input_batches(args, overrides):
     kind, _, rest = args.input.partition(":")
     if kind == "shapes":
         split = rest or "train"
+        if split not in ("train", "test"):
+            raise UserError(f"--input shapes:{split}: the Shapes splits are train and test.")
         if not args.num:
             raise UserError("--input shapes:SPLIT generates examples on the fly: give their "
                             "number with --num N.")
@@ -57,7 +59,14 @@ def _input_batches(args, overrides):
         import tensorflow_datasets as tfds
         if name.split("/")[0] == "shapes":
             from unclip_jax.data import shapes_builder  # noqa: F401  (registers "shapes")
-        ds = tfds.load(name, split=split, data_dir=args.data_dir, download=False)
+        try:
+            ds = tfds.load(name, split=split, data_dir=args.data_dir, download=False)
+        except Exception as e:  # noqa: BLE001 - TFDS raises AssertionError, its own errors, ...
+            text = " ".join(str(e).split())[:200]
+            raise UserError(f"--input {args.input}: TFDS cannot load {name!r} split {split!r} "
+                            f"from {args.data_dir} ({type(e).__name__}: {text}). Build it first "
+                            "(e.g. unclip-jax shapes --data-dir DIR) or check the name and "
+                            "split.") from None
         ds = ds.map(lambda ex: {"image": ex["image"], "caption": ex["caption"]})
         return tfds.as_numpy(ds.batch(args.batch_size))
     if kind == "config":
