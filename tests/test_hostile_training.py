@@ -127,6 +127,11 @@ OTHER_STAGES = [
     (UPSAMPLER, ["crop_fraction=nan"], "crop_fraction"),
     (UPSAMPLER, ["crop_fraction=4"], "crop_fraction"),
     (AR_PRIOR, ["text_drop_prob=3"], "text_drop_prob"),
+    (AR_PRIOR, ["quantizer.fit_examples=-5"], "fit_examples"),
+    (AR_PRIOR, ["quantizer.max_quantile_samples=0"], "max_quantile_samples"),
+    (AR_PRIOR, ["sample.top_p=2"], "top_p"),
+    (AR_PRIOR, ["sample.temperature=-1"], "temperature"),
+    (AR_PRIOR, ["sample.best_of=0"], "best_of"),
 ]
 
 
