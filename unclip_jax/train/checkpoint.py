@@ -16,6 +16,12 @@ arrays that carry the CURRENT mesh's shardings: a checkpoint saved by 8 devices 
 restores onto 2 devices, or data-parallel only. Before restoring (and before the trainer writes
 anything), :func:`check_compatible` compares the saved shapes and stage with the current run and
 refuses a mismatch with one message naming what differs.
+
+A checkpoint that cannot be read (a truncated array file, garbled metadata) is
+:class:`CheckpointCorrupt`; :func:`restore_newest` then falls back to the newest one that reads
+and renames the broken ones ``<step>.corrupt-<UTC time>`` (not a step name to Orbax; nothing is
+deleted). A write that fails (a full disk, a quota) is one :class:`CheckpointSaveError` saying
+which checkpoint is intact; a disk too full for the next checkpoint is refused before writing.
 """
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ It reads top to bottom in banner-marked sections (big_vision style):
   sharding    parameter / optimizer-state / batch shardings from the logical axis names
   resume      an existing checkpoint in WORKDIR is checked against this config (refused with a
               clear message, before anything is written, if it does not match) and restored
-              onto this mesh; otherwise the state is CREATED sharded (``jit`` with
+              onto this mesh; a newer one that cannot be read (truncated, garbled) is reported,
+              renamed ``<step>.corrupt-<time>`` once an older one restores, and skipped;
+              otherwise the state is CREATED sharded (``jit`` with
               ``out_shardings``: no host copy of a large model) and the stage's ``prepare`` hook
               fits its buffers (the AR prior's quantiser) from a few whole global batches
   input       per-process batches from the saved data position -> global arrays
