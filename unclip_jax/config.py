@@ -16,6 +16,7 @@ import ast
 import difflib
 import importlib.util
 import inspect
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -65,9 +66,12 @@ def coerce(value: str, like: Any, key: str) -> Any:
             raise fail("an integer") from None
     if isinstance(like, float):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise fail("a number") from None
+        if not math.isfinite(number):
+            raise fail("a finite number")
+        return number
     if isinstance(like, str):
         return value
     if isinstance(like, (tuple, list)):
@@ -81,8 +85,8 @@ def coerce(value: str, like: Any, key: str) -> Any:
         else:
             items = [s for s in text.split(",") if s.strip()] if text else []
         if like:  # coerce each element like the first existing element
-            items = [coerce(str(i), like[0], f"{key}[{n}]") if isinstance(i, str) else i
-                     for n, i in enumerate(items)]
+            items = [coerce(str(i), like[0], f"{key}[{n}]") if isinstance(i, str) else
+                     _same_kind(i, like[0], f"{key}[{n}]", value) for n, i in enumerate(items)]
         return type(like)(items)
     if like is None:
         # No type to go by: a Python literal if it parses as one, else the string itself.
@@ -92,6 +96,20 @@ def coerce(value: str, like: Any, key: str) -> Any:
             return value
     raise ConfigError(f"Config key '{key}' holds a {type(like).__name__}, which cannot be set "
                       "from the command line; edit the config file instead.")
+
+
+def _same_kind(item: Any, like: Any, key: str, value: str) -> Any:
+    """A list element parsed from a literal: refused unless of the kind of ``like``."""
+    numbers_ok = (isinstance(like, (int, float)) and not isinstance(like, bool)
+                  and isinstance(item, (int, float)) and not isinstance(item, bool))
+    if numbers_ok and isinstance(like, float):
+        item = float(item)
+    if not (numbers_ok or type(item) is type(like)):
+        raise ConfigError(f"Config key '{key}' expects {type(like).__name__} elements, got "
+                          f"{item!r} in {value!r}.")
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"Config key '{key}' expects finite numbers, got {item!r}.")
+    return item
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
@@ -125,15 +143,34 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
     return out
 
 
+def _failure(e: BaseException) -> str:
+    text = " ".join(str(e).split())[:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _load_module(path: str):
-    if not os.path.isfile(path):
-        raise ConfigError(f"Config file '{path}' does not exist. Pass the path of a file under "
+    if not path or not os.path.isfile(path):
+        what = "is a folder" if path and os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"Config file '{path}' {what}. Pass the path of a .py file under "
                           "configs/, e.g. --config configs/clip.py:size=tiny.")
+    if not path.endswith(".py"):
+        raise ConfigError(f"Config file '{path}' is not a Python file (.py); pass a config file "
+                          "such as configs/clip.py.")
     name = "unclip_jax_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"Config file '{path}' cannot be loaded as a Python module.")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config file is code a user wrote
+        raise ConfigError(f"Config file '{path}' failed to load ({_failure(e)}); fix the "
+                          "file.") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"Config file '{path}' has no get_config(arg) function.")
     return module
 
@@ -142,10 +179,20 @@ def load_file(spec: str) -> ConfigDict:
     """Load ``path.py`` or ``path.py:arg`` into a ConfigDict."""
     path, sep, arg = spec.partition(":")
     module = _load_module(path)
-    accepts_arg = len(inspect.signature(module.get_config).parameters) > 0
+    try:
+        accepts_arg = len(inspect.signature(module.get_config).parameters) > 0
+    except (TypeError, ValueError):
+        accepts_arg = True
     if sep and not accepts_arg:
         raise ConfigError(f"Config file '{path}' takes no argument, but ':{arg}' was given.")
-    config = module.get_config(arg if sep else None) if accepts_arg else module.get_config()
+    try:
+        config = module.get_config(arg if sep else None) if accepts_arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a config's own check of its argument
+        shown = f"'{arg}'" if sep else "no argument"
+        raise ConfigError(f"get_config({shown}) in '{path}' failed: {_failure(e)}. Check the "
+                          "argument after ':' (the file's docstring lists them).") from None
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"get_config() in '{path}' returned {type(config).__name__}, "
                           "not an ml_collections.ConfigDict.")

@@ -47,6 +47,9 @@ def run(args, overrides) -> int:
     settings = distributed.resolve(args.coordinator_address, args.num_processes,
                                    args.process_id, args.local_device_ids)
     config = load_config(args.config, overrides)   # a bad config fails before any start-up
+    from unclip_jax.train.checks import check_config, check_workdir
+    check_config(config)                           # ... and so does any setting, or the workdir
+    check_workdir(args.workdir)
     distributed.initialize(settings)
     from unclip_jax.train.trainer import train
     train(config, args.workdir, progress=not args.no_progress)

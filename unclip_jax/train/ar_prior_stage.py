@@ -46,7 +46,7 @@ from unclip_jax.models.ar_prior import ARPrior, ARPriorConfig
 from unclip_jax.models.pca_quantizer import QuantizerFit, fit_quantizer
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, make_optimizer
-from unclip_jax.train.stage import Stage, cosine_means, model_fields
+from unclip_jax.train.stage import Stage, StageConfigError, cosine_means, model_fields
 from unclip_jax.train.step import TrainState
 
 BATCH_KEYS = ("text_hidden", "text_mask", "text_embed", "image_embed")
@@ -151,7 +151,36 @@ def _sample(model, c, batch, rng):
                                       batch["text_embed"])), None
 
 
+def check_settings(c) -> None:
+    """The stage's own settings (text_drop_prob, quantizer, sample), refused in one
+    StageConfigError before anything is built."""
+    make_loss_fn(c.get("text_drop_prob", 0.1))
+    problems = []
+    q = c.get("quantizer") or {}
+    for name in ("fit_examples", "max_quantile_samples"):
+        v = q.get(name, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"quantizer.{name} must be an integer >= 1, got {v!r}")
+    smp = c.get("sample") or {}
+    checks = (("temperature", lambda v: v > 0, "> 0"),
+              ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("dot_percentile", lambda v: 0 <= v <= 100, "in [0, 100]"),
+              ("guidance_scale", lambda v: True, "finite"))
+    for name, ok, span in checks:
+        v = smp.get(name, 1.0)
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                or not ok(v)):
+            problems.append(f"sample.{name} must be a number {span}, got {v!r}")
+    best_of = smp.get("best_of", 1)
+    if not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < 1:
+        problems.append(f"sample.best_of must be an integer >= 1, got {best_of!r}")
+    if problems:
+        raise StageConfigError("; ".join(problems) + ". Fix them in the config file or with "
+                               "--config.KEY=VALUE.")
+
+
 STAGE = Stage("ar_prior", build_model=lambda c, rngs: ARPrior(model_config(c), rngs=rngs),
               make_loss_fn=lambda c: make_loss_fn(c.get("text_drop_prob", 0.1)),
               batch_keys=lambda c: BATCH_KEYS, prepare=_prepare,
-              prepare_batches=_prepare_batches, sample=_sample)
+              prepare_batches=_prepare_batches, sample=_sample, model_config=model_config,
+              check_settings=check_settings)

@@ -45,4 +45,5 @@ def make_loss_fn():
 
 
 STAGE = Stage("clip", build_model=lambda c, rngs: CLIP(model_config(c), rngs=rngs),
-              make_loss_fn=lambda c: make_loss_fn(), batch_keys=lambda c: BATCH_KEYS)
+              make_loss_fn=lambda c: make_loss_fn(), batch_keys=lambda c: BATCH_KEYS,
+              model_config=model_config)

@@ -31,7 +31,8 @@ from unclip_jax import diffusion
 from unclip_jax.models.decoder import Decoder, DecoderConfig, guided_decoder_fn
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
-from unclip_jax.train.stage import Stage, ddim_images, model_fields, require_keys
+from unclip_jax.train.stage import (Stage, check_diffusion_settings, ddim_images, model_fields,
+                                    require_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class DecoderStageConfig:
     vlb_weight: float = 0.001
     image_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
+
+    def __post_init__(self):
+        check_diffusion_settings(self, ("image_drop_prob", "text_drop_prob"))
 
 
 def batch_keys(mc: DecoderConfig) -> tuple[str, ...]:
@@ -130,4 +134,5 @@ def _sample(model, c, batch, rng):
 
 STAGE = Stage("decoder", build_model=lambda c, rngs: Decoder(model_config(c), rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
-              batch_keys=lambda c: batch_keys(model_config(c)), sample=_sample)
+              batch_keys=lambda c: batch_keys(model_config(c)), sample=_sample,
+              model_config=model_config, check_settings=from_config)

@@ -38,7 +38,8 @@ from unclip_jax.models.diffusion_prior import (DiffusionPrior, PriorConfig, Text
 from unclip_jax.models.prior_sampling import prior_settings, sample_prior
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
-from unclip_jax.train.stage import Stage, cosine_means, model_fields
+from unclip_jax.train.stage import (Stage, check_diffusion_settings, cosine_means,
+                                    model_fields)
 
 NULL_KEYS = ("null_text_embed", "null_text_hidden", "null_text_mask")
 
@@ -48,6 +49,9 @@ class PriorStageConfig:
     num_train_steps: int = 1000
     schedule: str = "cosine"
     cond_drop_prob: float = 0.1
+
+    def __post_init__(self):
+        check_diffusion_settings(self, ("cond_drop_prob",))
 
 
 def _check_batch(model: DiffusionPrior, batch: dict) -> None:
@@ -173,4 +177,5 @@ STAGE = Stage("diffusion_prior",
               build_model=lambda c, rngs: DiffusionPrior(model_config(c), rngs=rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
               batch_keys=_batch_keys, prepare=_prepare, prepare_batches=lambda c: 4,
-              sample=_sample)
+              sample=_sample, model_config=model_config,
+              check_settings=from_config)

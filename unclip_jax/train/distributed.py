@@ -77,7 +77,10 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     ids = None
     if local_device_ids:
         ids = tuple(_int(i, "--local-device-ids") for i in str(local_device_ids).split(",") if i)
-    if n < 1 or not 0 <= pid < n:
+    if n < 1:
+        raise DistributedError(f"The number of processes must be at least 1, got {n}; pass "
+                               "--num-processes N (1 for a single process).")
+    if not 0 <= pid < n:
         raise DistributedError(f"Process id {pid} is not in [0, {n}): pass --process-id between "
                                "0 and --num-processes - 1.")
     if n > 1 and not addr:

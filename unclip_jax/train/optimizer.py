@@ -11,6 +11,8 @@ training config the same way for every stage.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -38,6 +40,18 @@ class OptimizerConfig:
     grad_clip_norm: float | None = None
 
     def __post_init__(self):
+        problems = [p for p in (
+            _number("learning_rate", self.learning_rate, 0.0),
+            _number("b1", self.b1, 0.0, 1.0), _number("b2", self.b2, 0.0, 1.0),
+            _number("eps", self.eps, 0.0, low_open=True),
+            _number("weight_decay", self.weight_decay, 0.0),
+            None if self.grad_clip_norm is None else _number("grad_clip_norm",
+                                                             self.grad_clip_norm, 0.0),
+            _integer("warmup_steps", self.warmup_steps), _integer("total_steps", self.total_steps),
+        ) if p]
+        if problems:
+            raise OptimizerConfigError("; ".join(problems) + ". Fix them in the config file or "
+                                       "with --config.optimizer.KEY=VALUE.")
         if self.lr_schedule not in SCHEDULES:
             raise OptimizerConfigError(f"lr_schedule must be one of {SCHEDULES}, got "
                                        f"{self.lr_schedule!r}.")
@@ -46,6 +60,23 @@ class OptimizerConfig:
                 f"A cosine schedule needs total_steps ({self.total_steps}) greater than "
                 f"warmup_steps ({self.warmup_steps}); lower --config.optimizer.warmup_steps or "
                 "raise --config.total_steps.")
+
+
+def _number(name: str, v, low: float, high: float | None = None,
+            low_open: bool = False) -> str | None:
+    """A problem with the optimizer setting ``name`` (a finite number in the range), or None."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > low if low_open else v >= low) and (high is None or v < high)
+    if ok:
+        return None
+    span = f"in [{low:g}, {high:g})" if high is not None else f"{'>' if low_open else '>='} {low:g}"
+    return f"optimizer.{name} must be a finite number {span}, got {v!r}"
+
+
+def _integer(name: str, v) -> str | None:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0:
+        return None
+    return f"optimizer.{name} must be an integer >= 0, got {v!r}"
 
 
 # Table 3 of the paper (all AdamW, beta1 0.9).

@@ -14,6 +14,10 @@ A :class:`Stage` tells the trainer, from a config file's ConfigDict,
   prepare_batches(config)          how many global batches ``prepare`` wants
   sample(model, config, batch, rng)  optional eval hook -> (scalar metrics, images or None);
                                    images are a [N, H, W, 3] array in [-1, 1] for a PNG grid
+  model_config(config)             the model's config dataclass (its checks refuse bad fields):
+                                   the trainer calls it before building anything
+  check_settings(config)           optional: refuse the stage's own settings (diffusion, drop
+                                   probabilities) without building anything (no JAX backend)
 
 Each ``*_stage.py`` module defines its ``STAGE``; :mod:`unclip_jax.train.registry` names them.
 The optimizer and EMA come from the config the same way for every stage
@@ -22,6 +26,8 @@ The optimizer and EMA come from the config the same way for every stage
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -29,6 +35,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unclip_jax import diffusion
+from unclip_jax.errors import UserError
+
+SCHEDULES = ("cosine", "squaredcos_cap_v2", "linear")
+MAX_TRAIN_STEPS = 100_000       # diffusion timesteps of a schedule (the paper uses 1000)
+
+
+class StageConfigError(UserError, ValueError):
+    """A stage setting (config.diffusion, drop probabilities, crops) that cannot work."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +54,41 @@ class Stage:
     prepare: Callable[[nnx.Module, Any, list], dict] | None = None
     prepare_batches: Callable[[Any], int] = lambda c: 0
     sample: Callable[[nnx.Module, Any, dict, jax.Array], tuple[dict, Any]] | None = None
+    model_config: Callable[[Any], Any] | None = None
+    check_settings: Callable[[Any], Any] | None = None
+
+
+def check_diffusion_settings(cfg: Any, probabilities: tuple[str, ...] = ()) -> None:
+    """Refuse diffusion settings of a stage config dataclass (``num_train_steps``, ``schedule``,
+    ``prediction_type``, ``vlb_weight`` where it has them, and the named probabilities) with one
+    StageConfigError naming every problem."""
+    problems = []
+    n = getattr(cfg, "num_train_steps", 1)
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= MAX_TRAIN_STEPS:
+        problems.append(f"diffusion.num_train_steps must be an integer in [1, {MAX_TRAIN_STEPS}], "
+                        f"got {n!r}")
+    schedule = getattr(cfg, "schedule", "cosine")
+    if schedule not in SCHEDULES:
+        problems.append(f"diffusion.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    pred = getattr(cfg, "prediction_type", "epsilon")
+    if pred not in diffusion.PREDICTION_TYPES:
+        problems.append(f"diffusion.prediction_type must be one of {diffusion.PREDICTION_TYPES}, "
+                        f"got {pred!r}")
+    for name in ("vlb_weight",) if hasattr(cfg, "vlb_weight") else ():
+        v = getattr(cfg, name)
+        if not _finite(v) or v < 0:
+            problems.append(f"diffusion.{name} must be a finite number >= 0, got {v!r}")
+    for name in probabilities:
+        v = getattr(cfg, name)
+        if not _finite(v) or not 0.0 <= v <= 1.0:
+            problems.append(f"diffusion.{name} must be a probability in [0, 1], got {v!r}")
+    if problems:
+        raise StageConfigError("; ".join(problems) + ". Fix them in the config file or with "
+                               "--config.diffusion.KEY=VALUE.")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def model_fields(cls, model_cfg) -> dict:

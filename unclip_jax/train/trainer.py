@@ -8,7 +8,9 @@ It reads top to bottom in banner-marked sections (big_vision style):
   sharding    parameter / optimizer-state / batch shardings from the logical axis names
   resume      an existing checkpoint in WORKDIR is checked against this config (refused with a
               clear message, before anything is written, if it does not match) and restored
-              onto this mesh; otherwise the state is CREATED sharded (``jit`` with
+              onto this mesh; a newer one that cannot be read (truncated, garbled) is reported,
+              renamed ``<step>.corrupt-<time>`` once an older one restores, and skipped;
+              otherwise the state is CREATED sharded (``jit`` with
               ``out_shardings``: no host copy of a large model) and the stage's ``prepare`` hook
               fits its buffers (the AR prior's quantiser) from a few whole global batches
   input       per-process batches from the saved data position -> global arrays
@@ -33,8 +35,10 @@ it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -47,10 +51,12 @@ from tqdm import tqdm
 
 from unclip_jax.errors import UserError
 from unclip_jax.models.layers import abstract_init, plain_tracer_errors
+from unclip_jax.io import paths
 from unclip_jax.train import checkpoint as ckpt
 from unclip_jax.train import inputs as inputs_lib
 from unclip_jax.train import sharding as shard_lib
 from unclip_jax.train import step as step_lib
+from unclip_jax.train.checks import TrainConfigError, check_config, check_workdir
 from unclip_jax.train.metrics import MetricWriter, compiled_flops, model_flops
 from unclip_jax.train.optimizer import (ema_decay, learning_rate_schedule, make_optimizer,
                                         optimizer_config)
@@ -59,10 +65,6 @@ from unclip_jax.train.registry import get_stage
 
 class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradients became NaN / Inf."""
-
-
-class TrainConfigError(UserError, ValueError):
-    """Trainer settings that cannot work together."""
 
 
 def _to_train_state(s: dict) -> step_lib.TrainState:
@@ -150,14 +152,24 @@ def _section(title: str, log) -> None:
 
 def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     """Train ``config`` (a configs/*.py ConfigDict) in ``workdir``, resuming if it holds a
-    checkpoint. Returns a summary: final step, last metrics, steps/s, whether it resumed."""
+    checkpoint. Returns a summary: final step, last metrics, steps/s, whether it resumed.
+
+    Every setting is checked first (:mod:`unclip_jax.train.checks`): a config or workdir the
+    trainer cannot use is refused before anything is built or written. Nothing is written to
+    ``workdir`` until the state is restored (or created) and the input opens."""
+    check_config(config)
+    workdir = check_workdir(workdir)
     is_main = jax.process_index() == 0
-    writer = MetricWriter(workdir, active=is_main)
+    writer = None
+    early: list[str] = []   # lines logged before the workdir is written to
 
     def log(msg: str) -> None:
         if is_main:
             print(msg, flush=True)
-            writer.text(msg)
+            if writer is None:
+                early.append(msg)
+            else:
+                writer.text(msg)
 
     # ---------------------------------------------------------------- stage
     stage = get_stage(config.stage)
@@ -166,9 +178,9 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     ckpt_cfg = config.get("checkpoint") or {}
     every = int(ckpt_cfg.get("every_steps", 1000))
     keep = int(ckpt_cfg.get("keep", 3))
-    log_every = max(1, int(config.get("log_every", 100)))
+    log_every = int(config.get("log_every", 100))
     eval_every = int(config.get("eval_every", 0) or 0)
-    accum = int(config.optimizer.get("accum_steps", 1) or 1)
+    accum = int(config.optimizer.get("accum_steps", 1))
 
     # ---------------------------------------------------------------- mesh
     _section("mesh", log)
@@ -178,6 +190,10 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     min_bytes = int(mesh_cfg.get("min_shard_bytes", 0)) if mesh_cfg is not None else 0
     batch_size = int(config.batch_size)
     divisor = shard_lib.batch_divisor(mesh) * accum
+    if batch_size % jax.process_count():
+        raise TrainConfigError(
+            f"batch_size {batch_size} does not split over {jax.process_count()} processes; make "
+            "config.batch_size a multiple of the number of processes.")
     if batch_size % divisor:
         raise TrainConfigError(
             f"batch_size {batch_size} must be a multiple of data x fsdp x accum_steps = "
@@ -208,15 +224,20 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
 
     # ---------------------------------------------------------------- resume
     _section("resume", log)
-    manager = ckpt.make_manager(workdir, keep=keep, async_save=bool(ckpt_cfg.get("async_save",
-                                                                                 False)))
-    latest = ckpt.latest_step(manager)
-    if latest is not None:
-        meta = ckpt.read_meta(manager, latest)
-        ckpt.check_compatible(meta, abstract, config, ckpt.checkpoint_dir(workdir))
+    async_save = bool(ckpt_cfg.get("async_save", False))
+    manager = None
+    latest = None
+    if paths.isdir(ckpt.checkpoint_dir(workdir)):   # else: nothing to read, nothing created yet
+        manager = ckpt.make_manager(workdir, keep=keep, async_save=async_save)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract, state_sh)
-        state, meta = ckpt.restore(manager, latest, target)
+        try:
+            manager, state, meta, latest = ckpt.restore_newest(workdir, manager, target, config,
+                                                               log=log)
+        except BaseException:
+            manager.close()
+            raise
+    if latest is not None:
         start = int(meta["step"])
         data_position = int(meta.get("data_position", start))
         log(f"resumed from step {start} (checkpoint {latest}, data position {data_position})")
@@ -231,7 +252,9 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
             # writable host copies: prepare() sets buffers (quantiser fit, embedding stats)
             rest_host = jax.tree.map(np.array, jax.device_get(state["rest"]))
             model = nnx.merge(graphdef, abstract["params"], rest_host)
-            info = stage.prepare(model, config, batches)
+            with _settings_do_not_fit("the batches of config.input and the model "
+                                      "(config.model)"):
+                info = stage.prepare(model, config, batches)
             _, _, rest = step_lib.split_model(model)
             state["rest"] = jax.device_put(rest, state_sh["rest"])
             if info:
@@ -244,8 +267,8 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
         f"{max(per_device.values()) / 2**20:.2f} MiB on one device")
     if start >= total_steps:
         log(f"nothing to do: step {start} >= total_steps {total_steps}")
-        manager.close()
-        writer.close()
+        if manager is not None:
+            manager.close()
         return {"step": start, "resumed_from": start, "metrics": {}, "steps_per_s": None}
 
     # ---------------------------------------------------------------- input
@@ -257,39 +280,56 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     def next_batch():
         return inputs_lib.to_global(inputs_lib.select(next(it), batch_keys), row_sh)
 
-    # ---------------------------------------------------------------- update step
-    _section("update step", log)
-    loss_fn = stage.make_loss_fn(config)
+    try:
+        batch = next_batch()
 
-    def step_fn(s, batch, rng):
-        fn = step_lib.make_train_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
-        ts, metrics = fn(_to_train_state(s), batch, rng)
-        metrics = dict(metrics, learning_rate=lr_fn(s["step"]))
-        return _from_train_state(ts, s["rest"]), metrics
+        # ------------------------------------------------------------ update step
+        _section("update step", log)
+        loss_fn = stage.make_loss_fn(config)
 
-    rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
-    batch = next_batch()
-    t0 = time.perf_counter()
-    traced = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
-                     out_shardings=(state_sh, replicated), donate_argnums=0).trace(state, batch, rng)
-    compiled = traced.lower().compile()
-    # the model's FLOPs (matrix products and convolutions of the global step) per device; XLA's
-    # count of the compiled program misses the library calls on GPU
-    flops = model_flops(traced.jaxpr) / mesh.size or compiled_flops(compiled)
-    log(f"compiled in {time.perf_counter() - t0:.1f} s; "
-        + (f"{flops / 1e9:.3f} GFLOP per step per device" if flops else "FLOPs unknown"))
+        def step_fn(s, batch, rng):
+            fn = step_lib.make_train_step(graphdef, s["rest"], loss_fn, tx, decay, accum)
+            ts, metrics = fn(_to_train_state(s), batch, rng)
+            metrics = dict(metrics, learning_rate=lr_fn(s["step"]))
+            return _from_train_state(ts, s["rest"]), metrics
 
-    sample_fn = None
-    eval_batch = None
-    if eval_every and stage.sample is not None:
-        eval_batch = inputs_lib.host_global_batches(
-            config.input, global_batch_size=batch_size, seed=config.seed + 104729, count=1,
-            keys=batch_keys)[0]
+        rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
+        t0 = time.perf_counter()
+        with _settings_do_not_fit("the batches of config.input and the model (config.model)"):
+            traced = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
+                             out_shardings=(state_sh, replicated),
+                             donate_argnums=0).trace(state, batch, rng)
+        compiled = traced.lower().compile()
+        # the model's FLOPs (matrix products and convolutions of the global step) per device;
+        # XLA's count of the compiled program misses the library calls on GPU
+        flops = model_flops(traced.jaxpr) / mesh.size or compiled_flops(compiled)
+        log(f"compiled in {time.perf_counter() - t0:.1f} s; "
+            + (f"{flops / 1e9:.3f} GFLOP per step per device" if flops else "FLOPs unknown"))
 
-        def sample_pure(params, rest, b, key):
-            return stage.sample(nnx.merge(graphdef, params, rest), config, b, key)
+        sample_fn = None
+        eval_batch = None
+        if eval_every and stage.sample is not None:
+            eval_batch = inputs_lib.host_global_batches(
+                config.input, global_batch_size=batch_size, seed=config.seed + 104729, count=1,
+                keys=batch_keys)[0]
 
-        sample_fn = jax.jit(sample_pure)
+            def sample_pure(params, rest, b, key):
+                return stage.sample(nnx.merge(graphdef, params, rest), config, b, key)
+
+            sample_fn = jax.jit(sample_pure)
+            with _settings_do_not_fit("the sample hook (config.sampling, eval_every)"):
+                jax.eval_shape(sample_fn, state.get("ema", state["params"]), state["rest"],
+                               eval_batch, jax.random.PRNGKey(1))
+    except BaseException:
+        if manager is not None:
+            manager.close()
+        raise
+    # from here on the run writes to the workdir: logs, metrics, checkpoints
+    if manager is None:
+        manager = ckpt.make_manager(workdir, keep=keep, async_save=async_save)
+    writer = MetricWriter(workdir, active=is_main)
+    for line in early:
+        writer.text(line)
 
     # ---------------------------------------------------------------- loop
     _section("loop", log)
@@ -313,7 +353,7 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     def save(done: int) -> None:
         meta = {"data_position": data_position + (done - start), "config": config_json,
                 "input_position": _jsonable(getattr(it, "position", None))}
-        ckpt.save(manager, done, state, meta)
+        ckpt.save_or_explain(manager, workdir, done, state, meta)
 
     try:
         while step < total_steps:
@@ -361,12 +401,15 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
             if stopping:
                 log(f"stopped by signal {stop.signum} at step {step}; checkpoint saved")
                 break
-        manager.wait_until_finished()
+        ckpt.wait_or_explain(manager, workdir, step)
     finally:
         stop.close()
         if bar is not None:
             bar.close()
-        manager.close()
+        if sys.exc_info()[0] is None:
+            manager.close()
+        else:   # an error is on its way out: closing must not replace it
+            ckpt.close_quietly(manager)
         writer.close()
     elapsed = time.perf_counter() - t_start
     summary = {"step": step, "resumed_from": start, "metrics": last_metrics,
@@ -375,6 +418,21 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict:
     log(f"done: step {step}, {summary['steps_per_s'] or 0:.2f} steps/s, loss "
         f"{last_metrics.get('loss', float('nan')):.5g}")
     return summary
+
+
+@contextlib.contextmanager
+def _settings_do_not_fit(what: str):
+    """A ValueError while tracing (a shape check of the model or the sampler) is a config that
+    does not fit together: one TrainConfigError, before anything is written."""
+    try:
+        with plain_tracer_errors():
+            yield
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        text = " ".join(str(e).split())[:400].rstrip(".")
+        raise TrainConfigError(f"{what} do not fit together: {text}. Make the config agree "
+                               "(nothing was written).") from None
 
 
 def _jsonable(x):

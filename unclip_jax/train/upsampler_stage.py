@@ -24,7 +24,8 @@ from unclip_jax import diffusion
 from unclip_jax.models.upsampler import SuperRes, SuperResConfig, resize_low_res
 from unclip_jax.train import step as step_lib
 from unclip_jax.train.optimizer import TABLE3, OptimizerConfig, from_config_dict, make_optimizer
-from unclip_jax.train.stage import Stage, ddim_images, model_fields, require_keys
+from unclip_jax.train.stage import (Stage, StageConfigError, check_diffusion_settings,
+                                    ddim_images, model_fields, require_keys)
 
 BATCH_KEYS = ("image", "low_res")
 
@@ -36,6 +37,14 @@ class UpsamplerStageConfig:
     prediction_type: str = "epsilon"  # or 'v_prediction'
     learned_variance: bool = False
     crop_size: int | None = None      # None: no crop (train at full size)
+
+    def __post_init__(self):
+        check_diffusion_settings(self)
+        if self.crop_size is not None and (isinstance(self.crop_size, bool)
+                                           or not isinstance(self.crop_size, int)
+                                           or self.crop_size < 1):
+            raise StageConfigError(f"The crop size must be a positive integer, got "
+                                   f"{self.crop_size!r}; set config.crop_fraction in (0, 1].")
 
 
 def random_crops(images: list[jax.Array], size: int, rng: jax.Array) -> list[jax.Array]:
@@ -93,6 +102,11 @@ def build_train_step(model: SuperRes, stage: UpsamplerStageConfig = UpsamplerSta
 def from_config(c: Any) -> tuple[UpsamplerStageConfig, OptimizerConfig]:
     """Stage and optimizer settings from a ``configs/upsampler.py`` ConfigDict."""
     d = c.diffusion
+    fraction = c.crop_fraction
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+            or not 0.0 < fraction <= 1.0):
+        raise StageConfigError(f"config.crop_fraction must be a number in (0, 1] (the side of the "
+                               f"training crops over image_size), got {fraction!r}.")
     stage = UpsamplerStageConfig(num_train_steps=d.num_train_steps, schedule=d.schedule,
                                  prediction_type=d.prediction_type,
                                  learned_variance=d.learned_variance,
@@ -121,4 +135,5 @@ def _sample(model, c, batch, rng):
 
 STAGE = Stage("upsampler", build_model=lambda c, rngs: SuperRes(model_config(c), rngs),
               make_loss_fn=lambda c: make_loss_fn(from_config(c)[0]),
-              batch_keys=lambda c: BATCH_KEYS, sample=_sample)
+              batch_keys=lambda c: BATCH_KEYS, sample=_sample, model_config=model_config,
+              check_settings=from_config)
