@@ -101,6 +101,8 @@ def finite_float(name, lo: float | None = None, hi: float | None = None):
 
 
 GUIDANCE = (0.0, 1000.0)
+MAX_COUNT = 1_000_000
+"""The most images one command makes (more: run again with another seed)."""
 
 
 MAX_IMAGE_PIXELS_DEFAULT = 2 ** 26
@@ -185,7 +187,8 @@ def add_parser(subparsers) -> None:
         "input's gist and layout. eta 0 reconstructs the input. Writes variation_NN.png and "
         "variations.png (input, then the variations).")
     p.add_argument("--image", required=True, metavar="PATH", help="The image to vary.")
-    p.add_argument("--num-images", type=positive_int("--num-images"), default=4, metavar="N",
+    p.add_argument("--num-images", type=positive_int("--num-images", MAX_COUNT), default=4,
+                   metavar="N",
                    help="Number of variations.")
     p.add_argument("--eta", type=finite_float("--eta", 0.0, 10.0), default=1.0,
                    help="DDIM noise in [0, 10]: 0 reconstructs the image, 1 is DDPM-like, "
@@ -203,7 +206,7 @@ def add_parser(subparsers) -> None:
         "interpolation.png (A, the frames, B).")
     p.add_argument("--image", action="append", default=[], metavar="PATH", required=True,
                    help="An end image; give the flag twice (A, then B).")
-    p.add_argument("--frames", type=bounded_int("--frames", 2), default=5, metavar="N",
+    p.add_argument("--frames", type=bounded_int("--frames", 2, MAX_COUNT), default=5, metavar="N",
                    help="Number of frames, both ends included (at least 2).")
     p.add_argument("--mode", choices=("fixed", "slerp_latent"), default="fixed",
                    help="Decoder latent: shared random noise, or slerp of the inverted latents.")
@@ -236,7 +239,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image", required=True, metavar="PATH", help="The image to probe.")
     p.add_argument("--label", action="append", default=[], metavar="TEXT", required=True,
                    help="A candidate label, e.g. 'an apple' (give the flag once per label).")
-    p.add_argument("--reconstructions", type=count_int("--reconstructions"), default=4,
+    p.add_argument("--reconstructions", type=bounded_int("--reconstructions", 0, MAX_COUNT),
+                   default=4,
                    metavar="N", help="Number of decoder samples from the image's z_i.")
     p.add_argument("--logit-scale", type=finite_float("--logit-scale", 0.0, 1000.0),
                    default=None,
@@ -367,9 +371,10 @@ def _check_memory(info, count: int, upsample) -> None:
                                f"memory, but {_gb(free)} is available; ask for fewer at once.")
 
 
-def _setup(args, images: list[str], outputs: list[str], count: int, texts=()):
-    """Every check that needs no model (flags, captions, the folder's stages, memory, output
-    files, the input images), then the pipeline: returns (images as uint8 RGB, pipeline)."""
+def _setup(args, images: list[str], outputs, count: int, texts=()):
+    """Every check that needs no model (flags, captions, the folder's stages, memory, the
+    output files ``outputs()`` names, the input images), then the pipeline: returns (images as
+    uint8 RGB, pipeline)."""
     from unclip_jax import applications as apps
     from unclip_jax.pipeline.pipeline import PipelineInfo
     from unclip_jax.pipeline.settings import check_stage
@@ -390,7 +395,7 @@ def _setup(args, images: list[str], outputs: list[str], count: int, texts=()):
                                 **{k: v for k, v in over.items() if v is not None}})
     _check_texts(args, info, [("--decoder-caption", [caption] if caption else []), *texts])
     _check_memory(info, count, args.upsample)
-    check_outputs(args, outputs)
+    check_outputs(args, outputs())
     rgb = [apps.load_image(path, max_pixels=args.max_image_pixels) for path in images]
     from unclip_jax.pipeline import default_dtype
     return rgb, load_pipeline(args.model, args.dtype or default_dtype())
@@ -417,14 +422,15 @@ def _seed(seed: int, k: int) -> int:
 
 def run_vary(args, overrides) -> int:
     from unclip_jax import applications as apps
-    names = [f"variation_{i:02d}.png" for i in range(args.num_images)] + ["variations.png"]
-    (image,), pipe = _setup(args, [args.image], names, args.num_images)
+    names = lambda: [f"variation_{i:02d}.png" for i in range(args.num_images)]  # noqa: E731
+    (image,), pipe = _setup(args, [args.image], lambda: names() + ["variations.png"],
+                            args.num_images)
     images = []
     for k, (lo, hi) in enumerate(_batches(args.num_images, args.batch_size)):
         out = apps.variations(pipe, image, hi - lo, _seed(args.seed, k), eta=args.eta,
                               progress=_Bar("vary"), **_ddim_kw(args))
         images += list(out.images)
-    named = list(zip(names, images))
+    named = list(zip(names(), images))
     named.append(("variations.png", _strip([image] + images)))
     _report(_write(args.out, named, png_metadata(args, args.model)))
     return 0
@@ -435,12 +441,12 @@ def run_interpolate(args, overrides) -> int:
     if len(args.image) != 2:
         raise AppsCommandError(f"interpolate takes exactly two images (--image A --image B), got "
                                f"{len(args.image)}.")
-    names = [f"frame_{i:02d}.png" for i in range(args.frames)] + ["interpolation.png"]
-    (a, b), pipe = _setup(args, args.image, names, args.frames)
+    names = lambda: [f"frame_{i:02d}.png" for i in range(args.frames)]  # noqa: E731
+    (a, b), pipe = _setup(args, args.image, lambda: names() + ["interpolation.png"], args.frames)
     batch = args.batch_size or _batches(args.frames, None)[0][1]
     out = apps.interpolate(pipe, a, b, args.frames, args.seed, mode=args.mode,
                            progress=_Bar("interpolate"), batch_size=batch, **_ddim_kw(args))
-    named = list(zip(names, out.frames))
+    named = list(zip(names(), out.frames))
     named.append(("interpolation.png", _strip([a] + list(out.frames) + [b])))
     _report(_write(args.out, named, png_metadata(args, args.model)))
     return 0
@@ -470,8 +476,8 @@ def run_textdiff(args, overrides) -> int:
     for flag, text in (("--caption", args.caption), ("--target", args.target)):
         if not text.strip():
             raise AppsCommandError(f"{flag} is empty; give a caption such as 'a photo of a cat'.")
-    names = [f"theta_{t:.2f}.png" for t in thetas] + ["textdiff.png"]
-    (image,), pipe = _setup(args, [args.image], names, len(thetas),
+    names = [f"theta_{t:.2f}.png" for t in thetas]
+    (image,), pipe = _setup(args, [args.image], lambda: names + ["textdiff.png"], len(thetas),
                             texts=[("--caption", [args.caption]), ("--target", [args.target])])
     images = []
     for lo, hi in _batches(len(thetas), args.batch_size):
@@ -495,10 +501,10 @@ def run_probe(args, overrides) -> int:
     if empty:
         raise AppsCommandError(f"--label number {empty[0] + 1} is empty; give each label a "
                                "caption such as 'an apple'.")
-    names = [f"reconstruction_{i:02d}.png" for i in range(args.reconstructions)]
-    names += ["probe.png", "probe.json"]
-    (image,), pipe = _setup(args, [args.image], names, args.reconstructions,
-                            texts=[("--label", list(args.label))])
+    names = lambda: [f"reconstruction_{i:02d}.png"  # noqa: E731
+                     for i in range(args.reconstructions)]
+    (image,), pipe = _setup(args, [args.image], lambda: names() + ["probe.png", "probe.json"],
+                            args.reconstructions, texts=[("--label", list(args.label))])
     settings = {k: v for k, v in (("steps", args.decoder_steps),
                                   ("guidance_scale", args.decoder_guidance)) if v is not None}
     images = []
@@ -511,7 +517,7 @@ def run_probe(args, overrides) -> int:
     print("CLIP zero-shot probabilities:")
     for label, prob, cos in sorted(zip(out.labels, out.probs, out.cosine), key=lambda r: -r[1]):
         print(f"  {prob:7.2%}  (cosine {cos:+.3f})  {shown(label)}")
-    named = list(zip(names, images))
+    named = list(zip(names(), images))
     named.append(("probe.png", _strip([image] + images)))
     written = _write(args.out, named, png_metadata(args, args.model, prompt=list(args.label)))
     path = io_paths.join(args.out, "probe.json")

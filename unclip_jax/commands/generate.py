@@ -13,8 +13,8 @@ model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command wi
 from __future__ import annotations
 
 from unclip_jax.assets import resolve_checkpoint
-from unclip_jax.commands.apps import (GUIDANCE, SEED_HELP, add_output_flags, count_int,
-                                      finite_float, positive_int, seed_int)
+from unclip_jax.commands.apps import (GUIDANCE, MAX_COUNT, SEED_HELP, add_output_flags,
+                                      count_int, finite_float, positive_int, seed_int)
 from unclip_jax.errors import UserError
 
 
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
                    help="A caption (repeat the flag for several).")
     p.add_argument("--truncate", action="store_true",
                    help="Cut prompts longer than the text context instead of refusing them.")
-    p.add_argument("--num-images", type=positive_int("--num-images"), default=1,
+    p.add_argument("--num-images", type=positive_int("--num-images", MAX_COUNT), default=1,
                    help="Images per prompt (more than 16 in all run in batches of 16 unless "
                    "--batch-size says otherwise).")
     p.add_argument("--seed", type=seed_int(), default=0, help="Same seed, same images." + SEED_HELP)
@@ -112,6 +112,9 @@ def _check_args(args, prompts, path):
         from unclip_jax.clip.tokenizer import get_tokenizer
         from unclip_jax.pipeline.pipeline import check_prompts
         check_prompts(get_tokenizer(), prompts, truncate=True, what="--prompt")
+    if len(prompts) * args.num_images > MAX_COUNT:
+        raise GenerateError(f"{len(prompts)} prompts x {args.num_images} images is more than "
+                            f"{MAX_COUNT} images; ask for fewer (run again with another seed).")
     names = output_names(len(prompts), args.num_images)
     if args.grid:
         grid = paths.absolute(args.grid) if not paths.is_remote(args.grid) else args.grid
