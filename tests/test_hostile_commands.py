@@ -133,6 +133,8 @@ def _cases():
         ("gen-grid-under-file", g + ["--grid", "{w}/afile/grid.png"], "is a file"),
         ("gen-grid-is-an-image", ["generate", "--prompt", "a", "--out", "{w}/new_out", "--grid",
                                   "{w}/new_out/0_0.png"], "one of the images"),
+        ("gen-out-empty", ["generate", "--prompt", "a", "--out", ""], "empty"),
+        ("gen-grid-empty", g + ["--grid", ""], "--grid is empty"),
         ("gen-checkpoint-missing", g + ["--checkpoint", "{w}/nothing"], "does not exist"),
         ("gen-checkpoint-file", g + ["--checkpoint", "{w}/afile"], "unclip.json"),
         ("gen-config-override", g + ["--config.seed=3"], "config"),
@@ -169,6 +171,7 @@ def _cases():
         ("vary-caption-long", v + ["--decoder-caption", LONG], ("tokens long", "--truncate")),
         ("vary-out-has-files", ["vary", "--image", "{w}/img.png", "--out", "{w}/user"],
          "already has"),
+        ("vary-out-empty", ["vary", "--image", "{w}/img.png", "--out", " "], "empty"),
         ("vary-out-is-file", ["vary", "--image", "{w}/img.png", "--out", "{w}/afile"],
          "is a file"),
         # interpolate
@@ -253,6 +256,8 @@ def _cases():
         ("eval-batch-size-0", e + ["--batch-size", "0"], "--batch-size"),
         ("eval-inception-missing", e + ["--inception", "{w}/none.pth"], "--inception"),
         ("eval-out-exists", e + ["--out", "{w}/user/report.md"], "already exists"),
+        ("eval-out-empty", e + ["--out", ""], "empty"),
+        ("embed-out-empty", ["embed", "--text", "a", "--out", ""], "empty"),
         ("eval-out-folder", e + ["--out", "{w}/user"], "is a folder"),
         ("eval-table-samplers-unknown", e + ["--table-samplers", "euler"], "unknown sampler"),
         # shapes, demo, config

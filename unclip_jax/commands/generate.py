@@ -35,8 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--truncate", action="store_true",
                    help="Cut prompts longer than the text context instead of refusing them.")
     p.add_argument("--num-images", type=positive_int("--num-images", MAX_COUNT), default=1,
-                   help="Images per prompt (more than 16 in all run in batches of 16 unless "
-                   "--batch-size says otherwise).")
+                   help="Images per prompt.")
     p.add_argument("--seed", type=seed_int(), default=0, help="Same seed, same images." + SEED_HELP)
     p.add_argument("--out", default="out/generate", help="Output folder.")
     p.add_argument("--grid", metavar="FILE", help="Where to write the grid of all images "
@@ -68,8 +67,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
     p.add_argument("--batch-size", type=positive_int("--batch-size"), metavar="N",
-                   help="At most N images per compiled call (default: all at once up to 16, "
-                   "else 16); the images are the same as unbatched.")
+                   help="At most N images per compiled call (default: all at once up to 16 "
+                   "images in all, else 16); the images are the same as unbatched.")
     p.set_defaults(func=run)
 
 
@@ -116,12 +115,12 @@ def _check_args(args, prompts, path):
         raise GenerateError(f"{len(prompts)} prompts x {args.num_images} images is more than "
                             f"{MAX_COUNT} images; ask for fewer (run again with another seed).")
     names = output_names(len(prompts), args.num_images)
-    if args.grid:
+    if args.grid is not None:
+        check_file(args.grid, overwrite=args.overwrite, flag="--grid")
         grid = paths.absolute(args.grid) if not paths.is_remote(args.grid) else args.grid
         if paths.dirname(grid) == paths.absolute(args.out) and paths.basename(grid) in names:
             raise OutputError(f"--grid {args.grid} is one of the images generate writes; give "
                               "the grid another name.")
-        check_file(args.grid, overwrite=args.overwrite, flag="--grid")
     else:
         names.append("grid.png")
     check_folder(args.out, will_write=names, overwrite=args.overwrite)
@@ -179,7 +178,7 @@ def run(args, overrides) -> int:
         info = png_metadata(args, path, prompt=prompts[i // args.num_images], settings=settings)
         write_png(paths.join(args.out, name), im, info)
     bar.close()
-    grid = args.grid or paths.join(args.out, "grid.png")
+    grid = args.grid if args.grid is not None else paths.join(args.out, "grid.png")
     paths.makedirs(paths.dirname(paths.absolute(grid)))
     write_png(grid, _grid(images, len(prompts)),
               png_metadata(args, path, prompt=prompts, settings=settings))

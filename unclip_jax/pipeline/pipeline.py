@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from unclip_jax.io import pipeline_folder
-from unclip_jax.clip.tokenizer import Tokenizer
+from unclip_jax.clip.tokenizer import CaptionError, Tokenizer, get_tokenizer
 from unclip_jax.models.diffusion_prior import TextConditioning
 from unclip_jax.pipeline import sources, stages
 from unclip_jax.pipeline.runtime import Runtime
@@ -469,7 +469,6 @@ def check_prompts(tokenizer, prompts, *, truncate: bool = False, what: str = "pr
     """``tokenizer(prompts)`` after checking them: one caption or a non-empty list of
     non-blank strings of valid Unicode, none longer than the context unless ``truncate``.
     ``what`` names them in errors (e.g. '--prompt'), ``hint`` the way to allow truncation."""
-    from unclip_jax.clip.tokenizer import CaptionError
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence):
@@ -557,7 +556,6 @@ class PipelineInfo:
         """The info of pipeline folder ``path`` from its manifest; None when the manifest does
         not say (loading the folder then reports what is wrong). Bad sampling settings in it
         raise their PipelineError."""
-        from unclip_jax.errors import UserError
         try:
             manifest = pipeline_folder.read_manifest(path)
             comps = manifest["components"]
@@ -575,7 +573,7 @@ class PipelineInfo:
                        int(comps["decoder"]["config"]["image_size"]))
         except PipelineError:
             raise
-        except (UserError, Exception):  # noqa: BLE001 - from_pretrained says what is wrong
+        except Exception:  # noqa: BLE001 - from_pretrained says what is wrong
             return None
 
     def size_after(self, upsample: int) -> int:
@@ -594,7 +592,6 @@ class PipelineInfo:
         names = names or {}
         name = lambda k: names.get(k, k)  # noqa: E731
         if tokenizer is None:
-            from unclip_jax.clip.tokenizer import get_tokenizer
             tokenizer = get_tokenizer(self.context_length)
         tokens = check_prompts(tokenizer, prompts, truncate=truncate, what=name("prompt"),
                                hint=name("truncate") + ("=True" if "truncate" not in names

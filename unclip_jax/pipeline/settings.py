@@ -13,6 +13,9 @@ import math
 import numbers
 from typing import Any
 
+import jax
+import numpy as np
+
 from unclip_jax.diffusion import SAMPLERS, SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
 
@@ -129,8 +132,6 @@ def check_seed(seed, name: str = "seed") -> int:
 def seed_key(seed):
     """The jax.random key of ``seed`` in [0, 2**64): all 64 bits count (JAX itself keeps only
     the low 32 of a Python int without x64), and seeds below 2**32 give jax.random.key(seed)."""
-    import jax
-    import numpy as np
     seed = check_seed(seed)
     base = jax.random.key(0)
     if jax.random.key_data(base).shape != (2,):   # another PRNG implementation than threefry
