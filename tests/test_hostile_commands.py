@@ -256,6 +256,9 @@ def _cases():
         ("eval-batch-size-0", e + ["--batch-size", "0"], "--batch-size"),
         ("eval-inception-missing", e + ["--inception", "{w}/none.pth"], "--inception"),
         ("eval-out-exists", e + ["--out", "{w}/user/report.md"], "already exists"),
+        ("eval-too-many", e[:1] + ["--num-captions", "1000000", "--num-images", "1001"],
+         "at most"),
+        ("eval-memory", e[:1] + ["--num-captions", "1000000", "--num-images", "100"], "memory"),
         ("eval-out-empty", e + ["--out", ""], "empty"),
         ("embed-out-empty", ["embed", "--text", "a", "--out", ""], "empty"),
         ("eval-out-folder", e + ["--out", "{w}/user"], "is a folder"),
@@ -263,6 +266,8 @@ def _cases():
         # shapes, demo, config
         ("shapes-num-train-negative", ["shapes", "--data-dir", "{w}/tfds", "--num-train", "-1"],
          "--num-train"),
+        ("shapes-num-test-huge", ["shapes", "--data-dir", "{w}/tfds", "--num-test",
+                                  "1000000000000"], "--num-test"),
         ("shapes-seed-negative", ["shapes", "--data-dir", "{w}/tfds", "--seed", "-1"], "--seed"),
         ("shapes-seed-2**64", ["shapes", "--data-dir", "{w}/tfds", "--seed", BIG], "--seed"),
         ("shapes-data-dir-file", ["shapes", "--data-dir", "{w}/afile"], "is a file"),

@@ -49,9 +49,9 @@ def add_parser(subparsers) -> None:
         "attribute binding, layout diversity and speed; --table adds the paper's comparisons.")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder. Default: the bundled Shapes model.")
-    p.add_argument("--num-captions", type=positive_int("--num-captions"), default=500,
+    p.add_argument("--num-captions", type=positive_int("--num-captions", 1_000_000), default=500,
                    help="Test captions to evaluate (the first N of the test split).")
-    p.add_argument("--num-images", type=positive_int("--num-images"), default=2,
+    p.add_argument("--num-images", type=positive_int("--num-images", 1000), default=2,
                    help="Images per caption (diversity needs 2 or more).")
     p.add_argument("--seed", type=seed_int(), default=0,
                    help="Sampling seed: same seed, same numbers." + SEED_HELP)
@@ -215,6 +215,8 @@ def _check_against_folder(args, path: str) -> None:
         if value is not None and value > n_up:
             raise EvalCommandError(f"{flag} {value}, but this pipeline has {n_up} upsampling "
                                    f"stage(s) with their models; give 0 to {n_up}.")
+    from unclip_jax.commands.apps import _check_memory
+    _check_memory(info, args.num_captions * args.num_images, args.upsample)
     if args.prior == "diffusion" and not info.has_prior:
         raise EvalCommandError("This pipeline has no diffusion prior; pass --prior ar or none.")
     if args.prior == "ar" and not info.has_ar_prior:

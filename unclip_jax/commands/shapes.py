@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+MAX_EXAMPLES = 10_000_000
 HELP = "Build the Shapes dataset (procedural, offline) as a TFDS dataset."
 
 
@@ -16,10 +17,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data folder to write.")
     p.add_argument("--config", dest="builder_config", default="default",
                    choices=("default", "tiny"), help="Builder config.")
-    from unclip_jax.commands.apps import SEED_HELP, count_int, seed_int
-    p.add_argument("--num-train", type=count_int("--num-train"),
+    from unclip_jax.commands.apps import SEED_HELP, bounded_int, seed_int
+    p.add_argument("--num-train", type=bounded_int("--num-train", 0, MAX_EXAMPLES),
                    help="Train examples (overrides the config's).")
-    p.add_argument("--num-test", type=count_int("--num-test"),
+    p.add_argument("--num-test", type=bounded_int("--num-test", 0, MAX_EXAMPLES),
                    help="Test examples (overrides the config's).")
     p.add_argument("--seed", type=seed_int(), help="Generation seed (overrides the config's)."
                    + SEED_HELP)
