@@ -255,6 +255,7 @@ def _cases():
         ("eval-prior-steps-0", e + ["--prior-steps", "0"], "--prior-steps"),
         ("eval-batch-size-0", e + ["--batch-size", "0"], "--batch-size"),
         ("eval-inception-missing", e + ["--inception", "{w}/none.pth"], "--inception"),
+        ("eval-inception-garbage", e + ["--inception", "{w}/afile"], "afile"),
         ("eval-out-exists", e + ["--out", "{w}/user/report.md"], "already exists"),
         ("eval-too-many", e[:1] + ["--num-captions", "1000000", "--num-images", "1001"],
          "at most"),

@@ -146,6 +146,10 @@ def run(args, overrides) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    inception = None
+    if args.inception:   # a bad weights file is refused before the pipeline loads
+        from unclip_jax.evaluate.inception import load_inception
+        inception = load_inception(args.inception)
     pipe = load_pipeline(path)
     captions = se.test_captions(args.num_captions, args.data_seed)
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
@@ -156,12 +160,9 @@ def run(args, overrides) -> int:
                                         guidance_scale=args.decoder_guidance,
                                         sampler=args.decoder_sampler),
                   upsample=args.upsample)
-    reference = inception = None
+    reference = None
     if args.clip_metrics or args.inception:
         reference, _ = se.test_set(args.num_captions, args.data_seed)
-    if args.inception:
-        from unclip_jax.evaluate.inception import load_inception
-        inception = load_inception(args.inception)
 
     total = args.num_captions * args.num_images
     with _progress(total, "eval") as bar:

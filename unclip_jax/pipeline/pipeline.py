@@ -479,21 +479,22 @@ def check_prompts(tokenizer, prompts, *, truncate: bool = False, what: str = "pr
         raise PipelineError(f"No {what} given: pass at least one caption.")
     room = tokenizer.context_length - 2
     for i, p in enumerate(prompts):
+        name = what if len(prompts) == 1 else f"{what} number {i + 1}"
         if not isinstance(p, str):
-            raise PipelineError(f"{what} number {i + 1} is a {type(p).__name__}, not a string.")
+            raise PipelineError(f"{name} is a {type(p).__name__}, not a string.")
         if not p.strip():
-            raise PipelineError(f"{what} number {i + 1} is empty; give it a caption.")
+            raise PipelineError(f"{name} is empty; give it a caption.")
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:
-            raise PipelineError(f"{what} number {i + 1} is not valid text (it holds bytes that "
+            raise PipelineError(f"{name} is not valid text (it holds bytes that "
                                 "are not UTF-8); pass UTF-8 text.") from None
         n = len(tokenizer.encode(p))
         if not n:
-            raise PipelineError(f"{what} number {i + 1} ({_shorten(p)!r}) is empty once cleaned "
+            raise PipelineError(f"{name} ({_shorten(p)!r}) is empty once cleaned "
                                 "(only spaces or control characters); give it a caption.")
         if n > room and not truncate:
-            raise CaptionError(f"{what} number {i + 1} is {n} tokens long, but the context "
+            raise CaptionError(f"{name} is {n} tokens long, but the context "
                                f"holds {room} (plus start and end): {_shorten(p)!r}. Shorten "
                                f"it, or pass {hint} to keep only the first tokens.")
     return tokenizer(prompts, truncate=truncate)
