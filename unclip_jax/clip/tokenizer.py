@@ -21,6 +21,7 @@ import functools
 import gzip
 import html
 import json
+import numbers
 import os
 from typing import NamedTuple, Sequence
 
@@ -88,9 +89,10 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"BPE vocabulary '{bpe_path}' not found. It ships with unclip_jax "
                 "(unclip_jax/clip/bpe_simple_vocab_16e6.txt.gz); reinstall the package.")
-        if context_length < 3:
-            raise ValueError(f"context_length must be at least 3 (SOT, one token, EOT), got "
-                             f"{context_length}.")
+        if isinstance(context_length, bool) or not isinstance(context_length, numbers.Integral) or \
+                context_length < 3:
+            raise CaptionError(f"context_length must be an integer of at least 3 (SOT, one "
+                               f"token, EOT), got {context_length!r}.")
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:1 + _NUM_MERGES]]
