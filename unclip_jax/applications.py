@@ -53,7 +53,8 @@ from unclip_jax.clip.preprocess import preprocess, resize_and_crop, to_rgb
 from unclip_jax.diffusion import SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
 from unclip_jax.pipeline import TextInputs, decoder_model_fn, stage_spec, to_uint8
-from unclip_jax.pipeline.settings import MAX_ETA, check_float, check_int, seed_key
+from unclip_jax.pipeline import settings as _settings
+from unclip_jax.pipeline.settings import MAX_ETA, seed_key
 
 MODES = ("fixed", "slerp_latent")
 DEFAULT_STEPS = 50
@@ -62,6 +63,16 @@ DEFAULT_REFINE_ITERS = 2
 
 class ApplicationError(UserError, ValueError):
     """An application asked of inputs it cannot use; the message says what to change."""
+
+
+def check_int(name: str, value, **bounds) -> int:
+    """settings.check_int, failing with an ApplicationError."""
+    return _settings.check_int(name, value, error=ApplicationError, **bounds)
+
+
+def check_float(name: str, value, **bounds) -> float:
+    """settings.check_float, failing with an ApplicationError."""
+    return _settings.check_float(name, value, error=ApplicationError, **bounds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,7 +593,10 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
     computation is its own, so the frames are the same."""
     if mode not in MODES:
         raise ApplicationError(f"mode must be one of {MODES}, got {mode!r}.")
-    check_int("num_frames (the two images and those between)", num_frames, lo=2)
+    if isinstance(num_frames, (int, np.integer)) and num_frames < 2:
+        raise ApplicationError(f"num_frames must be at least 2 (the two images), got "
+                               f"{num_frames}.")
+    check_int("num_frames", num_frames, lo=2)
     if batch_size is not None:
         check_int("batch_size", batch_size, lo=1)
     _common(steps, refine_iters, seed)

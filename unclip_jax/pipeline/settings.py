@@ -83,38 +83,41 @@ MAX_GUIDANCE = 1000.0
 MAX_ETA = 10.0
 
 
-def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None) -> int:
+def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None,
+              error: type = None) -> int:
     """``value`` as an int (an integral float such as 25.0 from JSON is accepted) within
-    [lo, hi]; else a SettingValueError naming ``name``."""
+    [lo, hi]; else a SettingValueError (or ``error``) naming ``name``."""
+    err = error or SettingValueError
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SettingValueError(f"{name} must be an integer, got {value!r}.")
+        raise err(f"{name} must be an integer, got {value!r}.")
     if not isinstance(value, numbers.Integral):
         if not math.isfinite(float(value)) or float(value) != int(value):
-            raise SettingValueError(f"{name} must be an integer, got {value!r}.")
+            raise err(f"{name} must be an integer, got {value!r}.")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         where = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else
                  f"at least {lo}" if lo is not None else f"at most {hi}")
-        raise SettingValueError(f"{name} must be {where}, got {value}.")
+        raise err(f"{name} must be {where}, got {value}.")
     return value
 
 
 def check_float(name: str, value, *, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False) -> float:
+                lo_open: bool = False, error: type = None) -> float:
     """``value`` as a finite float within [lo, hi] ((lo, hi] with ``lo_open``); else a
-    SettingValueError naming ``name``."""
+    SettingValueError (or ``error``) naming ``name``."""
+    err = error or SettingValueError
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SettingValueError(f"{name} must be a number, got {value!r}.")
+        raise err(f"{name} must be a number, got {value!r}.")
     value = float(value)
     if not math.isfinite(value):
-        raise SettingValueError(f"{name} must be a finite number, got {value}.")
+        raise err(f"{name} must be a finite number, got {value}.")
     if (lo is not None and (value <= lo if lo_open else value < lo)) or (
             hi is not None and value > hi):
         left = "(" if lo_open else "["
         where = (f"in {left}{lo:g}, {hi:g}]" if lo is not None and hi is not None else
                  (f"greater than {lo:g}" if lo_open else f"at least {lo:g}") if lo is not None
                  else f"at most {hi:g}")
-        raise SettingValueError(f"{name} must be {where}, got {value:g}.")
+        raise err(f"{name} must be {where}, got {value:g}.")
     return value
 
 
