@@ -5,6 +5,7 @@ Each command case is refused in one line, exit status 2, before any model is loa
 are cheap), and every file that was in the output folder before is unchanged. Positive cases:
 --overwrite replaces only the files a command writes; a 16-bit PNG reads as its 8-bit version.
 """
+import json
 import os
 import struct
 import zlib
@@ -15,6 +16,7 @@ from PIL import Image
 
 from hostile import assert_refused, run_cli, snapshot
 from pipeline_fixtures import tiny_pipeline
+from unclip_jax.assets import SHAPES
 
 LONG = "red " * 300            # far beyond any CLIP context
 BIG = str(2 ** 64)
@@ -60,6 +62,17 @@ def work(tmp_path_factory):
         (user / name).write_bytes(b"user data " + name.encode())
     (user / "existing.npz").write_bytes(b"user npz")
     (user / "report.md").write_text("user report")
+    manifest = json.loads(open(os.path.join(SHAPES, "unclip.json"), encoding="utf-8").read())
+    for name, edit in (("bad_steps", lambda m: m["sampling"]["decoder"].update(steps="many")),
+                       ("bad_guidance", lambda m: m["sampling"]["prior"].update(
+                           guidance_scale=float("nan"))),
+                       ("bad_context", lambda m: m.setdefault("tokenizer", {}).update(
+                           context_length=10 ** 9)),
+                       ("bad_sampling", lambda m: m.update(sampling=[1, 2]))):
+        m = json.loads(json.dumps(manifest))
+        edit(m)
+        (root / name).mkdir()
+        (root / name / "unclip.json").write_text(json.dumps(m))
     (root / "clashing").mkdir()
     (root / "clashing" / "0_0.png").mkdir()
     return root
@@ -137,6 +150,12 @@ def _cases():
         ("gen-grid-empty", g + ["--grid", ""], "--grid is empty"),
         ("gen-checkpoint-missing", g + ["--checkpoint", "{w}/nothing"], "does not exist"),
         ("gen-checkpoint-file", g + ["--checkpoint", "{w}/afile"], "unclip.json"),
+        ("gen-manifest-steps-word", g + ["--checkpoint", "{w}/bad_steps"], "integer"),
+        ("gen-manifest-guidance-nan", g + ["--checkpoint", "{w}/bad_guidance"], "finite"),
+        ("gen-manifest-context-huge", g + ["--checkpoint", "{w}/bad_context"], "context_length"),
+        ("gen-manifest-sampling-list", g + ["--checkpoint", "{w}/bad_sampling"], "sampling"),
+        ("vary-manifest-steps-word", v + ["--checkpoint", "{w}/bad_steps"], "integer"),
+        ("eval-manifest-guidance-nan", ["eval", "--checkpoint", "{w}/bad_guidance"], "finite"),
         ("gen-config-override", g + ["--config.seed=3"], "config"),
         # vary
         ("vary-eta-nan", v + ["--eta", "nan"], "finite"),

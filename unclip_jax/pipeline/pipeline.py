@@ -563,10 +563,11 @@ class PipelineInfo:
             text = comps.get("clip") or comps.get("text_encoder")
             ctx = (manifest.get("tokenizer") or {}).get("context_length") or \
                 text["config"]["context_length"]
+            ctx = check_int("the manifest's tokenizer context_length", ctx, lo=3, hi=100_000)
             settings = merge_settings(DEFAULT_SETTINGS, manifest.get("sampling") or {})
             sr = [n for n, e in comps.items() if e["class"] == "SuperRes"]
             kinds = {n: comps[n]["class"] for n in ("prior", "ar_prior") if n in comps}
-            return cls(int(ctx), settings,
+            return cls(ctx, settings,
                        [i for i, st in enumerate(settings["super_res"])
                         if any(m in sr for m in st["models"])],
                        any(k != "ARPrior" for k in kinds.values()),
