@@ -27,6 +27,16 @@ class AppsCommandError(UserError, ValueError):
     """A flag of these commands that cannot be used as given."""
 
 
+def checkpoint(args, flag: str = "--checkpoint") -> str:
+    """The pipeline folder of ``--checkpoint`` (the bundled model when not given); an empty
+    value is refused rather than read as 'not given'."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is not None and not value.strip():
+        raise AppsCommandError(f"{flag} is empty; give a pipeline folder, or leave the flag out "
+                               "for the bundled Shapes model.")
+    return resolve_checkpoint(value)
+
+
 def load_pipeline(path: str, dtype: str | None = None):
     """``UnCLIPPipeline.from_pretrained(path, dtype=...)``, kept per folder (and manifest time)
     and dtype in this process, so repeated calls reuse the loaded weights and their compiled
@@ -381,7 +391,7 @@ def _setup(args, images: list[str], outputs, count: int, texts=()):
     caption = getattr(args, "decoder_caption", None)
     if caption is not None and not caption.strip():
         args.decoder_caption = caption = None
-    args.model = resolve_checkpoint(args.checkpoint)
+    args.model = checkpoint(args)
     info = PipelineInfo.from_folder(args.model)
     if info is not None:
         n_up = len(info.upsample_stages)

@@ -103,6 +103,9 @@ def run(args, overrides) -> int:
     from unclip_jax.pipeline.pipeline import check_prompts
     if not args.text and not args.image:
         raise ConfigError("Nothing to embed: pass --text and/or --image.")
+    if args.clip is not None and not args.clip.strip():
+        raise ClipFolderError("--clip is empty; give a CLIP folder, or leave the flag out for "
+                              "the bundled Shapes model's CLIP.")
     out = args.out
     if out is not None:
         if not out.strip():

@@ -131,9 +131,9 @@ def run(args, overrides) -> int:
     if bad:
         raise EvalCommandError(f"--table-priors: unknown prior(s) {bad}; choose from "
                                "diffusion, ar, none.")
-    from unclip_jax.assets import resolve_checkpoint
     from unclip_jax.io.outputs import check_file
-    path = resolve_checkpoint(args.checkpoint)
+    from unclip_jax.commands.apps import checkpoint
+    path = checkpoint(args)
     _check_against_folder(args, path)
     if args.out is not None:
         check_file(args.out, overwrite=args.overwrite, flag="--out")

@@ -6,13 +6,13 @@
 Writes one PNG per image (``{prompt index}_{image index}.png``, recording its prompt, seed,
 settings and model folder as PNG text) and ``grid.png`` (one row per prompt). Every flag, the
 prompts and the output files are checked before the model is loaded: an existing output file is
-refused unless ``--overwrite`` (which replaces only the files this command writes). Stage settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
+refused unless ``--overwrite`` (which replaces only the files this command writes). Stage
+settings default to the folder's manifest (for Karlo: diffusers' UnCLIPPipeline
 defaults) and can be overridden with the flags below. Without ``--checkpoint`` the bundled Shapes
 model (``unclip_jax/assets/shapes``) is used; ``make demo`` runs this command with it.
 """
 from __future__ import annotations
 
-from unclip_jax.assets import resolve_checkpoint
 from unclip_jax.commands.apps import (GUIDANCE, MAX_COUNT, SEED_HELP, add_output_flags,
                                       count_int, finite_float, positive_int, seed_int)
 from unclip_jax.errors import UserError
@@ -148,7 +148,8 @@ def run(args, overrides) -> int:
     if empty:
         raise GenerateError(f"--prompt number {empty[0] + 1} is empty; give every --prompt a "
                             "caption.")
-    path = resolve_checkpoint(args.checkpoint)
+    from unclip_jax.commands.apps import checkpoint
+    path = checkpoint(args)
     request = _check_args(args, prompts, path)
 
     import time
