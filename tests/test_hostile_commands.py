@@ -170,6 +170,8 @@ def _cases():
          "does not exist"),
         ("vary-image-folder", ["vary", "--image", "{w}/folder.png", "--out", "{w}/new_out"],
          "is a folder"),
+        ("vary-image-device", ["vary", "--image", "/dev/null", "--out", "{w}/new_out"],
+         "not a regular file"),
         ("vary-image-text", ["vary", "--image", "{w}/text.png", "--out", "{w}/new_out"],
          "cannot be read"),
         ("vary-image-empty", ["vary", "--image", "{w}/empty.png", "--out", "{w}/new_out"],

@@ -150,7 +150,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PI
     Every failure (missing, not an image, truncated, too large) is an ApplicationError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        what = ("is a folder" if os.path.isdir(path) else "is not a regular file"
+                if os.path.exists(path) else "does not exist")
         raise ApplicationError(f"Image {path!r} {what}; pass the path of a PNG or JPEG file.")
     if max_pixels is not None:
         max_pixels = check_int("max_pixels", max_pixels, lo=1)
