@@ -129,6 +129,8 @@ def _cases():
          "empty once cleaned"),
         ("gen-prompt-long", ["generate", "--prompt", LONG, "--out", "{w}/new_out"],
          ("tokens long", "--truncate")),
+        ("gen-prompt-one-huge-word", ["generate", "--prompt", "qzxv" * 250_000, "--out",
+                                      "{w}/new_out"], "more than 22 tokens"),
         ("gen-prompt-not-utf8", ["generate", "--prompt", "a \udcff", "--out", "{w}/new_out"],
          "not valid text"),
         ("gen-no-prompt", ["generate", "--out", "{w}/new_out"], "--prompt"),

@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from unclip_jax.io import pipeline_folder
-from unclip_jax.clip.tokenizer import CaptionError, Tokenizer, get_tokenizer
+from unclip_jax.clip.tokenizer import LONG_TEXT, CaptionError, Tokenizer, get_tokenizer
 from unclip_jax.models.diffusion_prior import TextConditioning
 from unclip_jax.pipeline import sources, stages
 from unclip_jax.pipeline.runtime import Runtime
@@ -489,12 +489,14 @@ def check_prompts(tokenizer, prompts, *, truncate: bool = False, what: str = "pr
         except UnicodeEncodeError:
             raise PipelineError(f"{name} is not valid text (it holds bytes that "
                                 "are not UTF-8); pass UTF-8 text.") from None
-        n = len(tokenizer.encode(p))
+        long = len(p) > LONG_TEXT   # tokenized only as far as needed to tell it does not fit
+        n = len(tokenizer.encode(p, limit=room + 1 if long else None))
         if not n:
             raise PipelineError(f"{name} ({_shorten(p)!r}) is empty once cleaned "
                                 "(only spaces or control characters); give it a caption.")
         if n > room and not truncate:
-            raise CaptionError(f"{name} is {n} tokens long, but the context "
+            count = f"more than {room}" if long else str(n)
+            raise CaptionError(f"{name} is {count} tokens long, but the context "
                                f"holds {room} (plus start and end): {_shorten(p)!r}. Shorten "
                                f"it, or pass {hint} to keep only the first tokens.")
     return tokenizer(prompts, truncate=truncate)
