@@ -209,8 +209,8 @@ class Tokenizer:
                 if not truncate:
                     raise CaptionError(
                         f"Caption {row} is {_count(tokens, room)} tokens long, but the context "
-                        f"holds {room} (plus start and end): {_shorten(text)!r}. Shorten it, or pass "
-                        "truncate=True to keep only the first tokens.")
+                        f"holds {room} (plus start and end): {_shorten(text)!r}. Shorten it, or "
+                        "pass truncate=True to keep only the first tokens.")
                 tokens = tokens[:room]
             row_ids = [self.sot_id, *tokens, self.eot_id]
             ids[row, :len(row_ids)] = row_ids
