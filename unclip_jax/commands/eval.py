@@ -170,7 +170,8 @@ def run(args, overrides) -> int:
                                       batch_size=args.batch_size, reference_images=reference,
                                       clip_metrics=args.clip_metrics, inception=inception,
                                       progress=bar.update, **kwargs)
-    what = (f"{path}: {args.num_captions} Shapes test captions (data seed {args.data_seed}) x "
+    from unclip_jax.commands.apps import shown
+    what = (f"{shown(path)}: {args.num_captions} Shapes test captions (data seed {args.data_seed}) x "
             f"{args.num_images} images, seed {args.seed}, prior {args.prior}")
     report = ["# Shapes caption accuracy", "", what, "", se.summary_markdown(summary)]
 

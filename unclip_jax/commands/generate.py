@@ -155,7 +155,7 @@ def run(args, overrides) -> int:
     import time
 
     from unclip_jax import compilation_cache
-    from unclip_jax.commands.apps import png_metadata, write_png
+    from unclip_jax.commands.apps import png_metadata, shown, write_png
     from unclip_jax.io import paths
     from unclip_jax.pipeline import UnCLIPPipeline, default_dtype
     start = time.time()
@@ -183,8 +183,8 @@ def run(args, overrides) -> int:
     paths.makedirs(paths.dirname(paths.absolute(grid)))
     write_png(grid, _grid(images, len(prompts)),
               png_metadata(args, path, prompt=prompts, settings=settings))
-    print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to {args.out} and "
-          f"the grid to {grid} in {time.time() - start:.1f}s (traced: "
+    print(f"wrote {len(images)} images of {images.shape[1]}x{images.shape[2]} to "
+          f"{shown(args.out)} and the grid to {shown(grid)} in {time.time() - start:.1f}s (traced: "
           + ", ".join(f"{k} {v}x" for k, v in sorted(pipe.trace_counts.items()))
           + (f"; {compilation_cache.summary()}" if compilation_cache.summary() else "") + ")")
     return 0
