@@ -39,7 +39,7 @@ DEMO_PROMPTS := --prompt "a large red circle in the center" \
 	--prompt "a cyan triangle above a red square"
 demo: install
 	$(VENV)/bin/unclip-jax generate $(DEMO_PROMPTS) --num-images 4 --seed 0 \
-		--out out/demo --grid out/demo_grid.png
+		--out out/demo --grid out/demo_grid.png --overwrite
 
 test: install-test
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

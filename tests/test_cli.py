@@ -36,7 +36,7 @@ def test_tokenize(capsys):
 
 def test_tokenize_refuses_overlong_and_empty(capsys):
     rc, _, err = run(capsys, "tokenize", "word " * 100)
-    assert rc == 2 and "100 tokens long" in err and "--truncate" not in err  # API flag named
+    assert rc == 2 and "100 tokens long" in err and "--truncate" in err  # the CLI flag named
     assert "Traceback" not in err
     rc, _, err = run(capsys, "tokenize", "  ")
     assert rc == 2 and "is empty" in err

@@ -33,7 +33,7 @@ TINY = "tiny_pipeline"       # the test pipeline (pipeline_fixtures.tiny_pipelin
 IMAGES = ("in.png", "a.png", "b.png")
 
 # Flags appended to every documented command of these kinds (argparse: the last value wins).
-SAMPLING = f"--checkpoint {TINY} --decoder-steps 2"
+SAMPLING = f"--checkpoint {TINY} --decoder-steps 2 --overwrite"  # commands share out/
 APPS = f"{SAMPLING} --refine-iters 0"
 CHEAP = {
     "generate": f"{SAMPLING} --prior-steps 2",
@@ -42,6 +42,7 @@ CHEAP = {
     "eval": f"{SAMPLING} --prior-steps 2 --num-captions 2 --num-images 1 --table-captions 1 "
             "--table-priors diffusion --table-guidance 2 --table-samplers ddim --table-steps 2",
     "precompute": "--num 16",
+    "demo": "--overwrite",
 }
 
 TRACE = "trace"      # a training command checked by tracing its loss on one batch of its input

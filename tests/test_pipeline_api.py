@@ -159,9 +159,12 @@ def test_commands_pass_dtype_and_batch_size(tmp_path, monkeypatch):
     assert cli.main(["generate", "--prompt", "a red circle", "--num-images", "3", "--batch-size",
                      "2", "--dtype", "bfloat16", "--out", str(tmp_path / "g")]) == 0
     assert loaded == ["bfloat16"] and fake.calls[0]["batch_size"] == 2
-    assert cli.main(["generate", "--prompt", "a", "--out", str(tmp_path / "g")]) == 0
+    assert cli.main(["generate", "--prompt", "a", "--out", str(tmp_path / "g"),
+                     "--overwrite"]) == 0
     assert loaded[-1] == "float32" and fake.calls[-1]["batch_size"] is None   # CPU default
-    assert cli.main(["generate", "--prompt", "a", "--batch-size", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:   # argparse refuses it
+        cli.main(["generate", "--prompt", "a", "--batch-size", "0"])
+    assert refused.value.code == 2
 
     # textdiff in batches of 2 thetas: the thetas split, each batch with the same seed
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")

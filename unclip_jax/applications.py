@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+from struct import error as struct_error
 from typing import Any, Callable, Sequence
 
 import jax
@@ -51,6 +53,8 @@ from unclip_jax.clip.preprocess import preprocess, resize_and_crop, to_rgb
 from unclip_jax.diffusion import SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
 from unclip_jax.pipeline import TextInputs, decoder_model_fn, stage_spec, to_uint8
+from unclip_jax.pipeline import settings as _settings
+from unclip_jax.pipeline.settings import MAX_ETA, seed_key
 
 MODES = ("fixed", "slerp_latent")
 DEFAULT_STEPS = 50
@@ -59,6 +63,16 @@ DEFAULT_REFINE_ITERS = 2
 
 class ApplicationError(UserError, ValueError):
     """An application asked of inputs it cannot use; the message says what to change."""
+
+
+def check_int(name: str, value, **bounds) -> int:
+    """settings.check_int, failing with an ApplicationError."""
+    return _settings.check_int(name, value, error=ApplicationError, **bounds)
+
+
+def check_float(name: str, value, **bounds) -> float:
+    """settings.check_float, failing with an ApplicationError."""
+    return _settings.check_float(name, value, error=ApplicationError, **bounds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,20 +122,109 @@ def slerp(a, b, theta, *, eps: float = 1e-6):
 # Inputs
 # --------------------------------------------------------------------------------------------
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3] (greyscale expanded, transparency onto white);
-    an ApplicationError names a missing or unreadable file."""
+MAX_IMAGE_PIXELS = 2 ** 26
+"""The largest input image :func:`load_image` decodes by default (8192 x 8192 pixels)."""
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _png_bit_depth(head: bytes) -> int | None:
+    """The bit depth a PNG's IHDR declares (None for other files)."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 25:
+        return head[24]
+    return None
+
+
+def _scale16(values: np.ndarray) -> np.ndarray:
+    """16-bit samples -> uint8 by the training decoder's rule (unclip_jax.data.images.
+    decode_rgb): round(value / 257)."""
+    return np.clip(np.round(values.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS
+               ) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3]: greyscale expanded, palette and CMYK converted,
+    transparency composited onto white; 16-bit PNGs (and 16-bit greyscale of other formats)
+    scaled to 8 bits as the training input pipeline does (round(value / 257)). An image of more
+    than ``max_pixels`` pixels (None: no limit) is refused from its header, before decoding.
+    Every failure (missing, not an image, truncated, too large) is an ApplicationError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ApplicationError(f"Image {path!r} does not exist; pass the path of a PNG or JPEG.")
+        what = ("is a folder" if os.path.isdir(path) else "is not a regular file"
+                if os.path.exists(path) else "does not exist")
+        raise ApplicationError(f"Image {path!r} {what}; pass the path of a PNG or JPEG file.")
+    if max_pixels is not None:
+        max_pixels = check_int("max_pixels", max_pixels, lo=1)
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as f:
+            head = f.read(32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None   # we check below
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            with im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ApplicationError(
+                        f"Image {path!r} is {w}x{h} ({w * h:,} pixels), more than the "
+                        f"{max_pixels:,} allowed; shrink it, or raise the limit "
+                        "(--max-image-pixels) if you have the memory.")
+                if w * h == 0:
+                    raise ApplicationError(f"Image {path!r} is empty ({w}x{h}).")
+                if _png_bit_depth(head) == 16:
+                    return _load_png16(path)
+                im.load()
+                if im.mode in _SIXTEEN_BIT:
+                    return to_rgb(_scale16(np.asarray(im)))
+                if im.mode in ("F", "I;16S", "I;32", "I;32S"):
+                    raise ApplicationError(f"Image {path!r} has {im.mode} samples (not 8- or "
+                                           "16-bit); save it as an 8- or 16-bit PNG or JPEG.")
+                if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "La", "RGBa"):
+                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+                return to_rgb(im.copy())
+    except ApplicationError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError, MemoryError, struct_error) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ApplicationError(f"Image {path!r} cannot be read as an image ({why}); pass a "
+                               "PNG, JPEG or another format Pillow reads.") from None
+
+
+def _with_rawmode(path: str, rawmode: str) -> np.ndarray:
+    """The PNG at ``path`` decoded by Pillow with its samples unpacked as ``rawmode`` (one of
+    the same bits per pixel, so the rows are unfiltered alike): a way to read the bytes of
+    16-bit samples that Pillow would otherwise cut to their high byte."""
+    with Image.open(path) as im:
+        im.tile = [t._replace(args=rawmode if isinstance(t.args, str) else
+                              (rawmode,) + tuple(t.args[1:])) for t in im.tile]
+        im.load()
+        return np.asarray(im)
+
+
+def _load_png16(path: str) -> np.ndarray:
+    """A 16-bit PNG as uint8 RGB, its samples scaled as the training input pipeline scales
+    them (round(value / 257), alpha too, then composited onto white)."""
+    with Image.open(path) as im:
+        mode, tile = im.mode, im.tile
+        if mode.startswith("I"):
             im.load()
-            return to_rgb(im.copy())
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ApplicationError(f"Image {path!r} cannot be read as an image ({e}); pass a PNG, "
-                               "JPEG or another format Pillow reads.") from None
+            return to_rgb(_scale16(np.asarray(im)))
+    raw = tile[0].args if isinstance(tile[0].args, str) else tile[0].args[0]
+    if raw == "LA;16B":
+        b = _with_rawmode(path, "RGBA").astype(np.uint16)    # L high, L low, A high, A low
+        grey, alpha = b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]
+        return to_rgb(_scale16(np.stack([grey, grey, grey, alpha], axis=-1)))
+    if raw in ("RGB;16B", "RGBA;16B"):
+        high = _with_rawmode(path, raw).astype(np.uint16)
+        low = _with_rawmode(path, raw.replace("16B", "16L")).astype(np.uint16)
+        return to_rgb(_scale16(high * 256 + low))
+    with Image.open(path) as im:   # a layout Pillow reads another way: its own 8 bits
+        im.load()
+        return to_rgb(im.copy())
 
 
 def _as_image(image) -> np.ndarray:
@@ -171,11 +274,14 @@ def image_embeds(pipe, images: Sequence) -> Any:
     return rt.jit("app_clip_image", (), fn)(state, rt.put(jnp.asarray(pixels)))
 
 
-def caption_inputs(pipe, caption: str | None = None):
+def caption_inputs(pipe, caption: str | None = None, *, truncate: bool = False):
     """The decoder's text conditioning (:class:`unclip_jax.pipeline.TextInputs`, one row) for
-    ``caption``; None or '' gives the empty caption (also used as its unconditional row)."""
+    ``caption``; None or '' gives the empty caption (also used as its unconditional row). A
+    caption longer than the context is refused unless ``truncate``."""
+    if caption is not None and not isinstance(caption, str):
+        raise ApplicationError(f"The caption must be a string, got {type(caption).__name__}.")
     if caption is not None and caption.strip():
-        return pipe.encode_text([caption])
+        return pipe.encode_text([caption], truncate=truncate)
     tok = pipe.tokenizer([""], allow_empty=True)
     z, h = pipe.encode_ids(tok.ids)
     mask = np.asarray(tok.mask)
@@ -244,8 +350,8 @@ def _check_decoder(pipe) -> None:
 
 
 def _guidance(pipe, guidance_scale):
-    return float(pipe.settings["decoder"]["guidance_scale"] if guidance_scale is None
-                 else guidance_scale)
+    return check_float("guidance_scale", pipe.settings["decoder"]["guidance_scale"]
+                       if guidance_scale is None else guidance_scale, lo=0.0, hi=1000.0)
 
 
 def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
@@ -293,9 +399,7 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     n = x_T.shape[0]
     if zi.shape[0] != n:
         raise ApplicationError(f"{n} starting latents but {zi.shape[0]} image embeddings.")
-    eta = float(eta)
-    if eta < 0:
-        raise ApplicationError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}.")
+    eta = check_float("eta", eta, lo=0.0, hi=MAX_ETA)
     if eta and rng is None:
         rng = jax.random.key(0)
     scale = _guidance(pipe, guidance_scale)
@@ -373,7 +477,15 @@ class _Progress:
 
 
 def _n_upsample(pipe, upsample) -> int:
-    return len(upsample_stages(pipe)) if upsample is None else int(upsample)
+    """How many upsampling stages ``upsample`` runs (None: all), checked before any work."""
+    n = len(upsample_stages(pipe))
+    if upsample is None:
+        return n
+    count = check_int("upsample", upsample, lo=0)
+    if count > n:
+        raise ApplicationError(f"upsample={count}, but this pipeline has {n} upsampling "
+                               f"stage(s) with their models; give 0 to {n}.")
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,48 +525,50 @@ class Probe:
     decoded: np.ndarray      # uint8 [R, s, s, 3]
 
 
-def _common(steps, refine_iters):
-    if int(steps) < 1:
-        raise ApplicationError(f"steps must be at least 1, got {steps}.")
-    if int(refine_iters) < 0:
-        raise ApplicationError(f"refine_iters must be >= 0, got {refine_iters}.")
+MAX_REFINE_ITERS = 100
+
+
+def _common(steps, refine_iters, seed=0):
+    check_int("steps", steps, lo=1)
+    check_int("refine_iters", refine_iters, lo=0, hi=MAX_REFINE_ITERS)
+    check_int("seed", seed, lo=0, hi=2 ** 64 - 1)
 
 
 def reconstruct(pipe, image, seed: int = 0, *, steps: int = DEFAULT_STEPS,
                 guidance_scale: float | None = None, refine_iters: int = DEFAULT_REFINE_ITERS,
                 caption: str | None = None, upsample: int | None = None,
-                clip_range: float | None = None) -> Variations:
+                clip_range: float | None = None, truncate: bool = False) -> Variations:
     """The image decoded back from its own z_i and inverted x_T (DDIM eta = 0): what
     variations with eta = 0 and text diffs at theta = 0 give. Upsampler noise comes from
     ``seed`` and is the one the other applications use for their frames."""
     return variations(pipe, image, 1, seed, eta=0.0, steps=steps, guidance_scale=guidance_scale,
                       refine_iters=refine_iters, caption=caption, upsample=upsample,
-                      clip_range=clip_range)
+                      clip_range=clip_range, truncate=truncate)
 
 
 def variations(pipe, image, num_images: int = 4, seed: int = 0, *, eta: float = 1.0,
                steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
                refine_iters: int = DEFAULT_REFINE_ITERS, caption: str | None = None,
                upsample: int | None = None, clip_range: float | None = None,
-               progress: Callable | None = None) -> Variations:
+               progress: Callable | None = None, truncate: bool = False) -> Variations:
     """``num_images`` variations of one uint8 image (paper section 3.1): z_i = CLIP(image),
     x_T = DDIM inversion of the image through the decoder, then DDIM with ``eta`` from x_T
     (eta = 0 reconstructs the image; larger eta strays further). ``guidance_scale`` (default the
     pipeline's decoder setting) is used both to invert and to decode; ``caption`` conditions the
     decoder's text input (default the empty caption). Same seed, same images."""
-    if int(num_images) < 1:
-        raise ApplicationError(f"num_images must be at least 1, got {num_images}.")
-    _common(steps, refine_iters)
+    check_int("num_images", num_images, lo=1)
+    check_float("eta", eta, lo=0.0, hi=MAX_ETA)
+    _common(steps, refine_iters, seed)
     prog = _Progress(progress, 3 + _n_upsample(pipe, upsample))
     rgb = _as_image(image)
     prog("CLIP image embedding")
     zi = image_embeds(pipe, [rgb])
-    text = caption_inputs(pipe, caption)
+    text = caption_inputs(pipe, caption, truncate=truncate)
     prog("DDIM inversion")
     x_T = invert(pipe, decoder_input(pipe, [rgb]), zi, text, steps=steps,
                  guidance_scale=guidance_scale, refine_iters=refine_iters, clip_range=clip_range)
     n = int(num_images)
-    k_dec, k_up = jax.random.split(jax.random.key(int(seed)))
+    k_dec, k_up = jax.random.split(seed_key(seed))
     prog("DDIM decoding")
     rep = lambda a: jax.numpy.repeat(a, n, axis=0)  # noqa: E731
     x = ddim_decode(pipe, rep(zi), rep(x_T), text, k_dec, eta=eta, steps=steps,
@@ -470,7 +584,7 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
                 guidance_scale: float | None = None, refine_iters: int = DEFAULT_REFINE_ITERS,
                 caption: str | None = None, upsample: int | None = None,
                 clip_range: float | None = None, progress: Callable | None = None,
-                batch_size: int | None = None) -> Interpolation:
+                batch_size: int | None = None, truncate: bool = False) -> Interpolation:
     """Frames between two images (paper section 3.2, figure 4): z_theta = slerp(z_a, z_b, theta)
     for ``num_frames`` thetas from 0 to 1, decoded with DDIM eta = 0 from x_T that is either
     one random draw (from ``seed``) shared by all frames (``mode='fixed'``) or
@@ -480,11 +594,13 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
     computation is its own, so the frames are the same."""
     if mode not in MODES:
         raise ApplicationError(f"mode must be one of {MODES}, got {mode!r}.")
-    if int(num_frames) < 2:
-        raise ApplicationError(f"num_frames must be at least 2 (the two images), got {num_frames}.")
-    if batch_size is not None and int(batch_size) < 1:
-        raise ApplicationError(f"batch_size must be at least 1, got {batch_size}.")
-    _common(steps, refine_iters)
+    if isinstance(num_frames, (int, np.integer)) and num_frames < 2:
+        raise ApplicationError(f"num_frames must be at least 2 (the two images), got "
+                               f"{num_frames}.")
+    check_int("num_frames", num_frames, lo=2)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, lo=1)
+    _common(steps, refine_iters, seed)
     f = int(num_frames)
     prog = _Progress(progress, 2 + (mode == "slerp_latent") + _n_upsample(pipe, upsample))
     rgb = [_as_image(image_a), _as_image(image_b)]
@@ -492,8 +608,8 @@ def interpolate(pipe, image_a, image_b, num_frames: int = 5, seed: int = 0, *,
     zi = image_embeds(pipe, rgb)
     thetas = np.linspace(0.0, 1.0, f)
     z = slerp(zi[0], zi[1], thetas)                                      # [F, D]
-    text = caption_inputs(pipe, caption)
-    k_x, k_up = jax.random.split(jax.random.key(int(seed)))
+    text = caption_inputs(pipe, caption, truncate=truncate)
+    k_x, k_up = jax.random.split(seed_key(seed))
     cfg = pipe.decoder.config
     shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
     if mode == "fixed":
@@ -527,12 +643,14 @@ def _parse_thetas(thetas) -> np.ndarray:
     return t
 
 
-def text_diff_vector(pipe, image_embed, source_caption: str, target_caption: str):
+def text_diff_vector(pipe, image_embed, source_caption: str, target_caption: str, *,
+                     truncate: bool = False):
     """z_d = normalise(z_t(target) - z_t(source)), scaled to the norm of z_i [D] so that slerp
     moves along the sphere z_i lives on."""
     _check_caption("source caption", source_caption)
     _check_caption("target caption", target_caption)
-    z_t = jnp.asarray(pipe.encode_text([source_caption, target_caption]).text_embed, jnp.float32)
+    z_t = jnp.asarray(pipe.encode_text([source_caption, target_caption], truncate=truncate)
+                      .text_embed, jnp.float32)
     d = z_t[1] - z_t[0]
     norm = float(jnp.linalg.norm(d))
     if not norm > 1e-6 * float(jnp.linalg.norm(z_t[1])):
@@ -548,7 +666,7 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
              steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
              refine_iters: int = DEFAULT_REFINE_ITERS, caption: str | None = None,
              upsample: int | None = None, clip_range: float | None = None,
-             progress: Callable | None = None) -> TextDiff:
+             progress: Callable | None = None, truncate: bool = False) -> TextDiff:
     """Edit an image towards a caption (paper section 3.3, figure 5): z_d = normalise(z_t(target)
     - z_t(source)) (scaled to |z_i|), z_theta = slerp(z_i, z_d, theta) for each theta, each
     decoded with DDIM eta = 0 from the image's inverted x_T. theta = 0 is :func:`reconstruct`.
@@ -556,14 +674,14 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
     _check_caption("source caption", source_caption)
     _check_caption("target caption", target_caption)
     t = _parse_thetas(thetas)
-    _common(steps, refine_iters)
+    _common(steps, refine_iters, seed)
     prog = _Progress(progress, 3 + _n_upsample(pipe, upsample))
     rgb = _as_image(image)
     prog("CLIP embeddings")
     zi = image_embeds(pipe, [rgb])
-    z_d = text_diff_vector(pipe, zi[0], source_caption, target_caption)
+    z_d = text_diff_vector(pipe, zi[0], source_caption, target_caption, truncate=truncate)
     z = slerp(zi[0], z_d, t)                                             # [T, D]
-    text = caption_inputs(pipe, caption)
+    text = caption_inputs(pipe, caption, truncate=truncate)
     prog("DDIM inversion")
     x_T = invert(pipe, decoder_input(pipe, [rgb]), zi, text, steps=steps,
                  guidance_scale=guidance_scale, refine_iters=refine_iters, clip_range=clip_range)
@@ -571,16 +689,19 @@ def textdiff(pipe, image, source_caption: str, target_caption: str,
     x = ddim_decode(pipe, z, jax.numpy.repeat(x_T, t.size, axis=0), text, eta=0.0, steps=steps,
                     guidance_scale=guidance_scale, clip_range=clip_range)
     low = to_uint8(x)
-    _, k_up = jax.random.split(jax.random.key(int(seed)))
+    _, k_up = jax.random.split(seed_key(seed))
     x = _upsample(pipe, x, k_up, upsample, shared_noise=True, progress=prog)
     prog.finish()
     return TextDiff(to_uint8(x), low, t, np.asarray(z_d))
 
 
-def zero_shot(pipe, image_embed, labels: Sequence[str], logit_scale: float | None = None):
+def zero_shot(pipe, image_embed, labels: Sequence[str], logit_scale: float | None = None, *,
+              truncate: bool = False):
     """(probabilities [L], cosines [L]) of ``labels`` for one z_i [D]: softmax over
     ``logit_scale`` * cosine (default CLIP's learned exp(logit_scale), capped at 100)."""
-    z_t = jnp.asarray(pipe.encode_text(list(labels)).text_embed, jnp.float32)
+    if logit_scale is not None:
+        logit_scale = check_float("logit_scale", logit_scale, lo=0.0, hi=1000.0)
+    z_t = jnp.asarray(pipe.encode_text(list(labels), truncate=truncate).text_embed, jnp.float32)
     zi = jnp.asarray(image_embed, jnp.float32).reshape(-1)
     unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
     cos = unit(z_t) @ unit(zi)
@@ -592,7 +713,8 @@ def zero_shot(pipe, image_embed, labels: Sequence[str], logit_scale: float | Non
 
 def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed: int = 0, *,
           logit_scale: float | None = None, upsample: int | None = None,
-          decoder_settings: dict | None = None, progress: Callable | None = None) -> Probe:
+          decoder_settings: dict | None = None, progress: Callable | None = None,
+          truncate: bool = False) -> Probe:
     """The typographic-attack probe (paper section 3.4, figure 8): CLIP's zero-shot
     probabilities of ``labels`` for the image, beside ``num_reconstructions`` samples of the
     decoder from the image's z_i (the pipeline's decoder sampler and guidance, overridable with
@@ -602,16 +724,19 @@ def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed
         raise ApplicationError("Give at least one label to probe (e.g. --label 'an apple').")
     for i, label in enumerate(labels):
         _check_caption(f"label {i}", label)
-    if int(num_reconstructions) < 0:
-        raise ApplicationError(f"num_reconstructions must be >= 0, got {num_reconstructions}.")
+    check_int("num_reconstructions", num_reconstructions, lo=0)
+    check_int("seed", seed, lo=0, hi=2 ** 64 - 1)
+    if logit_scale is not None:
+        check_float("logit_scale", logit_scale, lo=0.0, hi=1000.0)
     _check_decoder(pipe)
     r = int(num_reconstructions)
-    prog = _Progress(progress, 2 + (_n_upsample(pipe, upsample) if r else 0))
+    n_up = _n_upsample(pipe, upsample)
+    prog = _Progress(progress, 2 + (n_up if r else 0))
     rgb = _as_image(image)
     prog("CLIP zero-shot")
     zi = image_embeds(pipe, [rgb])
-    probs, cos = zero_shot(pipe, zi[0], labels, logit_scale)
-    k_dec, k_up = jax.random.split(jax.random.key(int(seed)))
+    probs, cos = zero_shot(pipe, zi[0], labels, logit_scale, truncate=truncate)
+    k_dec, k_up = jax.random.split(seed_key(seed))
     if r:
         prog("decoding")
         x = pipe.decode(jax.numpy.repeat(zi, r, axis=0), caption_inputs(pipe), k_dec,

@@ -21,6 +21,7 @@ import functools
 import gzip
 import html
 import json
+import numbers
 import os
 from typing import NamedTuple, Sequence
 
@@ -36,6 +37,9 @@ SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 CONTEXT_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2  # the vocabulary size OpenAI's CLIP was trained with
+MAX_PIECE = 256     # pieces (runs of letters, digits...) longer than this are merged in chunks
+LONG_TEXT = 2000    # captions longer than this (in characters) are tokenized only as far as
+                    # the context (and one more token, to tell that they do not fit)
 
 # CLIP's split: the two special tokens, common English contractions, runs of letters, single
 # digits, runs of anything else that is neither space nor letter nor digit.
@@ -88,9 +92,10 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"BPE vocabulary '{bpe_path}' not found. It ships with unclip_jax "
                 "(unclip_jax/clip/bpe_simple_vocab_16e6.txt.gz); reinstall the package.")
-        if context_length < 3:
-            raise ValueError(f"context_length must be at least 3 (SOT, one token, EOT), got "
-                             f"{context_length}.")
+        if isinstance(context_length, bool) or not isinstance(context_length, numbers.Integral) or \
+                context_length < 3:
+            raise CaptionError(f"context_length must be an integer of at least 3 (SOT, one "
+                               f"token, EOT), got {context_length!r}.")
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:1 + _NUM_MERGES]]
@@ -112,9 +117,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.encoder)
 
-    def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
-        """Merge the characters of one pre-tokenized piece by rank until no merge applies."""
-        word = list(piece[:-1]) + [piece[-1] + "</w>"]
+    def _bpe_uncached(self, piece: str, end: bool = True) -> tuple[str, ...]:
+        """Merge the characters of one pre-tokenized piece by rank until no merge applies
+        (``end``: the piece ends a word, its last character carries '</w>')."""
+        word = list(piece[:-1]) + [piece[-1] + ("</w>" if end else "")]
         while len(word) > 1:
             pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
             best = min(pairs, key=lambda p: self.merge_rank.get(p, float("inf")))
@@ -131,15 +137,26 @@ class Tokenizer:
             word = merged
         return tuple(word)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without SOT/EOT."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of ``text`` without SOT/EOT; with ``limit``, only the first ``limit``
+        (the rest of the text is not tokenized). A piece longer than MAX_PIECE characters
+        (no word is) is merged in chunks of that many, which keeps the cost linear in the
+        text's length (whole, BPE is quadratic in a piece's length)."""
         ids = []
-        for piece in _SPLIT.findall(clean_text(text)):
+        for match in _SPLIT.finditer(clean_text(text)):
+            piece = match.group()
             if piece in (SOT_TOKEN, EOT_TOKEN):  # written out in the text: the special id, as
                 ids.append(self.encoder[piece])  # OpenAI's and Hugging Face's tokenizers do
-                continue
-            piece = "".join(self._bytes[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[tok] for tok in self._bpe(piece))
+            else:
+                piece = "".join(self._bytes[b] for b in piece.encode("utf-8"))
+                for start in range(0, len(piece), MAX_PIECE):
+                    chunk = piece[start:start + MAX_PIECE]
+                    end = start + MAX_PIECE >= len(piece)
+                    ids.extend(self.encoder[tok] for tok in self._bpe(chunk, end))
+                    if limit is not None and len(ids) >= limit:
+                        return ids[:limit]
+            if limit is not None and len(ids) >= limit:
+                return ids[:limit]
         return ids
 
     def write_vocab_files(self, folder: str) -> tuple[str, str]:
@@ -182,7 +199,7 @@ class Tokenizer:
         for row, text in enumerate(texts):
             if not isinstance(text, str):
                 raise CaptionError(f"Caption {row} is a {type(text).__name__}, not a string.")
-            tokens = self.encode(text)
+            tokens = self.encode(text, limit=None if len(text) <= LONG_TEXT else room + 1)
             if not tokens and not allow_empty:
                 raise CaptionError(
                     f"Caption {row} ({text!r}) is empty after cleaning. Give a caption with at "
@@ -191,14 +208,19 @@ class Tokenizer:
             if len(tokens) > room:
                 if not truncate:
                     raise CaptionError(
-                        f"Caption {row} is {len(tokens)} tokens long, but the context holds "
-                        f"{room} (plus start and end): {_shorten(text)!r}. Shorten it, or pass "
-                        "truncate=True to keep only the first tokens.")
+                        f"Caption {row} is {_count(tokens, room)} tokens long, but the context "
+                        f"holds {room} (plus start and end): {_shorten(text)!r}. Shorten it, or "
+                        "pass truncate=True to keep only the first tokens.")
                 tokens = tokens[:room]
             row_ids = [self.sot_id, *tokens, self.eot_id]
             ids[row, :len(row_ids)] = row_ids
             mask[row, :len(row_ids)] = True
         return Tokens(ids, mask)
+
+
+def _count(tokens: list, room: int) -> str:
+    """How many tokens a caption has, as far as it was tokenized (room + 1: 'more than')."""
+    return f"more than {room}" if len(tokens) == room + 1 else str(len(tokens))
 
 
 def _shorten(text: str, n: int = 60) -> str:

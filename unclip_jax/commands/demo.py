@@ -10,6 +10,7 @@ import os
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 DEMO_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
+OUTPUTS = ("demo_samplers.png", "demo_clip.png")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,13 +22,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEMO_CONFIG,
                    help="Config file[:arg] (default: configs/demo.py of the source tree; `:runlocal` makes "
                    "it quicker).")
-    p.add_argument("--out", default="out", help="Folder for the PNGs.")
+    p.add_argument("--out", default="out", help="Folder for the PNGs (demo_samplers.png, "
+                   "demo_clip.png).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace demo_samplers.png and demo_clip.png in --out if they exist "
+                   "(only those; without it they are refused).")
     p.set_defaults(func=run)
     return p
 
 
 def run(args, overrides) -> int:
     from unclip_jax.config import load_config
+    from unclip_jax.io.outputs import check_folder
+    from unclip_jax.pipeline.settings import check_seed
+    check_folder(args.out, will_write=OUTPUTS, overwrite=args.overwrite)
+    config = load_config(args.config, overrides)
+    if "seed" in config:
+        check_seed(config.seed, "--config.seed")
     from unclip_jax.demo import run_demo
-    run_demo(load_config(args.config, overrides), out_dir=args.out)
+    run_demo(config, out_dir=args.out)
     return 0

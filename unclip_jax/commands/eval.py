@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from unclip_jax.commands.apps import positive_int
+from unclip_jax.commands.apps import (GUIDANCE, SEED_HELP, count_int, finite_float, positive_int,
+                                      seed_int)
 from unclip_jax.errors import UserError
 
 
@@ -24,7 +25,7 @@ class EvalCommandError(UserError, ValueError):
     """An eval flag that cannot be used as given."""
 
 
-def _list(name, kind):
+def _list(name, kind, check=None):
     def parse(text):
         try:
             values = tuple(kind(v) for v in text.split(",") if v.strip())
@@ -32,6 +33,8 @@ def _list(name, kind):
             raise argparse.ArgumentTypeError(
                 f"{name} must be a comma-separated list of {kind.__name__} values, got "
                 f"{text!r}") from None
+        if check is not None:
+            values = tuple(check(str(v).strip()) for v in values)
         if not values:
             raise argparse.ArgumentTypeError(f"{name} needs at least one value")
         return values
@@ -46,30 +49,35 @@ def add_parser(subparsers) -> None:
         "attribute binding, layout diversity and speed; --table adds the paper's comparisons.")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="An unclip-jax pipeline folder. Default: the bundled Shapes model.")
-    p.add_argument("--num-captions", type=positive_int("--num-captions"), default=500,
+    p.add_argument("--num-captions", type=positive_int("--num-captions", 1_000_000), default=500,
                    help="Test captions to evaluate (the first N of the test split).")
-    p.add_argument("--num-images", type=positive_int("--num-images"), default=2,
+    p.add_argument("--num-images", type=positive_int("--num-images", 1000), default=2,
                    help="Images per caption (diversity needs 2 or more).")
-    p.add_argument("--seed", type=int, default=0, help="Sampling seed: same seed, same numbers.")
-    p.add_argument("--data-seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_int(), default=0,
+                   help="Sampling seed: same seed, same numbers." + SEED_HELP)
+    p.add_argument("--data-seed", type=seed_int("--data-seed"), default=None,
                    help="Seed of the Shapes dataset whose test split gives the captions "
-                   "(default: the dataset's own default seed).")
+                   "(default: the dataset's own default seed)." + SEED_HELP)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=32,
                    help="Images per pipeline call.")
     p.add_argument("--prior", choices=("diffusion", "ar", "none"), default="diffusion",
                    help="Prior for the summary ('none': the decoder conditioned on z_t).")
-    p.add_argument("--prior-steps", type=int, help="Prior sampling steps (None: the manifest's).")
-    p.add_argument("--prior-guidance", type=float, help="Prior guidance scale.")
-    p.add_argument("--decoder-steps", type=int, help="Decoder sampling steps.")
-    p.add_argument("--decoder-guidance", type=float, help="Decoder guidance scale.")
+    p.add_argument("--prior-steps", type=positive_int("--prior-steps"),
+                   help="Prior sampling steps (None: the manifest's).")
+    p.add_argument("--prior-guidance", type=finite_float("--prior-guidance", *GUIDANCE),
+                   help="Prior guidance scale.")
+    p.add_argument("--decoder-steps", type=positive_int("--decoder-steps"),
+                   help="Decoder sampling steps.")
+    p.add_argument("--decoder-guidance", type=finite_float("--decoder-guidance", *GUIDANCE),
+                   help="Decoder guidance scale.")
     p.add_argument("--decoder-sampler", choices=("unclip", "ddpm", "ddim", "dpm++"),
                    help="Decoder sampler.")
-    p.add_argument("--upsample", type=int,
+    p.add_argument("--upsample", type=count_int("--upsample"),
                    help="Upsampling stages to run (None: all the pipeline has).")
     p.add_argument("--table", action="store_true",
                    help="Also run the comparison table (prior kinds, decoder guidance sweep, "
                    "decoder sampler x steps).")
-    p.add_argument("--table-upsample", type=int, default=0,
+    p.add_argument("--table-upsample", type=count_int("--table-upsample"), default=0,
                    help="Upsampling stages in the table's rows (0: the rows, which differ only "
                    "in the prior and the decoder, are judged on the decoder's own output; "
                    "much faster on a CPU).")
@@ -78,12 +86,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--table-priors", type=_list("--table-priors", str), default=None,
                    help="Priors of the table (default: each of diffusion, ar and none that the "
                    "pipeline has).")
-    p.add_argument("--table-guidance", type=_list("--table-guidance", float), default=None,
+    p.add_argument("--table-guidance", type=_list("--table-guidance", float, finite_float(
+                   "--table-guidance", *GUIDANCE)), default=None,
                    help="Decoder guidance scales of the table (default: the paper's sweep, "
                    "unclip_jax.evaluate.shapes_eval.GUIDANCE_SCALES).")
     p.add_argument("--table-samplers", type=_list("--table-samplers", str), default=None,
                    help="Decoder samplers of the table (default: ddpm, ddim and dpm++).")
-    p.add_argument("--table-steps", type=_list("--table-steps", int), default=None,
+    p.add_argument("--table-steps", type=_list("--table-steps", int, positive_int(
+                   "--table-steps")), default=None,
                    help="Decoder step counts of the table (default: "
                    "unclip_jax.evaluate.shapes_eval.SAMPLER_STEPS).")
     p.add_argument("--clip-metrics", action="store_true",
@@ -93,6 +103,8 @@ def add_parser(subparsers) -> None:
                    help="pytorch-fid Inception weights (.pth or .safetensors): also report FID "
                    "against the test split's true images.")
     p.add_argument("--out", metavar="FILE.md", help="Also write the report as markdown.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the --out file if it exists (without it, it is refused).")
     p.set_defaults(func=run)
 
 
@@ -119,8 +131,12 @@ def run(args, overrides) -> int:
     if bad:
         raise EvalCommandError(f"--table-priors: unknown prior(s) {bad}; choose from "
                                "diffusion, ar, none.")
-    from unclip_jax.assets import resolve_checkpoint
-    path = resolve_checkpoint(args.checkpoint)
+    from unclip_jax.io.outputs import check_file
+    from unclip_jax.commands.apps import checkpoint
+    path = checkpoint(args)
+    _check_against_folder(args, path)
+    if args.out is not None:
+        check_file(args.out, overwrite=args.overwrite, flag="--out")
 
     from unclip_jax.commands.apps import load_pipeline
     from unclip_jax.evaluate import shapes_eval as se
@@ -130,6 +146,10 @@ def run(args, overrides) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    inception = None
+    if args.inception:   # a bad weights file is refused before the pipeline loads
+        from unclip_jax.evaluate.inception import load_inception
+        inception = load_inception(args.inception)
     pipe = load_pipeline(path)
     captions = se.test_captions(args.num_captions, args.data_seed)
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
@@ -140,12 +160,9 @@ def run(args, overrides) -> int:
                                         guidance_scale=args.decoder_guidance,
                                         sampler=args.decoder_sampler),
                   upsample=args.upsample)
-    reference = inception = None
+    reference = None
     if args.clip_metrics or args.inception:
         reference, _ = se.test_set(args.num_captions, args.data_seed)
-    if args.inception:
-        from unclip_jax.evaluate.inception import load_inception
-        inception = load_inception(args.inception)
 
     total = args.num_captions * args.num_images
     with _progress(total, "eval") as bar:
@@ -153,7 +170,8 @@ def run(args, overrides) -> int:
                                       batch_size=args.batch_size, reference_images=reference,
                                       clip_metrics=args.clip_metrics, inception=inception,
                                       progress=bar.update, **kwargs)
-    what = (f"{path}: {args.num_captions} Shapes test captions (data seed {args.data_seed}) x "
+    from unclip_jax.commands.apps import shown
+    what = (f"{shown(path)}: {args.num_captions} Shapes test captions (data seed {args.data_seed}) x "
             f"{args.num_images} images, seed {args.seed}, prior {args.prior}")
     report = ["# Shapes caption accuracy", "", what, "", se.summary_markdown(summary)]
 
@@ -177,9 +195,42 @@ def run(args, overrides) -> int:
     text = "\n".join(report) + "\n"
     print(text, end="")
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+        from unclip_jax.commands.apps import shown
+        from unclip_jax.io import paths
+        from unclip_jax.io.atomic import atomic_write
+        paths.makedirs(paths.dirname(paths.absolute(args.out)))
+        atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))
+        print(f"wrote {shown(args.out)}")
     return 0
+
+
+def _check_against_folder(args, path: str) -> None:
+    """The flags that depend on the pipeline folder (its stages and sampling ranges), checked
+    from its manifest before the model loads."""
+    from unclip_jax.pipeline.pipeline import PipelineInfo
+    from unclip_jax.pipeline.settings import check_stage
+    info = PipelineInfo.from_folder(path)
+    if info is None:
+        return
+    n_up = len(info.upsample_stages)
+    for flag, value in (("--upsample", args.upsample), ("--table-upsample", args.table_upsample)):
+        if value is not None and value > n_up:
+            raise EvalCommandError(f"{flag} {value}, but this pipeline has {n_up} upsampling "
+                                   f"stage(s) with their models; give 0 to {n_up}.")
+    from unclip_jax.commands.apps import _check_memory
+    _check_memory(info, args.num_captions * args.num_images, args.upsample)
+    if args.prior == "diffusion" and not info.has_prior:
+        raise EvalCommandError("This pipeline has no diffusion prior; pass --prior ar or none.")
+    if args.prior == "ar" and not info.has_ar_prior:
+        raise EvalCommandError("This pipeline has no AR prior; pass --prior diffusion or none.")
+    pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    if args.prior == "diffusion":
+        check_stage("prior", {**info.settings["prior"], **pick(steps=args.prior_steps,
+                                                             guidance_scale=args.prior_guidance)})
+    check_stage("decoder", {**info.settings["decoder"], **pick(
+        steps=args.decoder_steps, guidance_scale=args.decoder_guidance,
+        sampler=args.decoder_sampler)})
+    for steps in args.table_steps or ():
+        for sampler in args.table_samplers or ("ddpm", "ddim", "dpm++"):
+            check_stage("decoder", {**info.settings["decoder"], "steps": steps,
+                                    "sampler": sampler})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+MAX_EXAMPLES = 10_000_000
 HELP = "Build the Shapes dataset (procedural, offline) as a TFDS dataset."
 
 
@@ -16,9 +17,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data folder to write.")
     p.add_argument("--config", dest="builder_config", default="default",
                    choices=("default", "tiny"), help="Builder config.")
-    p.add_argument("--num-train", type=int, help="Train examples (overrides the config's).")
-    p.add_argument("--num-test", type=int, help="Test examples (overrides the config's).")
-    p.add_argument("--seed", type=int, help="Generation seed (overrides the config's).")
+    from unclip_jax.commands.apps import SEED_HELP, bounded_int, seed_int
+    p.add_argument("--num-train", type=bounded_int("--num-train", 0, MAX_EXAMPLES),
+                   help="Train examples (overrides the config's).")
+    p.add_argument("--num-test", type=bounded_int("--num-test", 0, MAX_EXAMPLES),
+                   help="Test examples (overrides the config's).")
+    p.add_argument("--seed", type=seed_int(), help="Generation seed (overrides the config's)."
+                   + SEED_HELP)
     p.set_defaults(func=run)
     return p
 
@@ -28,6 +33,11 @@ def run(args, overrides) -> int:
     if overrides:
         raise UserError("'shapes' takes no --config.* overrides; use --num-train, --num-test, "
                         "--seed.")
+    from unclip_jax.io.outputs import check_folder
+    check_folder(args.data_dir, flag="--data-dir")
+    if args.num_train == 0 and args.num_test == 0:
+        raise UserError("--num-train and --num-test are both 0: nothing to build; give at least "
+                        "one example.")
     from unclip_jax.data import shapes_builder as sb
     config = args.builder_config
     if args.num_train is not None or args.num_test is not None or args.seed is not None:

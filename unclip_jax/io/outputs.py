@@ -38,11 +38,17 @@ def _check_creatable(path: str, flag: str) -> None:
                           "location you can write to.")
 
 
+def _not_empty(path: str, flag: str, what: str) -> str:
+    if not path.strip():
+        raise OutputError(f"{flag} is empty; give a {what}.")
+    return path
+
+
 def check_folder(folder: str, *, will_write: Iterable[str] = (), overwrite: bool = False,
                  flag: str = "--out") -> str:
     """Check that ``folder`` is, or can become, a folder to write ``will_write`` (names inside
     it) into, and that none of those exist unless ``overwrite``. Returns ``folder``."""
-    folder = paths.check(folder)
+    folder = _not_empty(paths.check(folder), flag, "folder")
     if paths.exists(folder):
         if not paths.isdir(folder):
             raise OutputError(f"{flag} {folder} is a file, not a folder. Give a folder (it is "
@@ -68,7 +74,7 @@ def check_folder(folder: str, *, will_write: Iterable[str] = (), overwrite: bool
 def check_file(path: str, *, overwrite: bool = False, flag: str = "--out") -> str:
     """Check that the file ``path`` can be written: not a folder, its folder creatable, and not
     already there unless ``overwrite``. Returns ``path``."""
-    path = paths.check(path)
+    path = _not_empty(paths.check(path), flag, "file name")
     if paths.isdir(path):
         raise OutputError(f"{flag} {path} is a folder; give a file name.")
     if paths.exists(path):

@@ -64,12 +64,13 @@ import numpy as np
 from PIL import Image
 
 from unclip_jax.io import pipeline_folder
-from unclip_jax.clip.tokenizer import Tokenizer
+from unclip_jax.clip.tokenizer import LONG_TEXT, CaptionError, Tokenizer, get_tokenizer
 from unclip_jax.models.diffusion_prior import TextConditioning
 from unclip_jax.pipeline import sources, stages
 from unclip_jax.pipeline.runtime import Runtime
-from unclip_jax.pipeline.settings import (DEFAULT_SETTINGS, PRIORS, PipelineError, check_stage,
-                                          merge_settings, stage_spec)
+from unclip_jax.pipeline.settings import (DEFAULT_SETTINGS, PRIORS, PipelineError, check_int,
+                                          check_seed, check_stage, merge_settings, seed_key,
+                                          stage_spec)
 from unclip_jax.pipeline.stages import TextInputs, to_uint8
 
 
@@ -190,22 +191,19 @@ class UnCLIPPipeline:
 
     # -- text ------------------------------------------------------------------------------------
 
+    def tokenize(self, prompts: str | Sequence[str], *, truncate: bool = False):
+        """The checked token rows of ``prompts`` (see :func:`check_prompts`)."""
+        return check_prompts(self.tokenizer, prompts, truncate=truncate)
+
     def encode_ids(self, ids):
         """(z_t float32 [P, D], hidden float32 [P, L, W]) of token ids [P, L]."""
         return stages.encode_ids(self.runtime, self.clip, ids)
 
-    def encode_text(self, prompts: str | Sequence[str]) -> TextInputs:
+    def encode_text(self, prompts: str | Sequence[str], *, truncate: bool = False) -> TextInputs:
         """Tokenize and encode captions with CLIP's text tower (no attention mask, as diffusers
-        runs it: the Transformer is causal, so padding never reaches real tokens)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise PipelineError("No prompt given: pass at least one caption.")
-        empty = [i for i, p in enumerate(prompts) if not p or not p.strip()]
-        if empty:
-            raise PipelineError(f"Prompt(s) {empty} are empty; give each image a caption.")
-        tok = self.tokenizer(prompts, truncate=True)
+        runs it: the Transformer is causal, so padding never reaches real tokens). A caption
+        longer than the context is refused unless ``truncate`` (keep its first tokens)."""
+        tok = self.tokenize(prompts, truncate=truncate)
         z_t, hidden = self.encode_ids(tok.ids)
         if self._uncond is None:
             u = self.tokenizer([""], allow_empty=True)
@@ -317,7 +315,7 @@ class UnCLIPPipeline:
                  prior_settings: dict | None = None, decoder_settings: dict | None = None,
                  super_res_settings: dict | None = None, return_float: bool = False,
                  progress: Callable[[str, int], None] | None = None,
-                 batch_size: int | None = None, key=None):
+                 batch_size: int | None = None, key=None, truncate: bool = False):
         """Images for each prompt: uint8 [P * num_images, H, W, 3], prompt-major.
 
         ``upsample``: how many upsampling stages to run (default: all whose models are present).
@@ -326,25 +324,27 @@ class UnCLIPPipeline:
         total = the number of such calls), e.g. to drive a progress bar. ``batch_size``: at most
         this many images per compiled call (the last batch is padded, so one compile serves
         all); each batch takes its rows of the whole batch's noise, so the images are those of
-        the unbatched call. ``key`` (a jax.random key) replaces ``seed``."""
-        if num_images < 1:
-            raise PipelineError(f"num_images must be at least 1, got {num_images}.")
-        if batch_size is not None and int(batch_size) < 1:
-            raise PipelineError(f"batch_size must be at least 1, got {batch_size}.")
-        text = self.encode_text(prompts)
-        key = jax.random.key(int(seed)) if key is None else key
+        the unbatched call; without it, more than AUTO_BATCH_SIZE images run in batches of
+        that many. ``key`` (a jax.random key) replaces ``seed`` (an int in [0, 2**64)).
+        ``truncate``: cut prompts longer than the text context instead of refusing them.
+        Every argument is checked (a PipelineError says what to change) before any work,
+        including whether the images fit in memory."""
+        info = PipelineInfo.of(self)
+        req = info.check_request(prompts, num_images=num_images, seed=None if key is not None
+                                 else seed, prior=prior, upsample=upsample,
+                                 batch_size=batch_size, prior_settings=prior_settings,
+                                 decoder_settings=decoder_settings,
+                                 super_res_settings=super_res_settings, truncate=truncate,
+                                 tokenizer=self.tokenizer)
+        text = self.encode_text(prompts, truncate=truncate)
+        key = seed_key(seed) if key is None else key
         k_prior, k_dec, k_sr = jax.random.split(key, 3)
         ps = dict(prior_settings or {})
         ds, ss = dict(decoder_settings or {}), dict(super_res_settings or {})
-        available = [i for i, st in enumerate(self.settings["super_res"])
-                     if any(m in self.super_res_models for m in st["models"])]
-        n_up = len(available) if upsample is None else int(upsample)
-        if n_up > len(available):
-            raise PipelineError(f"upsample={n_up} but this pipeline has {len(available)} "
-                                "upsampling stage(s) with their models.")
+        available, n_up = info.upsample_stages, req.upsample
         sr_keys = list(zip(available[:n_up], jax.random.split(k_sr, max(n_up, 1))))
         n = text.tokens.shape[0] * num_images
-        bs = n if batch_size is None else min(int(batch_size), n)
+        bs = req.batch_size
         batches = -(-n // bs)
         calls = (batches if prior == "diffusion" else 1) + (1 + n_up) * batches
 
@@ -422,7 +422,7 @@ class UnCLIPPipeline:
                  seed: int | None = None, output_type: str = "pil", return_dict: bool = True,
                  prior: str = "diffusion", upsample: int | None = None,
                  batch_size: int | None = None,
-                 progress: Callable[[str, int], None] | None = None):
+                 progress: Callable[[str, int], None] | None = None, truncate: bool = False):
         """diffusers-style: ``pipe("a red circle", num_images_per_prompt=4).images`` -> a list
         of PIL images (prompt-major), the images :meth:`generate` makes for the same seed.
 
@@ -432,14 +432,15 @@ class UnCLIPPipeline:
         call gives the same images). ``output_type``: 'pil', or 'np' (float32 [N, H, W, 3] in
         [0, 1], as diffusers). ``return_dict=False`` returns ``(images,)``. Beyond diffusers:
         ``prior`` ('diffusion', 'ar', 'none'), ``upsample`` (how many upsampling stages),
-        ``batch_size`` (images per compiled call), ``progress`` (as for generate)."""
+        ``batch_size`` (images per compiled call), ``progress`` (as for generate), ``truncate``
+        (cut prompts longer than the text context instead of refusing them)."""
         if output_type not in OUTPUT_TYPES:
             raise PipelineError(f"output_type must be one of {OUTPUT_TYPES}, got "
                                 f"{output_type!r}.")
         if generator is not None and seed is not None:
             raise PipelineError("Pass either generator or seed, not both.")
-        key = _key_of(generator) if generator is not None else jax.random.key(
-            0 if seed is None else int(seed))
+        key = _key_of(generator) if generator is not None else seed_key(
+            0 if seed is None else seed)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
         if prior != "diffusion" and prior_num_inference_steps is not None:
             raise PipelineError(f"prior_num_inference_steps applies to the diffusion prior; "
@@ -451,12 +452,205 @@ class UnCLIPPipeline:
             decoder_settings=pick(steps=decoder_num_inference_steps,
                                   guidance_scale=decoder_guidance_scale),
             super_res_settings=pick(steps=super_res_num_inference_steps),
-            return_float=True, progress=progress, batch_size=batch_size)
+            return_float=True, progress=progress, batch_size=batch_size, truncate=truncate)
         if output_type == "np":
             images = np.clip(x * 0.5 + 0.5, 0.0, 1.0).astype(np.float32)
         else:
             images = [Image.fromarray(im) for im in to_uint8(x)]
         return UnCLIPPipelineOutput(images) if return_dict else (images,)
+
+
+AUTO_BATCH_SIZE = 16
+"""generate without batch_size runs more images than this in batches of this many."""
+
+
+def check_prompts(tokenizer, prompts, *, truncate: bool = False, what: str = "prompt",
+                  hint: str = "truncate=True"):
+    """``tokenizer(prompts)`` after checking them: one caption or a non-empty list of
+    non-blank strings of valid Unicode, none longer than the context unless ``truncate``.
+    ``what`` names them in errors (e.g. '--prompt'), ``hint`` the way to allow truncation."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence):
+        raise PipelineError(f"Pass the {what}s as a string or a list of strings, got "
+                            f"{type(prompts).__name__}.")
+    prompts = list(prompts)
+    if not prompts:
+        raise PipelineError(f"No {what} given: pass at least one caption.")
+    room = tokenizer.context_length - 2
+    for i, p in enumerate(prompts):
+        name = what if len(prompts) == 1 else f"{what} number {i + 1}"
+        if not isinstance(p, str):
+            raise PipelineError(f"{name} is a {type(p).__name__}, not a string.")
+        if not p.strip():
+            raise PipelineError(f"{name} is empty; give it a caption.")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PipelineError(f"{name} is not valid text (it holds bytes that "
+                                "are not UTF-8); pass UTF-8 text.") from None
+        long = len(p) > LONG_TEXT   # tokenized only as far as needed to tell it does not fit
+        n = len(tokenizer.encode(p, limit=room + 1 if long else None))
+        if not n:
+            raise PipelineError(f"{name} ({_shorten(p)!r}) is empty once cleaned "
+                                "(only spaces or control characters); give it a caption.")
+        if n > room and not truncate:
+            count = f"more than {room}" if long else str(n)
+            raise CaptionError(f"{name} is {count} tokens long, but the context "
+                               f"holds {room} (plus start and end): {_shorten(p)!r}. Shorten "
+                               f"it, or pass {hint} to keep only the first tokens.")
+    return tokenizer(prompts, truncate=truncate)
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (None when unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GB"
+
+
+@dataclasses.dataclass
+class Request:
+    """A checked generate request: ``upsample`` stages, ``batch_size`` images per call,
+    ``count`` images of ``size`` x ``size``, about ``memory`` bytes of host memory."""
+    upsample: int
+    batch_size: int
+    count: int
+    size: int
+    memory: int
+
+
+@dataclasses.dataclass
+class PipelineInfo:
+    """What generate checks a request against, from a loaded pipeline (:meth:`of`) or from a
+    folder's manifest without loading its weights (:meth:`from_folder`, so that a command
+    refuses bad flags before the slow load)."""
+    context_length: int
+    settings: dict
+    upsample_stages: list
+    has_prior: bool
+    has_ar_prior: bool
+    decoder_size: int
+
+    @classmethod
+    def of(cls, pipe: "UnCLIPPipeline") -> "PipelineInfo":
+        sr = pipe.settings["super_res"]
+        return cls(pipe.tokenizer.context_length, pipe.settings,
+                   [i for i, st in enumerate(sr)
+                    if any(m in pipe.super_res_models for m in st["models"])],
+                   pipe.prior is not None, pipe.ar_prior is not None,
+                   int(pipe.decoder.config.image_size))
+
+    @classmethod
+    def from_folder(cls, path: str) -> "PipelineInfo | None":
+        """The info of pipeline folder ``path`` from its manifest; None when the manifest does
+        not say (loading the folder then reports what is wrong). Bad sampling settings in it
+        raise their PipelineError."""
+        try:
+            manifest = pipeline_folder.read_manifest(path)
+            comps = manifest["components"]
+            text = comps.get("clip") or comps.get("text_encoder")
+            ctx = (manifest.get("tokenizer") or {}).get("context_length") or \
+                text["config"]["context_length"]
+            ctx = check_int("the manifest's tokenizer context_length", ctx, lo=3, hi=100_000)
+            settings = merge_settings(DEFAULT_SETTINGS, manifest.get("sampling") or {})
+            sr = [n for n, e in comps.items() if e["class"] == "SuperRes"]
+            kinds = {n: comps[n]["class"] for n in ("prior", "ar_prior") if n in comps}
+            return cls(ctx, settings,
+                       [i for i, st in enumerate(settings["super_res"])
+                        if any(m in sr for m in st["models"])],
+                       any(k != "ARPrior" for k in kinds.values()),
+                       any(k == "ARPrior" for k in kinds.values()),
+                       int(comps["decoder"]["config"]["image_size"]))
+        except PipelineError:
+            raise
+        except Exception:  # noqa: BLE001 - from_pretrained says what is wrong
+            return None
+
+    def size_after(self, upsample: int) -> int:
+        """The side of the images after ``upsample`` upsampling stages."""
+        if not upsample:
+            return self.decoder_size
+        return int(self.settings["super_res"][self.upsample_stages[upsample - 1]]["size"])
+
+    def check_request(self, prompts, *, num_images=1, seed=0, prior="diffusion", upsample=None,
+                      batch_size=None, prior_settings=None, decoder_settings=None,
+                      super_res_settings=None, truncate=False, tokenizer=None,
+                      names: dict | None = None) -> Request:
+        """Check a generate request (see UnCLIPPipeline.generate) before any work; a
+        PipelineError (or CaptionError) says what to change. ``names`` maps argument names to
+        how the caller spells them in errors (e.g. {'upsample': '--upsample'})."""
+        names = names or {}
+        name = lambda k: names.get(k, k)  # noqa: E731
+        if tokenizer is None:
+            tokenizer = get_tokenizer(self.context_length)
+        tokens = check_prompts(tokenizer, prompts, truncate=truncate, what=name("prompt"),
+                               hint=name("truncate") + ("=True" if "truncate" not in names
+                                                        else ""))
+        num_images = check_int(name("num_images"), num_images, lo=1)
+        if seed is not None:
+            check_seed(seed, name("seed"))
+        if prior not in PRIORS:
+            raise PipelineError(f"{name('prior')} must be one of {PRIORS}, got {prior!r}.")
+        if prior == "diffusion" and not self.has_prior:
+            raise PipelineError("This pipeline has no diffusion prior; use prior 'ar' or 'none'.")
+        if prior == "ar" and not self.has_ar_prior:
+            raise PipelineError("This pipeline has no autoregressive prior; use prior "
+                                "'diffusion' or 'none'.")
+        n_avail = len(self.upsample_stages)
+        if upsample is None:
+            n_up = n_avail
+        else:
+            n_up = check_int(name("upsample"), upsample, lo=0)
+            if n_up > n_avail:
+                raise PipelineError(f"{name('upsample')} {n_up}, but this pipeline has {n_avail} "
+                                    f"upsampling stage(s) with their models; give 0 to "
+                                    f"{n_avail}.")
+        for what, over in (("prior_settings", prior_settings),
+                           ("decoder_settings", decoder_settings),
+                           ("super_res_settings", super_res_settings)):
+            if over is not None and not isinstance(over, dict):
+                raise PipelineError(f"{what} must be a dict such as {{'steps': 10}}, got "
+                                    f"{type(over).__name__}.")
+        pick = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
+        if prior == "diffusion":
+            check_stage("prior", {**self.settings["prior"], **pick(prior_settings)})
+        elif prior == "ar":
+            check_stage("ar_prior", {**self.settings["ar_prior"], **pick(prior_settings)})
+        elif pick(prior_settings):
+            raise PipelineError(f"prior 'none' has no settings, got {pick(prior_settings)}.")
+        check_stage("decoder", {**self.settings["decoder"], **pick(decoder_settings)})
+        for i in self.upsample_stages[:n_up]:
+            check_stage("super_res", {**self.settings["super_res"][i],
+                                      **pick(super_res_settings)})
+        n = int(tokens.ids.shape[0]) * num_images
+        if batch_size is None:
+            bs = min(n, AUTO_BATCH_SIZE)
+        else:
+            bs = min(check_int(name("batch_size"), batch_size, lo=1), n)
+        size = self.size_after(n_up)
+        # The images as float32 (twice while joined) and uint8, and the largest stage's draws.
+        memory = n * size * size * 3 * (4 + 4 + 1 + 4)
+        free = available_memory()
+        if free is not None and memory > free:
+            raise PipelineError(
+                f"{n} images of {size}x{size} need about {_gb(memory)} of memory, but "
+                f"{_gb(free)} is available; ask for fewer images at once (run again with "
+                f"another {name('seed')} for more).")
+        return Request(n_up, bs, n, size, memory)
 
 
 @dataclasses.dataclass
@@ -470,9 +664,9 @@ def _key_of(generator):
     """A jax.random key from an int seed, a key (typed, or raw uint32 [2]) or a seeded
     torch.Generator (anything with ``initial_seed()``)."""
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        return jax.random.key(int(generator))
+        return seed_key(int(generator))
     if hasattr(generator, "initial_seed"):
-        return jax.random.key(int(generator.initial_seed()))
+        return seed_key(check_seed(int(generator.initial_seed()), "generator's seed"))
     if isinstance(generator, (jax.Array, np.ndarray)):
         if jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) and generator.shape == ():
             return generator
@@ -483,4 +677,5 @@ def _key_of(generator):
                         "per image is not supported: pass one).")
 
 
-__all__ = ["UnCLIPPipeline", "UnCLIPPipelineOutput"]
+__all__ = ["AUTO_BATCH_SIZE", "PipelineInfo", "UnCLIPPipeline", "UnCLIPPipelineOutput",
+           "check_prompts"]

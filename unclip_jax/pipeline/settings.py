@@ -9,7 +9,12 @@ the others are the stage's own (guidance_scale, best_of, models, size, ...).
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from typing import Any
+
+import jax
+import numpy as np
 
 from unclip_jax.diffusion import SAMPLERS, SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
@@ -68,12 +73,83 @@ class PipelineError(UserError, ValueError):
     """A pipeline call that cannot run as asked; the message says what to change."""
 
 
+class SettingValueError(PipelineError):
+    """A number (a count, a scale, a seed) out of its range, not finite, or not a number."""
+
+
+SEED_LIMIT = 2 ** 64
+"""Seeds are integers in [0, SEED_LIMIT): each gives its own random numbers (see seed_key)."""
+MAX_GUIDANCE = 1000.0
+MAX_ETA = 10.0
+
+
+def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None,
+              error: type = None) -> int:
+    """``value`` as an int (an integral float such as 25.0 from JSON is accepted) within
+    [lo, hi]; else a SettingValueError (or ``error``) naming ``name``."""
+    err = error or SettingValueError
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise err(f"{name} must be an integer, got {value!r}.")
+    if not isinstance(value, numbers.Integral):
+        if not math.isfinite(float(value)) or float(value) != int(value):
+            raise err(f"{name} must be an integer, got {value!r}.")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        where = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else
+                 f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise err(f"{name} must be {where}, got {value}.")
+    return value
+
+
+def check_float(name: str, value, *, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, error: type = None) -> float:
+    """``value`` as a finite float within [lo, hi] ((lo, hi] with ``lo_open``); else a
+    SettingValueError (or ``error``) naming ``name``."""
+    err = error or SettingValueError
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise err(f"{name} must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise err(f"{name} must be a finite number, got {value}.")
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (
+            hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        where = (f"in {left}{lo:g}, {hi:g}]" if lo is not None and hi is not None else
+                 (f"greater than {lo:g}" if lo_open else f"at least {lo:g}") if lo is not None
+                 else f"at most {hi:g}")
+        raise err(f"{name} must be {where}, got {value:g}.")
+    return value
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed as an int in [0, 2**64); else a SettingValueError saying the range."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise SettingValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}.")
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise SettingValueError(f"{name} must be in [0, 2**64) (0 to {SEED_LIMIT - 1}), got "
+                                f"{seed}. Pick a seed in that range.")
+    return seed
+
+
+def seed_key(seed):
+    """The jax.random key of ``seed`` in [0, 2**64): all 64 bits count (JAX itself keeps only
+    the low 32 of a Python int without x64), and seeds below 2**32 give jax.random.key(seed)."""
+    seed = check_seed(seed)
+    base = jax.random.key(0)
+    if jax.random.key_data(base).shape != (2,):   # another PRNG implementation than threefry
+        return jax.random.key(seed % 2 ** 31)
+    data = np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(base))
+
+
 def check_stage(stage: str, s: dict) -> dict:
     """``s`` (a stage's full settings) if valid, else a PipelineError saying what to change."""
     unknown = sorted(set(s) - _STAGE_KEYS[stage])
     if unknown:
         raise PipelineError(f"Unknown {stage} setting(s) {unknown}; known: "
                             f"{sorted(_STAGE_KEYS[stage])}.")
+    s = _check_values(stage, dict(s))
     if "sampler" in s:
         if s["sampler"] not in SAMPLERS:
             raise PipelineError(f"{stage} sampler must be one of {SAMPLERS}, got {s['sampler']!r}.")
@@ -104,6 +180,37 @@ def check_stage(stage: str, s: dict) -> dict:
     return s
 
 
+_INTS = {"steps": (1, 100_000), "num_train_steps": (1, 100_000), "best_of": (1, 1000),
+         "size": (1, 16384)}
+_FLOATS = {"guidance_scale": (0.0, MAX_GUIDANCE, False), "eta": (0.0, MAX_ETA, False),
+           "temperature": (0.0, 100.0, True), "top_p": (0.0, 1.0, True),
+           "dot_percentile": (0.0, 100.0, False)}
+_STRINGS = ("sampler", "variance", "prediction_type", "schedule")
+
+
+def _check_values(stage: str, s: dict) -> dict:
+    """Every value of ``s`` of the right type and range (ints int, floats finite), normalised."""
+    for key, value in s.items():
+        name = f"{stage} {key}"
+        if key in _INTS:
+            s[key] = check_int(name, value, lo=_INTS[key][0], hi=_INTS[key][1])
+        elif key in _FLOATS:
+            lo, hi, lo_open = _FLOATS[key]
+            s[key] = check_float(name, value, lo=lo, hi=hi, lo_open=lo_open)
+        elif key == "clip_range" and value is not None:
+            s[key] = check_float(name, value, lo=0.0, hi=1e6, lo_open=True)
+        elif key == "start_t" and value is not None:
+            s[key] = check_int(name, value, lo=0)
+        elif key in _STRINGS and value is not None and not isinstance(value, str):
+            raise SettingValueError(f"{name} must be a name (a string), got {value!r}.")
+        elif key == "float32_cumprod" and not isinstance(value, bool):
+            raise SettingValueError(f"{name} must be true or false, got {value!r}.")
+        elif key == "models" and (not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(m, str) for m in value)):
+            raise SettingValueError(f"{name} must be a list of component names, got {value!r}.")
+    return s
+
+
 def stage_spec(stage: str, s: dict, **fixed) -> SamplerSpec:
     """The SamplerSpec of a stage's settings (``fixed``: what the model decides, e.g.
     prediction_type='sample' for the prior, learned_variance for 'ddpm')."""
@@ -121,13 +228,19 @@ def freeze(s: dict) -> tuple:
 def merge_settings(base: dict, over: dict) -> dict:
     """``base`` with the stages of ``over`` (a manifest's "sampling" section) merged in, checked."""
     out = copy.deepcopy(base)
+    if over is not None and not isinstance(over, dict):
+        raise PipelineError(f"The sampling settings must be a dict of stages, got "
+                            f"{type(over).__name__}.")
     for stage, value in (over or {}).items():
         if stage not in STAGES:
             raise PipelineError(f"Unknown sampling stage {stage!r}; known: {STAGES}.")
         if stage == "super_res":
-            if not isinstance(value, list):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise PipelineError("sampling.super_res must be a list of stage settings.")
             out[stage] = [check_stage(stage, {**DEFAULT_SETTINGS[stage][0], **v}) for v in value]
         else:
+            if not isinstance(value, dict):
+                raise PipelineError(f"sampling.{stage} must be a dict of settings, got "
+                                    f"{type(value).__name__}.")
             out[stage] = check_stage(stage, {**out[stage], **value})
     return out
