@@ -24,3 +24,11 @@ def test_tfrecord_command_converts_and_refuses_to_overwrite(capsys, tmp_path):
                                   "--overwrite"])
     assert rc == 0, err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_tfrecord_command_refuses_files_that_are_not_tar_shards(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a tar")
+    out = tmp_path / "tfr"
+    assert_refused(capsys, ["tfrecord", tmp_path / "notes.txt", "--out", out],
+                   says=("no usable record", "nothing was written"), keep=[tmp_path])
+    assert not out.exists() or not os.listdir(out)

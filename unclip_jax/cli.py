@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Sequence
 
+from absl import logging as absl_logging
+
 from unclip_jax import __version__
 from unclip_jax import config as config_lib
 from unclip_jax.commands import COMMANDS, enable_compilation_cache, one_line, user_errors
@@ -65,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Keep TensorFlow's C++ start-up lines (absl, oneDNN, CPU features) off stderr, which is for
-    our one line; a variable the user set is left alone. TensorFlow only reads images here, so
-    its oneDNN kernels (matmuls, convolutions) do not matter."""
+    """Keep TensorFlow's C++ start-up lines (absl, oneDNN, CPU features) and absl's Python
+    warnings (TFDS, Orbax) off stderr, which is for our one line; a variable the user set is
+    left alone. TensorFlow only reads images here, so its oneDNN kernels (matmuls,
+    convolutions) do not matter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    absl_logging.set_verbosity(absl_logging.ERROR)   # tfds' and orbax's warnings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

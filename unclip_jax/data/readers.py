@@ -616,8 +616,10 @@ def tar_to_tfrecord(patterns, out_dir: str, *, overwrite: bool = False,
 
     Records become ``tf.train.Example`` with bytes features 'image', 'caption' and 'key' (the
     input config's defaults). Damaged records are not written; they are counted by reason in
-    the returned ``{"files": [...], "written": n, "skipped": {reason: n}}``. Existing outputs
-    are refused unless ``overwrite`` (then only those files are replaced, each atomically).
+    the returned ``{"files": [...], "written": n, "skipped": {reason: n}}``; a shard with no
+    usable record gets no output file (counted as ``empty_shard``), and when no shard has one,
+    ReaderError. Existing outputs are refused unless ``overwrite`` (then only those files are
+    replaced, each atomically).
     """
     files = resolve_files(patterns, "tar shards")
     names = [_tfrecord_name(f) for f in files]
@@ -626,10 +628,11 @@ def tar_to_tfrecord(patterns, out_dir: str, *, overwrite: bool = False,
                           "them into separate folders.")
     outputs.check_folder(out_dir, will_write=names, overwrite=overwrite, flag="out_dir")
     paths.makedirs(out_dir)
-    written, skipped = 0, {}
+    written, skipped, done = 0, {}, []
     for src, name in zip(files, names):
         final = paths.join(out_dir, name)
         tmp = paths.join(out_dir, f".{name}.partial")
+        kept = 0
         try:
             with tf.io.TFRecordWriter(tmp) as w:
                 for rec in iter_tar_records(src, max_image_bytes, max_caption_bytes):
@@ -641,13 +644,22 @@ def tar_to_tfrecord(patterns, out_dir: str, *, overwrite: bool = False,
                         k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[rec[f]]))
                         for k, f in (("image", "image_bytes"), ("caption", "caption"),
                                      ("key", "key"))})).SerializeToString())
-                    written += 1
-            paths.replace(tmp, final)
+                    kept += 1
+            if kept:   # a shard with no usable record gets no (empty) output file
+                paths.replace(tmp, final)
+                done.append(final)
+            else:
+                skipped["empty_shard"] = skipped.get("empty_shard", 0) + 1
+            written += kept
         finally:
             if paths.exists(tmp):
                 paths.remove(tmp)
-    return {"files": [paths.join(out_dir, n) for n in names], "written": written,
-            "skipped": skipped}
+    if not written:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+        raise ReaderError(f"No usable record in {len(files)} tar shard(s) (skipped: {counts}); "
+                          "nothing was written. Check that they are webdataset tar shards of "
+                          "image + caption pairs.")
+    return {"files": done, "written": written, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------- image folders
