@@ -119,5 +119,6 @@ def test_tfds_builder_configs_and_cli_build(tmp_path, capsys):
         np.testing.assert_allclose(r["objects"]["cx"], [o.cx for o in scene.objects], rtol=1e-6)
     assert ds.cardinality() == 6
 
-    rc = cli.main(["shapes", "--data-dir", str(tmp_path), "--num-train", "-1"])
-    assert rc == 2 and "must be non-negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # refused by the parser, before any work
+        cli.main(["shapes", "--data-dir", str(tmp_path), "--num-train", "-1"])
+    assert e.value.code == 2 and "--num-train" in capsys.readouterr().err

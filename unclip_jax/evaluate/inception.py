@@ -357,6 +357,9 @@ class _ArrayTensors:
     def shape(self, name: str) -> tuple:
         return tuple(self.arrays[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self.arrays[name].dtype
+
     def read(self, name: str) -> np.ndarray:
         return self.arrays[name]
 

@@ -198,14 +198,16 @@ def _is_number(v) -> bool:
 
 
 def _field_problem(hint, value) -> str | None:
-    """Why ``value`` cannot fill a config field annotated ``hint`` (None when it can)."""
+    """Why ``value`` cannot fill a config field annotated ``hint`` (None when it can). A union
+    (``int | tuple``: one value or one per level) takes what any of its members takes."""
     if hint is Any:   # dtype, param_dtype
         return None if value in _DTYPE_NAMES else f"expected one of {', '.join(_DTYPE_NAMES)}"
     args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
+    if args and typing.get_origin(hint) is not tuple:
+        if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        problems = [_field_problem(a, value) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else " or ".join(problems)
     if hint is bool:
         return None if type(value) is bool else "expected true or false"
     if hint is int:
@@ -218,12 +220,26 @@ def _field_problem(hint, value) -> str | None:
         return None if math.isfinite(value) else "expected a finite number"
     if hint is str:
         return None if isinstance(value, str) and len(value) < 100 else "expected a short string"
-    if hint is tuple:
-        if not (isinstance(value, list) and len(value) <= 16
-                and all(_is_int(v) and 0 <= v <= 1024 for v in value)):
-            return "expected a list of at most 16 small non-negative integers"
-        return None
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return None if _small_list(value) else ("expected a list of at most 64 entries (whole "
+                                                "numbers, finite numbers, true/false or null)")
     return None
+
+
+def _small_list(value, depth: int = 0) -> bool:
+    """A JSON list a tuple field can hold: at most 64 entries of non-negative integers up to
+    2**31 - 1, finite numbers, booleans, nulls, short strings or such lists (two deep)."""
+    if not isinstance(value, list) or len(value) > 64 or depth > 2:
+        return False
+    for v in value:
+        if isinstance(v, list):
+            if not _small_list(v, depth + 1):
+                return False
+        elif not (v is None or type(v) is bool or (_is_int(v) and 0 <= v <= _MAX_INT)
+                  or (type(v) is float and math.isfinite(v))
+                  or (isinstance(v, str) and len(v) < 100)):
+            return False
+    return True
 
 
 def _tuplify(v):

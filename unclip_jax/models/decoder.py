@@ -59,7 +59,7 @@ class DecoderConfig:
     out_channels: int = 6
     channels: int = 64
     channel_mult: tuple = (1, 2, 3, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple = 2  # or one per level
     attention_levels: tuple = (1, 2, 3)
     up_attention_levels: tuple | None = None  # the up path's (None: attention_levels)
     time_proj: str = "positional"    # or 'fourier' (unet_blocks.FourierFeatures)
@@ -67,17 +67,17 @@ class DecoderConfig:
     up_self_attn_levels: tuple | None = None
     self_attn_eps: float | None = None
     mid_attention: bool = True
-    head_dim: int = 64
+    head_dim: int | tuple = 64      # or one per level
     groups: int = 32
     norm_eps: float = 1e-5
     dropout: float = 0.0
     time_embed_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
-    resblock_updown: bool = True
+    resblock_updown: bool | tuple = True  # or one per level
     scale_shift: bool = True         # timestep scale-shift norm (ADM, Karlo); False: additive
     act: str = "silu"                # UNet activation (unet_blocks.ACTIVATIONS), everywhere
-    res_time_act: bool = True        # False: diffusers' resnet_skip_time_act
+    res_time_act: bool | tuple = True  # False: diffusers' resnet_skip_time_act (or per level)
     center_input: bool = False       # x_t -> 2 x_t - 1 first (diffusers' center_input_sample)
     # UNet variants (see unet_blocks.UNetConfig; the defaults are the ADM / Karlo layout).
     block_widths: tuple | None = None

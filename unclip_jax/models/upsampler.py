@@ -42,7 +42,7 @@ class SuperResConfig:
     groups: int = 32
     norm_eps: float = 1e-5
     scale_shift: bool = True
-    resblock_updown: bool = True
+    resblock_updown: bool | tuple = True  # or one per level
     dropout: float = 0.0
     time_embed_dim: int | None = None
     flip_sin_to_cos: bool = True
