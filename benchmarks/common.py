@@ -172,6 +172,23 @@ def time_calls(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> list
     return times
 
 
+def same_work(what: str, ours: Any, theirs: Any, theirs_layout: str = "NCHW") -> tuple:
+    """The shape both sides produced, after checking it is the same (ours NHWC, torch's NCHW
+    images transposed): a benchmark whose two sides do unequal work stops here, loudly.
+    ``ours`` may be a pytree: its largest array is compared."""
+    import jax
+    import numpy as np
+    leaves = [x for x in jax.tree_util.tree_leaves(ours) if hasattr(x, "shape")]
+    o = tuple(max(leaves, key=lambda x: int(np.prod(x.shape))).shape)
+    t = tuple(theirs.shape)
+    if len(t) == 4 and theirs_layout == "NCHW":
+        t = (t[0], t[2], t[3], t[1])
+    if o != t:
+        raise SystemExit(f"{what}: ours returns shape {o}, diffusers {t} (as NHWC): the two sides "
+                         "do not do the same work, so no time of this row would mean anything.")
+    return o
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

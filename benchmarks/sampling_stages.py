@@ -350,7 +350,7 @@ def _sync(device):
 # --------------------------------------------------------------------------------------------
 
 HEADERS = ["stage", "params", "steps", "guidance", "batch", "net calls ours/diffusers",
-           "rows evaluated ours/diffusers", "ours s/image", "diffusers s/image",
+           "rows evaluated ours/diffusers", "output (both)", "ours s/image", "diffusers s/image",
            "diffusers/ours time", "ours s/image at Karlo's steps", "ours compile s"]
 
 
@@ -359,14 +359,15 @@ def compare(stage, n_params, steps, batch, ours, theirs, repeats, warmup=1) -> l
     run_theirs, counter = theirs
     t_ours = common.time_calls(run_ours, warmup=warmup, repeats=repeats)
     counter.reset()
-    run_theirs()  # one untimed run, counted (and a warm-up)
+    out_t = run_theirs()  # one untimed run, counted (and a warm-up)
     calls_t, rows_t = counter.calls, counter.rows
+    shape = common.same_work(stage, run_ours(), out_t)
     t_theirs = common.time_calls(run_theirs, warmup=max(0, warmup - 1), repeats=repeats)
     m_o, m_t = common.median(t_ours) / batch, common.median(t_theirs) / batch
     projected = m_o * KARLO_STEPS[stage] / steps
     return [stage, f"{n_params / 1e6:.1f}M", steps, GUIDANCE[stage], batch,
-            f"{calls_o}/{calls_t}", f"{rows_o}/{rows_t}", m_o, m_t, m_t / m_o, projected,
-            compile_s]
+            f"{calls_o}/{calls_t}", f"{rows_o}/{rows_t}", "x".join(map(str, shape)), m_o, m_t,
+            m_t / m_o, projected, compile_s]
 
 
 def run_stages(size, batch, steps, stages, repeats, folder, device="cpu", dtype="float32",
@@ -470,15 +471,16 @@ def run_pipeline(size, batch, steps, repeats, folder) -> list:
               decoder_settings=dict(steps=steps["decoder"]),
               super_res_settings=dict(steps=steps["super_res"]), return_float=True)
     start = time.perf_counter()
-    ours.generate(prompts, seed=0, **kw)  # compiles every stage once
+    out_o = ours.generate(prompts, seed=0, **kw)  # compiles every stage once
     first_s = time.perf_counter() - start
     t_ours = common.time_calls(lambda: ours.generate(prompts, seed=1, **kw), 0, repeats)
     counter = HookCounter(pipe.prior, pipe.decoder, pipe.super_res_first, pipe.super_res_last)
     call = lambda: pipe(prompts, prior_num_inference_steps=steps["prior"],  # noqa: E731
                         decoder_num_inference_steps=steps["decoder"],
                         super_res_num_inference_steps=steps["super_res"], output_type="np")
-    call()
+    out_t = call().images
     calls_t, rows_t = counter.calls, counter.rows
+    shape = common.same_work("full pipeline", out_o, out_t, theirs_layout="NHWC")
     t_theirs = common.time_calls(call, 0, repeats)
     n = sum(common.param_count(m) for m in (pipe.prior, pipe.decoder, pipe.text_proj,
                                             pipe.super_res_first, pipe.super_res_last,
@@ -486,7 +488,7 @@ def run_pipeline(size, batch, steps, repeats, folder) -> list:
     m_o, m_t = common.median(t_ours) / batch, common.median(t_theirs) / batch
     return ["full pipeline", f"{n / 1e6:.1f}M",
             f"{steps['prior']}/{steps['decoder']}/{steps['super_res']}", "4/8/-", batch,
-            f"-/{calls_t}", f"-/{rows_t}", m_o, m_t, m_t / m_o, None,
+            f"-/{calls_t}", f"-/{rows_t}", "x".join(map(str, shape)), m_o, m_t, m_t / m_o, None,
             f"{first_s - common.median(t_ours):.1f} (1st call - later)"]
 
 
