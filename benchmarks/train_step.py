@@ -3,6 +3,11 @@ model as diffusers torch modules (torch.optim.AdamW), same weights, same batch, 
 
     .venv/bin/python benchmarks/train_step.py                 # mid size, decoder and prior
     .venv/bin/python benchmarks/train_step.py --only decoder --repeats 10
+    .venv/bin/python benchmarks/train_step.py --only decoder --torch-compile   # + a 3rd column
+
+With ``--torch-compile`` the torch side is measured twice: eager, and with the modules wrapped
+in ``torch.compile`` (inductor; the optimizer step stays eager, as in most training scripts);
+its compile seconds are the first step's time less an eager step.
 
 What each side runs per step:
   decoder  ours: unclip_jax.train.decoder_stage.build_train_step with epsilon MSE
@@ -204,11 +209,20 @@ def torch_prior_step(prior, batch: dict, device="cpu", autocast_dtype=None):
 # --------------------------------------------------------------------------------------------
 
 def compare(name: str, batch_size: int, ours: tuple, theirs, repeats: int, warmup: int,
-            n_params: int, peak_flops: float | None = None) -> dict:
-    """Time both steps; one result row (dict)."""
+            n_params: int, peak_flops: float | None = None, compiled=None) -> dict:
+    """Time both steps (and ``compiled``, torch.compile's step, if given); one result row."""
     step_ours, flops, compile_s = ours
     t_ours = common.time_calls(step_ours, warmup=warmup, repeats=repeats)
     t_theirs = common.time_calls(theirs, warmup=warmup, repeats=repeats)
+    extra = {}
+    if compiled is not None:
+        start = time.perf_counter()
+        compiled()                                     # inductor compiles here
+        first = time.perf_counter() - start
+        t_comp = common.time_calls(compiled, warmup=max(warmup - 1, 0) + 1, repeats=repeats)
+        m_comp = common.median(t_comp)
+        extra = dict(compiled_s=common.spread(t_comp), compiled_speedup=m_comp / common.median(t_ours),
+                     compiled_compile_s=max(first - m_comp, 0.0))
     m_ours, m_theirs = common.median(t_ours), common.median(t_theirs)
     row = dict(stage=name, params=f"{n_params / 1e6:.1f}M", batch=batch_size,
                ours_s=common.spread(t_ours), torch_s=common.spread(t_theirs),
@@ -216,7 +230,7 @@ def compare(name: str, batch_size: int, ours: tuple, theirs, repeats: int, warmu
                speedup=m_theirs / m_ours, gflop_step=None if flops is None else flops / 1e9,
                ours_tflops=None if flops is None else flops / m_ours / 1e12,
                torch_tflops=None if flops is None else flops / m_theirs / 1e12,
-               compile_s=compile_s)
+               compile_s=compile_s, **extra)
     if peak_flops and flops:
         row["ours_mfu"] = flops / m_ours / peak_flops
         row["torch_mfu"] = flops / m_theirs / peak_flops
@@ -228,10 +242,19 @@ HEADERS = ["stage", "params", "batch", "ours s/step med (min-max)",
            "GFLOP/step (XLA)", "ours TFLOP/s", "torch TFLOP/s", "ours compile s"]
 KEYS = ["stage", "params", "batch", "ours_s", "torch_s", "ours_ex_s", "torch_ex_s", "speedup",
         "gflop_step", "ours_tflops", "torch_tflops", "compile_s"]
+COMPILED_HEADERS = ["torch.compile s/step med (min-max)", "torch.compile/ours time",
+                    "torch.compile compile s"]
+COMPILED_KEYS = ["compiled_s", "compiled_speedup", "compiled_compile_s"]
+
+
+def compiled_modules(*modules):
+    """The modules wrapped in torch.compile (inductor, default mode)."""
+    import torch
+    return [torch.compile(m) for m in modules]
 
 
 def run_decoder(size, batch_size, repeats, warmup, folder, device="cpu", dtype="float32",
-                autocast_dtype=None, peak_flops=None, remat=False):
+                autocast_dtype=None, peak_flops=None, remat=False, torch_compile=False):
     # Training compares epsilon MSE: a 3-channel head (see the module docstring).
     unet, proj = common.diffusers_decoder(size, seed=0, out_channels=3)
     spec = common.SIZES[size]["decoder"]
@@ -241,12 +264,17 @@ def run_decoder(size, batch_size, repeats, warmup, folder, device="cpu", dtype="
     mine = ours_decoder_step(ours, batch)
     del ours
     theirs = torch_decoder_step(unet, proj, batch, device, autocast_dtype)
+    compiled = None
+    if torch_compile:   # a copy: the eager modules' weights keep their own optimizer
+        import copy
+        unet_c, proj_c = compiled_modules(copy.deepcopy(unet), copy.deepcopy(proj))
+        compiled = torch_decoder_step(unet_c, proj_c, batch, device, autocast_dtype)
     return compare(f"decoder {spec['sample_size']}x{spec['sample_size']}", batch_size, mine,
-                   theirs, repeats, warmup, n, peak_flops)
+                   theirs, repeats, warmup, n, peak_flops, compiled)
 
 
 def run_prior(size, batch_size, repeats, warmup, folder, device="cpu", dtype="float32",
-              autocast_dtype=None, peak_flops=None, remat=False):
+              autocast_dtype=None, peak_flops=None, remat=False, torch_compile=False):
     prior = common.diffusers_prior(size, seed=2)
     ours = common.ours_prior(prior, folder, dtype=dtype, remat=remat)
     n = common.param_count(prior) - 2 * common.CLIP_DIM  # clip_mean / clip_std are not trained
@@ -254,9 +282,14 @@ def run_prior(size, batch_size, repeats, warmup, folder, device="cpu", dtype="fl
     mine = ours_prior_step(ours, batch)
     del ours
     theirs = torch_prior_step(prior, batch, device, autocast_dtype)
+    compiled = None
+    if torch_compile:
+        import copy
+        compiled = torch_prior_step(compiled_modules(copy.deepcopy(prior))[0], batch, device,
+                                    autocast_dtype)
     c = prior.config
     return compare(f"prior {c.num_attention_heads * c.attention_head_dim}w x {c.num_layers}L",
-                   batch_size, mine, theirs, repeats, warmup, n, peak_flops)
+                   batch_size, mine, theirs, repeats, warmup, n, peak_flops, compiled)
 
 
 def main(argv=None) -> int:
@@ -268,7 +301,12 @@ def main(argv=None) -> int:
     p.add_argument("--prior-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time torch.compile'd modules (a second torch peer)")
     args = p.parse_args(argv)
+    headers, keys = HEADERS, KEYS
+    if args.torch_compile:
+        headers, keys = HEADERS + COMPILED_HEADERS, KEYS + COMPILED_KEYS
     threads = common.match_torch_threads()
     common.preamble(
         f"train step, {args.size} size: unclip-jax vs diffusers + torch (CPU, float32)",
@@ -280,13 +318,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "decoder"):
             rows.append(run_decoder(args.size, args.decoder_batch, args.repeats, args.warmup,
-                                    os.path.join(tmp, "dec")))
-            print(common.table(HEADERS, [[rows[-1].get(k) for k in KEYS]]), flush=True)
+                                    os.path.join(tmp, "dec"), torch_compile=args.torch_compile))
+            print(common.table(headers, [[rows[-1].get(k) for k in keys]]), flush=True)
         if args.only in (None, "prior"):
             rows.append(run_prior(args.size, args.prior_batch, args.repeats, args.warmup,
-                                  os.path.join(tmp, "prior")))
+                                  os.path.join(tmp, "prior"), torch_compile=args.torch_compile))
     print()
-    print(common.table(HEADERS, [[r.get(k) for k in KEYS] for r in rows]))
+    print(common.table(headers, [[r.get(k) for k in keys] for r in rows]))
     print("\n'torch/ours time' > 1 means ours is faster. TFLOP/s: XLA's FLOP count of our step "
           "over each side's median step time.")
     return 0

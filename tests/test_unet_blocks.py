@@ -9,6 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
+from unclip_jax.models.group_norm import group_norm
 from unclip_jax.models.unet_blocks import (AttentionBlock, GroupNorm, ResBlock, UNet, UNetConfig,
                                            timestep_embedding)
 
@@ -50,6 +51,48 @@ def test_group_norm_matches_torch():
         expected = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected.transpose(0, 2, 3, 1),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 12), (3, 7, 12)])
+def test_group_norm_gradients_match_torch(shape):
+    """The hand-written backward pass (models/group_norm.py) against torch's autograd, for the
+    NHWC and the [B, L, C] layouts, with a mean far from zero (the two-pass variance)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 5
+    dy = rng.standard_normal(shape).astype(np.float32)
+    norm = randomize(GroupNorm(12, 4, 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                               rngs=RNG(0)), 2)
+
+    def loss(x, scale, bias):
+        return jnp.sum(group_norm(x, scale, bias, 4, 1e-5, jnp.float32) * dy)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), norm.scale[...], norm.bias[...])
+    ref = torch.nn.GroupNorm(4, 12, eps=1e-5)
+    to_nc = lambda a: np.moveaxis(a, -1, 1).copy()  # noqa: E731
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(np.asarray(norm.scale[...])))
+        ref.bias.copy_(torch.tensor(np.asarray(norm.bias[...])))
+    xt = torch.from_numpy(to_nc(x)).requires_grad_()
+    (ref(xt) * torch.from_numpy(to_nc(dy))).sum().backward()
+    np.testing.assert_allclose(np.asarray(grads[0]), np.moveaxis(xt.grad.numpy(), 1, -1),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads[1]), ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads[2]), ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_keeps_float32_statistics_for_bfloat16():
+    """bfloat16 in and out, float32 inside: the output and the gradient match the float32
+    computation to bfloat16's precision, and the gradient comes back in the input's dtype."""
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 8)) * 2 + 1
+    norm = GroupNorm(8, 2, 1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=RNG(0))
+    ref = GroupNorm(8, 2, 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs=RNG(0))
+    y = norm(x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref(x)), atol=3e-2)
+    g = jax.grad(lambda v: jnp.sum(norm(v).astype(jnp.float32) ** 2))(x.astype(jnp.bfloat16))
+    g32 = jax.grad(lambda v: jnp.sum(ref(v) ** 2))(x)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g32), atol=5e-2)
 
 
 def test_fresh_res_blocks_are_identity_on_their_skip_path():

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unclip_jax.models.group_norm import group_norm
 from unclip_jax.models.layers import LayerNorm, logical
 
 Array = jax.Array
@@ -96,7 +97,9 @@ def dense(n_in: int, n_out: int, axes: tuple, *, dtype, param_dtype, rngs: nnx.R
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm over NHWC (or [B, L, C]) with float32 statistics; returns ``dtype``."""
+    """GroupNorm over NHWC (or [B, L, C]) with float32 statistics; returns ``dtype``.
+
+    The arithmetic (and its hand-written backward pass) is :func:`group_norm.group_norm`."""
 
     def __init__(self, channels: int, groups: int, eps: float, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -110,14 +113,7 @@ class GroupNorm(nnx.Module):
             rngs.params(), (channels,), param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        shape = x.shape
-        c = shape[-1]
-        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, c // self.groups)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return group_norm(x, self.scale[...], self.bias[...], self.groups, self.eps, self.dtype)
 
 
 class TimeEmbedding(nnx.Module):
