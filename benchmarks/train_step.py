@@ -254,11 +254,14 @@ def compiled_modules(*modules):
 
 
 def run_decoder(size, batch_size, repeats, warmup, folder, device="cpu", dtype="float32",
-                autocast_dtype=None, peak_flops=None, remat=False, torch_compile=False):
+                autocast_dtype=None, peak_flops=None, remat=False, torch_compile=False,
+                **overrides):
+    """One decoder row; ``overrides`` go to our DecoderConfig (e.g. remat_policy,
+    attention_impl)."""
     # Training compares epsilon MSE: a 3-channel head (see the module docstring).
     unet, proj = common.diffusers_decoder(size, seed=0, out_channels=3)
     spec = common.SIZES[size]["decoder"]
-    ours = common.ours_decoder(unet, proj, folder, dtype=dtype, remat=remat)
+    ours = common.ours_decoder(unet, proj, folder, dtype=dtype, remat=remat, **overrides)
     n = common.param_count(unet) + common.param_count(proj)
     batch = decoder_batch(size, batch_size)
     mine = ours_decoder_step(ours, batch)

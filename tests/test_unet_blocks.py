@@ -152,6 +152,8 @@ def test_unet_remat_dropout_and_bfloat16():
     mask = jnp.array([[True, True, False], [True, False, False]])
     graphdef = nnx.split(_tiny_unet(dropout=0.5))[0]
     remat_graphdef = nnx.split(_tiny_unet(dropout=0.5, remat=True))[0]
+    dots_graphdef = nnx.split(_tiny_unet(dropout=0.5, remat=True,
+                                         remat_policy="dots_saveable"))[0]
     half_graphdef = nnx.split(_tiny_unet(dropout=0.5, dtype="bfloat16"))[0]
     # Random weights everywhere (zero-initialised output layers included), drawn on the host.
     state = nnx.split(_tiny_unet(dropout=0.5))[1]
@@ -170,9 +172,16 @@ def test_unet_remat_dropout_and_bfloat16():
     key = jax.random.key(7)
     (l1, out1), g1 = compiled(grad(graphdef), state, key)(state, key)
     (l2, out2), g2 = compiled(grad(remat_graphdef), state, key)(state, key)
+    (l3, out3), g3 = compiled(grad(dots_graphdef), state, key)(state, key)
     np.testing.assert_allclose(out1, out2, rtol=1e-4, atol=1e-5)   # remat: same numbers
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(out1, out3, rtol=1e-4, atol=1e-5)   # whatever the policy
+    for a, b, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), jax.tree.leaves(g3)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="remat_policy"):
+        _tiny_unet(remat=True, remat_policy="everything")
+    with pytest.raises(ValueError, match="attention_impl"):
+        _tiny_unet(attention_impl="flash")
 
     def eval_both(state):
         full = nnx.merge(graphdef, state)(x, t, context=ctx, context_mask=mask)

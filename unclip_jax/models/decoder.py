@@ -123,6 +123,8 @@ class DecoderConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"   # the UNet's blocks with remat: a checkpoint policy
+    attention_impl: str = "xla"              # the UNet's attention: 'xla' | 'cudnn'
     scan_layers: bool = True         # the text Transformer's blocks in one lax.scan
 
     def __post_init__(self):
@@ -155,7 +157,8 @@ class DecoderConfig:
             center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
-            param_dtype=self.param_dtype, remat=self.remat,
+            param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
             **{name: getattr(self, name) for name in UNET_VARIANTS})
 
     def xf_config(self) -> TextConfig:

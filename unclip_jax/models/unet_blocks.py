@@ -30,8 +30,11 @@ one to one.
 
 Dropout is explicit: ``deterministic=False`` plus an ``rng`` key at call time (no hidden RNG
 state), so a jitted train step stays a pure function of its inputs. ``remat=True`` recomputes
-each residual and attention block in the backward pass (``nnx.remat``). Attention goes through
-``jax.nn.dot_product_attention``, which picks a fused kernel where the platform has one.
+each residual and attention block in the backward pass (``nnx.remat``) under ``remat_policy``,
+a ``jax.checkpoint_policies`` name: ``nothing_saveable`` recomputes everything inside a block,
+the ``dots`` policies keep the matrix products' (and convolutions') outputs. Attention goes
+through ``jax.nn.dot_product_attention`` with ``attention_impl``: ``'xla'`` (any platform) or
+``'cudnn'`` (cuDNN's fused kernel on NVIDIA GPUs, bf16 / fp16, head widths up to 128).
 """
 from __future__ import annotations
 
@@ -45,9 +48,11 @@ from flax import nnx
 
 from unclip_jax.models.group_norm import group_norm
 from unclip_jax.models.layers import LayerNorm, logical
+from unclip_jax.models.transformer import REMAT_POLICIES
 
 Array = jax.Array
 # Activations by diffusers' names (get_activation); SiLU is ADM's and Karlo's.
+ATTENTION_IMPLS = ("xla", "cudnn")   # jax.nn.dot_product_attention's implementations
 ACTIVATIONS = dict(silu=jax.nn.silu, mish=jax.nn.mish, relu=jax.nn.relu,
                    gelu=lambda x: jax.nn.gelu(x, approximate=False))
 
@@ -283,8 +288,8 @@ class AttentionBlock(nnx.Module):
     def __init__(self, channels: int, head_dim: int, context_dim: int | None = None, *,
                  groups: int = 32, eps: float = 1e-5, norm: bool = True,
                  cross_only: bool = False, context_norm: str | None = None,
-                 context_groups: int = 32, out_scale: float = 1.0, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 context_groups: int = 32, out_scale: float = 1.0, impl: str = "xla",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if channels % head_dim:
             raise ValueError(f"Attention over {channels} channels cannot use heads of width "
                              f"{head_dim}; make the channel width a multiple of head_dim.")
@@ -293,7 +298,10 @@ class AttentionBlock(nnx.Module):
         if context_norm not in (None, "layer", "group"):
             raise ValueError(f"context_norm must be None, 'layer' or 'group', got "
                              f"{context_norm!r}.")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}.")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.impl = impl
         self.heads, self.head_dim, self.out_scale = channels // head_dim, head_dim, float(out_scale)
         self.group_norm = GroupNorm(channels, groups, eps, **kw) if norm else None
         self.to_q = dense(channels, channels, ("embed", "heads"), **kw)
@@ -341,7 +349,7 @@ class AttentionBlock(nnx.Module):
                 if self.to_k is not None:
                     keep = jnp.concatenate([keep, jnp.ones((b, hgt * wid), bool)], axis=1)
                 mask = keep[:, None, None, :]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
         y = self.to_out(y.reshape(b, hgt * wid, c))
         out = x + y.reshape(b, hgt, wid, c)
         return out if self.out_scale == 1.0 else out / self.out_scale
@@ -447,6 +455,8 @@ class UNetConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"   # a jax.checkpoint_policies name (with remat)
+    attention_impl: str = "xla"              # 'xla' | 'cudnn' (jax.nn.dot_product_attention)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON gives lists
@@ -454,6 +464,12 @@ class UNetConfig:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
         problems = []
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy must be one of {REMAT_POLICIES}, got "
+                            f"{self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                            f"{self.attention_impl!r}")
         for name in ("act", "outer_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 problems.append(f"{name} must be one of {tuple(ACTIVATIONS)}, got "
@@ -595,12 +611,14 @@ class MidBlock(nnx.Module):
         self.attn = attn
 
 
-def _call(module, remat: bool, *args):
-    """module(*args), rematerialised in the backward pass when ``remat``. Only arrays (and None)
-    go through ``args``; Python flags must be bound into ``module`` calls by the caller."""
+def _call(module, remat: bool, policy: str, *args):
+    """module(*args), rematerialised in the backward pass when ``remat`` (``policy``: a
+    ``jax.checkpoint_policies`` name). Only arrays (and None) go through ``args``; Python flags
+    must be bound into ``module`` calls by the caller."""
     if not remat:
         return module(*args)
-    return nnx.remat(lambda m, *a: m(*a))(module, *args)
+    return nnx.remat(lambda m, *a: m(*a),
+                     policy=getattr(jax.checkpoint_policies, policy))(module, *args)
 
 
 class _Bound(nnx.Module):
@@ -647,11 +665,12 @@ class UNet(nnx.Module):
                 return AttentionBlock(width, head_dim, None, groups=groups or c.groups,
                                       eps=c.attn_norm_eps if c.self_attn_eps is None
                                       else c.self_attn_eps, norm=norm,
-                                      out_scale=out_scale, **kw)
+                                      out_scale=out_scale, impl=c.attention_impl, **kw)
             return AttentionBlock(width, head_dim, c.context_dim, groups=groups or c.groups,
                                   eps=c.attn_norm_eps, norm=norm,
                                   cross_only=bool(cross_only), context_norm=c.context_norm,
-                                  context_groups=c.context_norm_groups, out_scale=out_scale, **kw)
+                                  context_groups=c.context_norm_groups, out_scale=out_scale,
+                                  impl=c.attention_impl, **kw)
 
         self.conv_in = conv(c.in_channels, widths[0], c.conv_in_kernel, **kw)
         fourier = c.time_proj == "fourier"
@@ -741,10 +760,10 @@ class UNet(nnx.Module):
             return None if rng is None or deterministic else jax.random.fold_in(rng, next(counter))
 
         def run_res(block, h):
-            return _call(_Bound(block, deterministic), c.remat, h, emb, key())
+            return _call(_Bound(block, deterministic), c.remat, c.remat_policy, h, emb, key())
 
         def run_attn(block, h):
-            return _call(block, c.remat, h, context, context_mask)
+            return _call(block, c.remat, c.remat_policy, h, context, context_mask)
 
         if c.center_input:
             x = 2 * x - 1.0

@@ -68,6 +68,8 @@ class SuperResConfig:
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"   # with remat: a jax.checkpoint_policies name
+    attention_impl: str = "xla"              # 'xla' | 'cudnn'
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON gives lists
@@ -93,7 +95,8 @@ class SuperResConfig:
             center_input=self.center_input,
             resblock_updown=self.resblock_updown, dropout=self.dropout,
             flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift, dtype=self.dtype,
-            param_dtype=self.param_dtype, remat=self.remat)
+            param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl)
 
     @property
     def learned_variance(self) -> bool:
