@@ -99,7 +99,8 @@ def versions() -> dict[str, str]:
 
 def machine_lines() -> list[str]:
     lines = [f"CPU: {cpu_model()}, {cpu_cores()} cores usable ({os.cpu_count()} online), "
-             f"{platform.system()} {platform.release()}"]
+             f"{platform.system()} {platform.release()}",
+             "XLA_FLAGS: " + (os.environ.get("XLA_FLAGS") or "(none)")]
     try:
         load = os.getloadavg()
         lines.append(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
