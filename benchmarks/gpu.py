@@ -67,6 +67,18 @@ class NoGPU(RuntimeError):
     pass
 
 
+def _batches(text: str) -> tuple:
+    """'4,16' -> (4, 16): positive batch sizes (argparse type)."""
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes like 4 or 4,16, got "
+                                         f"{text!r}")
+    return out
+
+
 def parse_variant(spec: str) -> dict:
     """'b32/remat=dots_saveable/attn=cudnn/flags=lhs' -> dict(batch, remat, remat_policy,
     attention_impl, flags); ValueError naming what is wrong."""
@@ -140,7 +152,8 @@ def plan(args) -> list[str]:
     if args.torch_compile and not args.skip_train:
         lines.append("torch.compile'd modules as a second peer in the train rows")
     lines.append("sampling per stage, bf16, Karlo size, batch "
-                 f"{args.sample_batch}, steps 25/25/7, guidance 4/8/-, compile s per stage"
+                 f"{' and '.join(map(str, args.sample_batch))}, steps 25/25/7, guidance 4/8/-, "
+                 "compile s per stage"
                  if not args.skip_sampling else "sampling skipped (--skip-sampling)")
     return lines
 
@@ -223,7 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--prior-batch", type=int, default=256)
     p.add_argument("--mfu-batch", type=int, default=16)
     p.add_argument("--remat", action="store_true", help="rematerialise blocks (ours only)")
-    p.add_argument("--sample-batch", type=int, default=4)
+    p.add_argument("--sample-batch", type=_batches, default=(4,),
+                   help="sampling batch size(s), comma-separated, e.g. 4,16 (default 4)")
     p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--skip-train", action="store_true",
                    help="sampling only (no train-step or MFU rows)")
@@ -285,12 +299,14 @@ def main(argv=None) -> int:
         if not args.skip_sampling:
             torch.cuda.empty_cache()
             import sampling_stages as ss
-            srows = ss.run_stages("karlo", args.sample_batch, dict(ss.KARLO_STEPS),
-                                  list(ss.KARLO_STEPS), 3, os.path.join(tmp, "s"),
-                                  device="cuda", dtype="bfloat16",
-                                  autocast_dtype=torch.bfloat16, distinct_last=True)
-            print()
-            print(common.table(ss.HEADERS, srows))
+            for batch in args.sample_batch:   # each batch's table prints as it is done
+                srows = ss.run_stages("karlo", batch, dict(ss.KARLO_STEPS),
+                                      list(ss.KARLO_STEPS), 3, os.path.join(tmp, f"s{batch}"),
+                                      device="cuda", dtype="bfloat16",
+                                      autocast_dtype=torch.bfloat16, distinct_last=True)
+                print()
+                print(common.table(ss.HEADERS, srows), flush=True)
+                torch.cuda.empty_cache()
     return 0
 
 

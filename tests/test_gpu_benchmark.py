@@ -24,11 +24,20 @@ def test_variants_parse_and_bad_ones_say_what_is_allowed():
 
 
 def test_check_traces_a_variant_on_cpu(capsys):
-    assert gpu.main(["--check", "--variants", "b4/remat=dots_saveable/attn=cudnn/flags=lhs"]) == 0
+    assert gpu.main(["--check", "--variants", "b4/remat=dots_saveable/attn=cudnn/flags=lhs",
+                     "--sample-batch", "4,16"]) == 0
     out = capsys.readouterr().out
+    assert "batch 4 and 16, steps 25/25/7" in out
     assert "Karlo sizes (abstract)" in out
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out
     assert "traced: remat=True policy=dots_saveable" in out
+
+
+def test_sample_batches_parse():
+    assert gpu._batches("4,16") == (4, 16)
+    for bad in ("0", "4,x", ""):
+        with pytest.raises(Exception, match="positive batch sizes"):
+            gpu._batches(bad)
 
 
 def test_without_a_gpu_it_says_so(capsys):
