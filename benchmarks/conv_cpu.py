@@ -25,20 +25,12 @@ import common  # noqa: E402
 def forward_convs(batch: int) -> collections.Counter:
     """(x shape NHWC, kernel shape HWIO, strides, padding) -> count, for the forward
     convolutions of the mid decoder's train step."""
-    import jax
-    import jax.numpy as jnp
     import train_step as ts
     from jax.extend import core as jcore
-    from unclip_jax.train import decoder_stage
-    from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     unet, proj = common.diffusers_decoder("mid", seed=0, out_channels=3)
     with tempfile.TemporaryDirectory() as tmp:
         model = common.ours_decoder(unet, proj, tmp)
-    step, state, _, _ = decoder_stage.build_train_step(
-        model, decoder_stage.DecoderStageConfig(learned_variance=False),
-        tx=make_optimizer(OptimizerConfig(1.2e-4)), ema_decay=None)
-    batch_ = {k: jnp.asarray(v) for k, v in ts.decoder_batch("mid", batch).items()}
-    jaxpr = jax.make_jaxpr(step)(state, batch_, jax.random.key(0))
+    jaxpr = ts.decoder_step_jaxpr(model, ts.decoder_batch("mid", batch))
     found = collections.Counter()
 
     def walk(j):

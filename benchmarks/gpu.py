@@ -200,14 +200,10 @@ def check_variants(variants: list[dict]) -> None:
     """Build the mid-size decoder with each variant's remat policy and trace its train step to
     a jaxpr (on CPU, with XLA attention: cuDNN's lowers on NVIDIA GPUs only), so that a GPU run
     does not find a broken variant; prints the model FLOPs of each."""
-    import jax
-    import jax.numpy as jnp
     import train_step as ts
-    from unclip_jax.train import decoder_stage
     from unclip_jax.train.metrics import model_flops
-    from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     unet, proj = common.diffusers_decoder("mid", seed=0, out_channels=3)
-    batch = {k: jnp.asarray(v) for k, v in ts.decoder_batch("mid", 2).items()}
+    batch = ts.decoder_batch("mid", 2)
     seen = set()
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -218,10 +214,7 @@ def check_variants(variants: list[dict]) -> None:
             model = common.ours_decoder(unet, proj, os.path.join(tmp, str(len(seen))),
                                         dtype="bfloat16", remat=v["remat"],
                                         remat_policy=v["remat_policy"])
-            step, state, _, _ = decoder_stage.build_train_step(
-                model, decoder_stage.DecoderStageConfig(learned_variance=False),
-                tx=make_optimizer(OptimizerConfig(1.2e-4)), ema_decay=None)
-            jaxpr = jax.make_jaxpr(step)(state, batch, jax.random.key(0))
+            jaxpr = ts.decoder_step_jaxpr(model, batch)
             print(f"  traced: remat={v['remat']} policy={v['remat_policy']}: mid decoder "
                   f"batch 2, {model_flops(jaxpr) / 1e9:.1f} GFLOP/step in its jaxpr "
                   "(recomputation included; MFU uses the step without remat)")
@@ -319,18 +312,10 @@ SWEEP_KEYS = ["spec", "flags", "batch", "ours_s", "ex_s", "gflop", "tflops", "mf
 def _model_flops_without_remat(unet, proj, folder: str, batch: dict) -> float:
     """The step's model FLOPs: rematerialisation's recomputed products are hardware work, not
     model work, so MFU counts the step traced without remat (a jaxpr, nothing compiled)."""
-    import jax
-    import jax.numpy as jnp
-    from unclip_jax.train import decoder_stage
+    import train_step as ts
     from unclip_jax.train.metrics import model_flops
-    from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     model = common.ours_decoder(unet, proj, folder, dtype="bfloat16")
-    step, state, _, _ = decoder_stage.build_train_step(
-        model, decoder_stage.DecoderStageConfig(learned_variance=False),
-        tx=make_optimizer(OptimizerConfig(1.2e-4)), ema_decay=None)
-    jaxpr = jax.make_jaxpr(step)(state, {k: jnp.asarray(v) for k, v in batch.items()},
-                                 jax.random.key(0))
-    return model_flops(jaxpr)
+    return model_flops(ts.decoder_step_jaxpr(model, batch))
 
 
 def run_variant(v: dict, args, peak) -> int:
@@ -372,7 +357,7 @@ def sweep(args, name: str, peak) -> int:
     """Each variant in a child process with its XLA flags; the table grows as rows arrive."""
     import json
     import subprocess
-    common.preamble(f"GPU: MFU levers, Karlo decoder train step (0.89B, 64x64), bf16, ours",
+    common.preamble("GPU: MFU levers, Karlo decoder train step (0.89B, 64x64), bf16, ours",
                     [f"GPU {name}, bf16 dense peak "
                      f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}",
                      "model FLOPs from the step's jaxpr (as in the train rows); one process "

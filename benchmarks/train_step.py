@@ -79,13 +79,29 @@ def jax_step(make, model, batch: dict, tx):
     return step, common.compiled_flops(compiled), compile_s
 
 
-def ours_decoder_step(model, batch):
+def _decoder_stage():
+    """Our decoder step as this benchmark times it: (make(model, tx=..., ema_decay=...), tx)."""
     from unclip_jax.train import decoder_stage
     from unclip_jax.train.optimizer import OptimizerConfig, make_optimizer
     stage = decoder_stage.DecoderStageConfig(learned_variance=False)
-    tx = make_optimizer(OptimizerConfig(1.2e-4))
     make = lambda m, **kw: decoder_stage.build_train_step(m, stage, **kw)  # noqa: E731
+    return make, make_optimizer(OptimizerConfig(1.2e-4))
+
+
+def ours_decoder_step(model, batch):
+    make, tx = _decoder_stage()
     return jax_step(make, model, batch, tx)
+
+
+def decoder_step_jaxpr(model, batch: dict):
+    """The jaxpr of that same step on ``batch`` (traced, nothing compiled): for FLOP counts and
+    for finding the step's operations."""
+    import jax
+    import jax.numpy as jnp
+    make, tx = _decoder_stage()
+    step, state, _, _ = make(model, tx=tx, ema_decay=None)
+    return jax.make_jaxpr(step)(state, {k: jnp.asarray(v) for k, v in batch.items()},
+                                jax.random.key(0))
 
 
 def ours_prior_step(model, batch):
@@ -219,7 +235,7 @@ def compare(name: str, batch_size: int, ours: tuple, theirs, repeats: int, warmu
         start = time.perf_counter()
         compiled()                                     # inductor compiles here
         first = time.perf_counter() - start
-        t_comp = common.time_calls(compiled, warmup=max(warmup - 1, 0) + 1, repeats=repeats)
+        t_comp = common.time_calls(compiled, warmup=max(warmup, 1), repeats=repeats)
         m_comp = common.median(t_comp)
         extra = dict(compiled_s=common.spread(t_comp), compiled_speedup=m_comp / common.median(t_ours),
                      compiled_compile_s=max(first - m_comp, 0.0))
@@ -248,9 +264,11 @@ COMPILED_KEYS = ["compiled_s", "compiled_speedup", "compiled_compile_s"]
 
 
 def compiled_modules(*modules):
-    """The modules wrapped in torch.compile (inductor, default mode)."""
+    """Copies of the modules wrapped in torch.compile (inductor, default mode)."""
+    import copy
+
     import torch
-    return [torch.compile(m) for m in modules]
+    return [torch.compile(copy.deepcopy(m)) for m in modules]
 
 
 def run_decoder(size, batch_size, repeats, warmup, folder, device="cpu", dtype="float32",
@@ -268,9 +286,8 @@ def run_decoder(size, batch_size, repeats, warmup, folder, device="cpu", dtype="
     del ours
     theirs = torch_decoder_step(unet, proj, batch, device, autocast_dtype)
     compiled = None
-    if torch_compile:   # a copy: the eager modules' weights keep their own optimizer
-        import copy
-        unet_c, proj_c = compiled_modules(copy.deepcopy(unet), copy.deepcopy(proj))
+    if torch_compile:   # copies: the eager modules' weights keep their own optimizer
+        unet_c, proj_c = compiled_modules(unet, proj)
         compiled = torch_decoder_step(unet_c, proj_c, batch, device, autocast_dtype)
     return compare(f"decoder {spec['sample_size']}x{spec['sample_size']}", batch_size, mine,
                    theirs, repeats, warmup, n, peak_flops, compiled)
@@ -287,9 +304,7 @@ def run_prior(size, batch_size, repeats, warmup, folder, device="cpu", dtype="fl
     theirs = torch_prior_step(prior, batch, device, autocast_dtype)
     compiled = None
     if torch_compile:
-        import copy
-        compiled = torch_prior_step(compiled_modules(copy.deepcopy(prior))[0], batch, device,
-                                    autocast_dtype)
+        compiled = torch_prior_step(compiled_modules(prior)[0], batch, device, autocast_dtype)
     c = prior.config
     return compare(f"prior {c.num_attention_heads * c.attention_head_dim}w x {c.num_layers}L",
                    batch_size, mine, theirs, repeats, warmup, n, peak_flops, compiled)

@@ -67,10 +67,6 @@ def _forward(x, scale, bias, groups, eps, dtype):
     return y.reshape(shape).astype(dtype), (x, scale, bias, mean, rstd)
 
 
-def _fwd(x, scale, bias, groups, eps, dtype):
-    return _forward(x, scale, bias, groups, eps, dtype)
-
-
 def _bwd(groups, eps, dtype, residuals, dy):
     x, scale, bias, mean, rstd = residuals
     shape, c = x.shape, x.shape[-1]
@@ -90,4 +86,4 @@ def _bwd(groups, eps, dtype, residuals, dy):
             sum_dy.sum(0).astype(bias.dtype))
 
 
-group_norm.defvjp(_fwd, _bwd)
+group_norm.defvjp(_forward, _bwd)
