@@ -2,8 +2,8 @@
 
 Why our own and not ``flax.nnx.GroupNorm`` or autodiff of the textbook formula: the UNets call
 GroupNorm about 150 times per training step, and on XLA's CPU backend the autodiff version was
-the largest cost after the convolutions (profile of the mid decoder's train step: ~140 ms of
-reductions per step against ~18 ms for torch's fused kernel). Two things made it slow:
+the largest cost after the convolutions (XLA's CPU profile of the mid decoder's train step,
+against torch's fused kernel in torch's profile of the same step). Two things made it slow:
 
 - the statistics were reduced over axes (spatial, channel-in-group) of an ``[B, N, G, C/G]``
   view, a strided reduction whose contiguous run is only ``C/G`` numbers (2 at 64 channels);
