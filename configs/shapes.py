@@ -16,6 +16,8 @@ runs/ under the current folder (`data_dir=` and `emb_dir=` move the data). The r
   unclip-jax shapes --data-dir data/tfds
   # 2. CLIP from scratch (32 px ViT, 3-layer text Transformer of width 64, context 24)
   unclip-jax train --config configs/shapes.py:stage=clip --workdir runs/clip
+  # (how well z_i names its caption: retrieval among the distinct test captions, per checkpoint)
+  unclip-jax clip-retrieval --clip runs/clip
   # 3. CLIP -> a Hugging Face CLIPModel folder (what `precompute` reads)
   unclip-jax export --workdir runs/clip --hf-out runs/clip_hf
   # 4. CLIP embeddings of the train split (+ text states and the 32 px images)

@@ -42,6 +42,7 @@ CHEAP = {
     "eval": f"{SAMPLING} --prior-steps 2 --num-captions 2 --num-images 1 --table-captions 1 "
             "--table-priors diffusion --table-guidance 2 --table-samplers ddim --table-steps 2",
     "precompute": "--num 16",
+    "clip-retrieval": "--num-examples 20",
     "demo": "--overwrite",
 }
 
@@ -175,7 +176,7 @@ def test_documented_commands_are_found_and_the_table_has_no_stale_rows():
     commands = {c for _, c in documented_commands()}
     names = {shlex.split(c)[1] for c in commands}
     assert {"generate", "vary", "interpolate", "textdiff", "probe", "train", "export",
-            "precompute", "shapes", "eval", "config", "embed"} <= names
+            "precompute", "shapes", "eval", "config", "embed", "clip-retrieval"} <= names
     stale = sorted(set(map(_norm, VARIANTS)) - commands)
     assert not stale, f"VARIANTS rows that no document shows any more: {stale}"
     for variant in VARIANTS.values():

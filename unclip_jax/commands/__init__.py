@@ -17,6 +17,7 @@ the top (JAX and TensorFlow inside ``run``), so ``unclip-jax --help`` stays inst
   convert    a diffusers UnCLIPPipeline folder to ours
   export     a trainer workdir to a pipeline folder
   eval       the Shapes evaluation
+  clip-retrieval  Shapes caption retrieval from a CLIP's image embeddings
 """
 
 COMMANDS: tuple[str, ...] = (
@@ -33,6 +34,7 @@ COMMANDS: tuple[str, ...] = (
     "convert",
     "export",
     "eval",
+    "clip_retrieval",
 )
 
 NO_JAX: frozenset[str] = frozenset({"config"})
