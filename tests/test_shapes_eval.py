@@ -226,3 +226,58 @@ def test_eval_command(folder, pipe, tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1
     rc, _, err = _run(capsys, "eval", "--checkpoint", folder, "--table-samplers", "euler")
     assert rc == 2 and "euler" in err
+    # --upsamplers: refused without upsampling stages, or with the other reports
+    rc, _, err = _run(capsys, "eval", "--checkpoint", folder, "--upsamplers")
+    assert rc == 2 and "no upsampling stage" in err
+    rc, _, err = _run(capsys, "eval", "--checkpoint", folder, "--upsamplers", "--table")
+    assert rc == 2 and "separate eval" in err
+
+
+def test_eval_upsamplers_command_on_the_bundled_model(tmp_path, capsys):
+    out_md = tmp_path / "up.md"
+    rc, out, err = _run(capsys, "eval", "--upsamplers", "--upsample", 1, "--num-captions", 2,
+                        "--batch-size", 2, "--out", out_md)
+    assert rc == 0, err
+    assert "| true images at 32 px (box-downsampled) | 100.0% |" in out
+    assert "| after upsampling stage 1 (64 px) |" in out and "stage 2" not in out
+    assert out_md.read_text() in out
+
+
+class FakeUpsamplerPipe:
+    """Two upsampling stages: nearest-neighbour 2x, the second one blanks the image when
+    ``blank`` (background grey: nothing found)."""
+
+    def __init__(self, blank=False):
+        from types import SimpleNamespace
+        self.settings = {"super_res": [{"models": ["a"], "size": 64}, {"models": ["b"], "size": 128}]}
+        self.super_res_models = {"a": None, "b": None}
+        self.prior = self.ar_prior = None
+        self.decoder = SimpleNamespace(config=SimpleNamespace(image_size=32))
+        self.tokenizer = SimpleNamespace(context_length=24)
+        self.blank = blank
+        self.calls = []
+
+    def upsample(self, images, rng=None, *, index=0):
+        self.calls.append((index, images.shape))
+        out = np.repeat(np.repeat(np.asarray(images), 2, axis=1), 2, axis=2)
+        if self.blank and index == 1:
+            out = np.full_like(out, 240 / 127.5 - 1.0)
+        return out
+
+
+def test_upsampler_accuracy_judges_each_stage_on_true_low_resolution_images():
+    rows = se.upsampler_accuracy(FakeUpsamplerPipe(), 6, batch_size=4)
+    assert [label for label, _ in rows] == [
+        "true images at 32 px (box-downsampled)", "after upsampling stage 1 (64 px)",
+        "after upsampling stage 2 (128 px)", "true images at 128 px"]
+    assert all(s["accuracy"] == 1.0 for _, s in rows)
+    pipe = FakeUpsamplerPipe(blank=True)
+    rows = se.upsampler_accuracy(pipe, 6, batch_size=4)
+    assert rows[1][1]["accuracy"] == 1.0 and rows[2][1]["accuracy"] == 0.0
+    # every call has the batch's shape (the last one padded), each stage sees the one before
+    assert pipe.calls == [(0, (4, 32, 32, 3))] * 2 + [(1, (4, 64, 64, 3))] * 2
+    table = se.upsampler_markdown(rows)
+    assert "| after upsampling stage 2 (128 px) | 0.0% |" in table
+    assert len(se.upsampler_accuracy(pipe, 2, upsample=1)) == 3
+    with pytest.raises(se.EvalError, match="has 2 upsampling stage"):
+        se.upsampler_accuracy(pipe, 2, upsample=3)

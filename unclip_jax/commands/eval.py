@@ -7,7 +7,8 @@ Prints the accuracy summary (one-object and two-object accuracy, each part, attr
 diversity, images/s), with ``--table`` the paper's comparisons (diffusion prior vs AR prior vs
 none; decoder guidance sweep; decoder sampler x steps), with ``--clip-metrics`` the CLIP score and
 FD-CLIP (the pipeline's own CLIP against the test split's true images), and with
-``--inception FILE`` the FID. ``--out FILE.md`` writes the same as markdown. Without
+``--inception FILE`` the FID; ``--upsamplers`` judges the upsampling stages alone (true test
+images at the decoder's size, upsampled). ``--out FILE.md`` writes the same as markdown. Without
 ``--checkpoint`` the bundled Shapes model (the same folder ``unclip-jax generate`` uses). The work
 is done by :mod:`unclip_jax.evaluate.shapes_eval`.
 """
@@ -102,6 +103,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--inception", metavar="FILE",
                    help="pytorch-fid Inception weights (.pth or .safetensors): also report FID "
                    "against the test split's true images.")
+    p.add_argument("--upsamplers", action="store_true",
+                   help="Judge only the upsampling stages: the test split's true images at the "
+                   "decoder's size, upsampled by each stage (up to --upsample), judged after "
+                   "each; no prior or decoder runs.")
     p.add_argument("--out", metavar="FILE.md", help="Also write the report as markdown.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace the --out file if it exists (without it, it is refused).")
@@ -123,6 +128,9 @@ def run(args, overrides) -> int:
     if (args.clip_metrics or args.inception) and args.num_captions < 2:
         raise EvalCommandError("FD-CLIP and FID compare at least 2 generated with 2 true test "
                                f"images; raise --num-captions (got {args.num_captions}).")
+    if args.upsamplers and (args.table or args.clip_metrics or args.inception):
+        raise EvalCommandError("--upsamplers judges the upsampling stages alone; run --table, "
+                               "--clip-metrics and --inception in a separate eval.")
     bad = [s for s in args.table_samplers or () if s not in ("unclip", "ddpm", "ddim", "dpm++")]
     if bad:
         raise EvalCommandError(f"--table-samplers: unknown sampler(s) {bad}; choose from "
@@ -151,6 +159,16 @@ def run(args, overrides) -> int:
         from unclip_jax.evaluate.inception import load_inception
         inception = load_inception(args.inception)
     pipe = load_pipeline(path)
+    if args.upsamplers:
+        with _progress(args.num_captions * 2, "upsamplers") as bar:
+            rows = se.upsampler_accuracy(pipe, args.num_captions, seed=args.seed,
+                                         data_seed=args.data_seed, batch_size=args.batch_size,
+                                         upsample=args.upsample, progress=bar.update)
+        from unclip_jax.commands.apps import shown
+        report = ["# Shapes upsamplers on true images", "",
+                  f"{shown(path)}: {args.num_captions} Shapes test images (data seed "
+                  f"{args.data_seed}), seed {args.seed}", "", se.upsampler_markdown(rows)]
+        return _finish(args, report)
     captions = se.test_captions(args.num_captions, args.data_seed)
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     kwargs = dict(prior=args.prior,
@@ -192,6 +210,11 @@ def run(args, overrides) -> int:
         report += ["", f"## Comparisons ({len(table_caps)} captions x {args.num_images} images "
                    f"per row, judged on {judged})", "", table.markdown()]
 
+    return _finish(args, report)
+
+
+def _finish(args, report: list[str]) -> int:
+    """Print the report and write it to --out."""
     text = "\n".join(report) + "\n"
     print(text, end="")
     if args.out:
@@ -213,6 +236,9 @@ def _check_against_folder(args, path: str) -> None:
     if info is None:
         return
     n_up = len(info.upsample_stages)
+    if args.upsamplers and n_up == 0:
+        raise EvalCommandError("--upsamplers: this pipeline has no upsampling stage with its "
+                               "models; pass a pipeline that has one (e.g. the bundled model).")
     for flag, value in (("--upsample", args.upsample), ("--table-upsample", args.table_upsample)):
         if value is not None and value > n_up:
             raise EvalCommandError(f"{flag} {value}, but this pipeline has {n_up} upsampling "

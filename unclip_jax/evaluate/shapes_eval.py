@@ -39,6 +39,10 @@ pipeline's own CLIP space (when its CLIP has an image tower;
 :func:`comparison_table` runs :func:`caption_accuracy` over the comparisons of the paper on Shapes:
 the diffusion prior vs the AR prior vs no prior (the decoder conditioned on z_t); a sweep of the
 decoder's guidance scale; the decoder's sampler (DDPM, DDIM, DPM-Solver++) x its number of steps.
+
+:func:`upsampler_accuracy` judges the upsampling stages alone: the test split's true images at the
+decoder's size, upsampled by each stage, judged after each (what the upsamplers cost, apart from
+what the prior and the decoder draw).
 """
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ from unclip_jax.evaluate.shapes_judge import find_objects, judge_batch
 
 __all__ = ["ComparisonSetting", "Comparison", "EvalError", "caption_accuracy",
            "comparison_settings", "comparison_table", "diversity", "generate_for_captions",
-           "layout", "score_images", "summary_markdown", "test_captions", "test_set"]
+           "layout", "score_images", "summary_markdown", "test_captions", "test_set",
+           "upsampler_accuracy", "upsampler_markdown"]
 
 DEFAULT_DATA_SEED = 0            # the seed of the Shapes dataset's default config
 GUIDANCE_SCALES = (1.0, 3.0, 5.0, 8.0)
@@ -426,3 +431,66 @@ def comparison_table(pipe, captions: Sequence[str], *, seed: int = 0, num_images
                                    batch_size=batch_size, progress=progress, **s.kwargs)
         rows.append((s, summary))
     return Comparison(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The upsamplers alone
+# --------------------------------------------------------------------------------------------
+
+def upsampler_accuracy(pipe, n: int, *, seed: int = 0, data_seed: int = DEFAULT_DATA_SEED,
+                       batch_size: int = 16, upsample: int | None = None,
+                       progress: Callable[[int], Any] | None = None) -> list[tuple[str, dict]]:
+    """What the upsampling stages cost, apart from what the prior and the decoder draw.
+
+    The first ``n`` TEST examples, rendered exactly and box-downsampled to the decoder's size,
+    are judged as they are (the best a decoder could draw at that size), then upsampled by each
+    stage in turn (the pipeline's own settings: its start step, sampler and steps; seed
+    ``seed``), and judged again after each. Rows: ``(label, score_images summary)``, the first
+    the true images at the decoder's size. ``upsample`` stops after that many stages (default:
+    all the pipeline has)."""
+    import jax
+
+    from unclip_jax.pipeline.pipeline import PipelineInfo
+    info = PipelineInfo.of(pipe)
+    stages = info.upsample_stages if upsample is None else info.upsample_stages[:int(upsample)]
+    if upsample is not None and int(upsample) > len(info.upsample_stages):
+        raise EvalError(f"upsample={upsample}, but this pipeline has "
+                        f"{len(info.upsample_stages)} upsampling stage(s) with their models.")
+    truth, captions = test_set(n, data_seed)
+    low = _resize_like(truth, (info.decoder_size, info.decoder_size))
+    rows = [(f"true images at {info.decoder_size} px (box-downsampled)",
+             score_images(low, captions))]
+    x = low.astype(np.float32) / 127.5 - 1.0
+    batch_size = max(1, int(batch_size))
+    for k, index in enumerate(stages):
+        outs = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            pad = batch_size - len(chunk)   # one shape per call: compiled once
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            rng = jax.random.fold_in(jax.random.key(seed), k * 1_000_003 + start)
+            out = np.asarray(pipe.upsample(chunk, rng, index=index))[:batch_size - pad]
+            outs.append(out)
+            if progress is not None:
+                progress(batch_size - pad)
+        x = np.concatenate(outs)
+        images = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        rows.append((f"after upsampling stage {k + 1} ({images.shape[1]} px)",
+                     score_images(images, captions)))
+    rows.append((f"true images at {truth.shape[1]} px", score_images(truth, captions)))
+    return rows
+
+
+def upsampler_markdown(rows: list[tuple[str, dict]]) -> str:
+    """The table of :func:`upsampler_accuracy`: one-object accuracy and its shape, size and
+    position parts; two-object accuracy and relation."""
+    cols = (("one-object acc", "one/accuracy"), ("shape", "one/shape"), ("size", "one/size"),
+            ("position", "one/position"), ("two-object acc", "two/accuracy"),
+            ("relation", "two/relation"))
+    lines = ["| images | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for label, s in rows:
+        lines.append(f"| {label} | " + " | ".join(_pct(s.get(k, math.nan)) for _, k in cols)
+                     + " |")
+    return "\n".join(lines)
