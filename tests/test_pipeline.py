@@ -113,3 +113,19 @@ def test_decoder_output_is_read_as_its_prediction_type(pipe):
     eps = np.asarray(pipe.decode(z, text, jax.random.key(2)))
     v = np.asarray(pipe.decode(z, text, jax.random.key(2), prediction_type="v_prediction"))
     assert np.isfinite(v).all() and np.abs(eps - v).mean() > 1e-2
+
+
+def test_decoder_guidance_against_the_empty_or_the_dropped_caption(pipe):
+    """A decoder with CLIP caption tokens is guided against CLIP's encoding of "" (Karlo's
+    training) or against the caption dropped as `unclip-jax train` drops it (uncond_text)."""
+    text = pipe.encode_text(PROMPTS)
+    z = pipe.sample_image_embeds(text, jax.random.key(1), num_images=2)
+    assert pipe.decoder.config.text_encoder == "clip"
+    run = lambda **kw: np.asarray(pipe.decode(z, text, jax.random.key(2), **kw))  # noqa: E731
+    empty, dropped = run(), run(uncond_text="dropped")
+    assert np.isfinite(dropped).all() and np.abs(empty - dropped).mean() > 1e-3
+    # without guidance there is no unconditional branch: the setting changes nothing
+    np.testing.assert_array_equal(run(guidance_scale=1.0),
+                                  run(guidance_scale=1.0, uncond_text="dropped"))
+    with pytest.raises(PipelineError, match="uncond_text must be one of"):
+        run(uncond_text="zeros")

@@ -83,6 +83,7 @@ def test_decoder_export_records_its_prediction_type(tmp_path, monkeypatch):
         to_pipeline.export_workdir("run", str(out), "decoder", sampling=preset)
         sampling = pipeline_folder.read_manifest(out)["sampling"]
         assert sampling["decoder"]["prediction_type"] == "v_prediction"
+        assert sampling["decoder"]["uncond_text"] == "dropped"   # the trainer's caption dropout
         assert ("super_res" in sampling) == (preset == "shapes")
     # a later export with the preset (another stage) keeps what the decoder recorded
     cfg.stage = "upsampler"
@@ -92,3 +93,5 @@ def test_decoder_export_records_its_prediction_type(tmp_path, monkeypatch):
     from unclip_jax.pipeline import DEFAULT_SETTINGS, merge_settings
     with pytest.raises(PipelineError, match="prediction_type must be"):
         merge_settings(DEFAULT_SETTINGS, {"decoder": {"prediction_type": "x0"}})
+    with pytest.raises(PipelineError, match="uncond_text must be one of"):
+        merge_settings(DEFAULT_SETTINGS, {"decoder": {"uncond_text": "none"}})

@@ -33,7 +33,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
                      best_of=1),
     "decoder": dict(_SCHEDULE, sampler="unclip", steps=25, guidance_scale=8.0,
                     variance="learned_range", clip_range=1.0, eta=0.0,
-                    prediction_type="epsilon"),
+                    prediction_type="epsilon", uncond_text="empty_caption"),
     "super_res": [dict(_SCHEDULE, models=["super_res_first", "super_res_last"], size=256,
                        sampler="unclip", steps=7, variance="fixed_small_log", clip_range=1.0,
                        eta=0.0, start_t=None)],
@@ -60,7 +60,7 @@ SHAPES_SAMPLING: dict[str, Any] = {
     "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
                      best_of=2),
     "decoder": dict(_SHAPES_SCHEDULE, sampler="unclip", steps=25, guidance_scale=2.0,
-                    variance="learned_range", clip_range=1.0, eta=0.0),
+                    variance="learned_range", clip_range=1.0, eta=0.0, uncond_text="dropped"),
     "super_res": [dict(_SHAPES_SCHEDULE, models=["sr64"], size=64, sampler="ddim", steps=8,
                        variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60),
                   dict(_SHAPES_SCHEDULE, models=["sr128"], size=128, sampler="ddim", steps=8,
@@ -161,6 +161,10 @@ def check_stage(stage: str, s: dict) -> dict:
         if s.get("variance") not in (None, "fixed_small_log", "learned_range"):
             raise PipelineError(f"{stage} variance must be 'fixed_small_log' or 'learned_range', "
                                 f"got {s['variance']!r}.")
+    if s.get("uncond_text", "empty_caption") not in UNCOND_TEXT:
+        raise PipelineError(f"{stage} uncond_text must be one of {UNCOND_TEXT} (what the "
+                            f"decoder's training dropped the caption to), got "
+                            f"{s['uncond_text']!r}.")
     if int(s.get("best_of", 1)) < 1:
         raise PipelineError(f"{stage} best_of must be at least 1, got {s['best_of']}.")
     if s.get("prediction_type", "epsilon") not in ("epsilon", "sample", "v_prediction"):
@@ -185,7 +189,12 @@ _INTS = {"steps": (1, 100_000), "num_train_steps": (1, 100_000), "best_of": (1, 
 _FLOATS = {"guidance_scale": (0.0, MAX_GUIDANCE, False), "eta": (0.0, MAX_ETA, False),
            "temperature": (0.0, 100.0, True), "top_p": (0.0, 1.0, True),
            "dot_percentile": (0.0, 100.0, False)}
-_STRINGS = ("sampler", "variance", "prediction_type", "schedule")
+_STRINGS = ("sampler", "variance", "prediction_type", "schedule", "uncond_text")
+# The decoder's unconditional text for classifier-free guidance (a decoder with caption tokens
+# from CLIP, text_encoder='clip'): 'empty_caption' = CLIP's encoding of "" (Karlo, diffusers'
+# UnCLIPPipeline), 'dropped' = z_t zeroed and every token masked out, which is what
+# `unclip-jax train`'s caption dropout shows the decoder (its exports write it).
+UNCOND_TEXT = ("empty_caption", "dropped")
 
 
 def _check_values(stage: str, s: dict) -> dict:

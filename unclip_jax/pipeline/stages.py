@@ -36,14 +36,17 @@ class TextInputs(NamedTuple):
     uncond_mask: Any    # [1, L]
 
 
-def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float):
+def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float,
+                     uncond_text: str = "empty_caption"):
     """The guided decoder ``model_fn(x, t)`` (float32) of :meth:`UnCLIPPipeline.decode`: rows
-    conditioned on z_i and the caption, guided against the learned null z_i with the empty
-    caption's CLIP encoding ``uncond`` = (embed, hidden, mask), each [1, ...]."""
+    conditioned on z_i and the caption, guided against the learned null z_i and, with
+    ``uncond_text='empty_caption'``, the empty caption's CLIP encoding ``uncond`` = (embed,
+    hidden, mask), each [1, ...]; with ``'dropped'``, the caption dropped as in training (z_t
+    zeroed, every token masked out)."""
     cfg = model.config
     n = zi.shape[0]
     un = None
-    if scale != 1.0 and cfg.text_encoder == "clip":
+    if scale != 1.0 and cfg.text_encoder == "clip" and uncond_text == "empty_caption":
         ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
         un = dict(text_embed=ue if cfg.use_text_embed else None, text_hidden=uh, text_mask=um)
     kw = dict(text_embed=z_t if cfg.use_text_embed else None)
@@ -158,7 +161,7 @@ def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask,
                   x_T=None, noise=None):
     """Images [N, s, s, C] in [-1, 1] (clipped) from z_i [N, D] and text rows [N, ...], guided
     with ``s['guidance_scale']`` against the learned null z_i and ``uncond`` = (embed, hidden,
-    mask) of the empty caption."""
+    mask) of the empty caption (or the dropped caption: ``s['uncond_text']``)."""
     cfg = decoder.config
     spec = stage_spec("decoder", s, learned_variance=cfg.learned_variance)
     n, size = image_embed.shape[0], cfg.image_size
@@ -169,7 +172,8 @@ def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask,
     scale = float(s["guidance_scale"])
 
     def fn(state, zi, z_t, hidden, mask, x_T, key, noise, uncond):
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond, scale)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond, scale,
+                                    s.get("uncond_text", "empty_caption"))
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key, noise), -1.0, 1.0)
 
     jitted = rt.jit("decoder", freeze(s) + (("noise", noise is None),), fn)

@@ -192,14 +192,17 @@ def export_workdir(workdir: str, out: str | None, name: str, *, ema: bool = Fals
         new_sampling = existing
         if sampling is not None:
             new_sampling = copy.deepcopy(SAMPLING_PRESETS[sampling])
-            # a preset never overrides what an exported decoder recorded it predicts
-            kept = existing.get("decoder", {}).get("prediction_type")
-            if kept:
-                new_sampling["decoder"]["prediction_type"] = kept
+            # a preset never overrides what an exported decoder recorded of its training
+            for key in ("prediction_type", "uncond_text"):
+                kept = existing.get("decoder", {}).get(key)
+                if kept:
+                    new_sampling["decoder"][key] = kept
         if config.stage == "decoder":
             # the sampler must read the model's output as what it was trained to predict
             new_sampling.setdefault("decoder", {})["prediction_type"] = str(
                 config.diffusion.get("prediction_type", "epsilon"))
+            # guidance's unconditional caption is what this trainer's caption dropout shows
+            new_sampling["decoder"]["uncond_text"] = "dropped"
         if config.stage == "clip":
             ctx = int(context_length or module.config.context_length)
             tokenizer = {"kind": "clip_bpe", "vocab": "bpe_simple_vocab_16e6",
