@@ -40,7 +40,8 @@ CHEAP = {
     "vary": APPS, "interpolate": APPS, "textdiff": APPS + " --thetas 0,0.5",
     "probe": f"{SAMPLING} --reconstructions 1",
     "eval": f"{SAMPLING} --prior-steps 2 --num-captions 2 --num-images 1 --table-captions 1 "
-            "--table-priors diffusion --table-guidance 2 --table-samplers ddim --table-steps 2",
+            "--table-priors diffusion --table-guidance 2 --table-samplers ddim --table-steps 2 "
+            "--table-best-of 1",
     "precompute": "--num 16",
     "clip-retrieval": "--num-examples 20",
     "demo": "--overwrite",

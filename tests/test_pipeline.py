@@ -129,3 +129,8 @@ def test_decoder_guidance_against_the_empty_or_the_dropped_caption(pipe):
                                   run(guidance_scale=1.0, uncond_text="dropped"))
     with pytest.raises(PipelineError, match="uncond_text must be one of"):
         run(uncond_text="zeros")
+    # caption_tokens=False: the tokens masked out of attention (the table's "without" row)
+    off = run(guidance_scale=1.0, caption_tokens=False)
+    assert np.abs(off - run(guidance_scale=1.0)).mean() > 1e-3
+    with pytest.raises(PipelineError, match="caption_tokens must be true or false"):
+        run(caption_tokens="no")

@@ -166,32 +166,45 @@ def test_caption_accuracy_on_a_tiny_pipeline(pipe):
 
 def test_comparison_settings_and_table(pipe):
     full = se.comparison_settings(pipe, base={"prior_settings": {"steps": 2}})
-    assert [(s.group, s.name) for s in full[:5]] == [
+    assert pipe.decoder.config.text_encoder == "clip"      # so the caption-token rows are there
+    assert [(s.group, s.name) for s in full[:9]] == [
         ("prior", "diffusion"), ("prior", "ar"), ("prior", "none (decoder on z_t)"),
+        ("prior best-of", "diffusion prior, best of 1"),
+        ("prior best-of", "diffusion prior, best of 2"),
+        ("decoder caption tokens", "with caption tokens"),
+        ("decoder caption tokens", "without caption tokens (z_i and z_t only)"),
         ("decoder guidance", "1 (diffusion prior)"), ("decoder guidance", "3 (diffusion prior)")]
-    assert len(full) == 3 + 4 + 3 * 3 and full[-1].name == "dpm++ 50 steps"
+    assert len(full) == 3 + 2 + 2 + 4 + 3 * 3 and full[-1].name == "dpm++ 50 steps"
     assert full[1].kwargs == {"prior": "ar", "decoder_settings": {}}
-    assert full[4].kwargs == {"prior": "diffusion", "prior_settings": {"steps": 2},
+    assert full[4].kwargs == {"prior": "diffusion", "prior_settings": {"steps": 2, "best_of": 2},
+                              "decoder_settings": {}}
+    assert full[6].kwargs["decoder_settings"] == {"caption_tokens": False}
+    assert full[8].kwargs == {"prior": "diffusion", "prior_settings": {"steps": 2},
                               "decoder_settings": {"guidance_scale": 3.0}}
     assert full[-1].kwargs["decoder_settings"] == {"sampler": "dpm++", "steps": 50}
-    # The run below compiles only the DDIM decoder (guidance 8 is the default; the AR prior's
-    # sampling is the pipeline tests' business).
+    with pytest.raises(se.EvalError, match="best_of must be at least 1"):
+        se.comparison_settings(pipe, best_of=(0,))
+    # The run below compiles only the DDIM decoder with and without caption tokens (guidance 8
+    # is the default; the AR prior's sampling is the pipeline tests' business).
     settings = se.comparison_settings(pipe, priors=("diffusion", "none"), guidance_scales=(8,),
-                                      samplers=("ddim",), steps=(2,),
+                                      samplers=("ddim",), steps=(2,), best_of=(),
                                       base={"prior_settings": {"steps": 2}})
+    settings = [s for s in settings if s.group != "decoder caption tokens"] + [
+        s for s in settings if s.name.startswith("without")]
     no_prior = types.SimpleNamespace(prior=None, ar_prior=object())
     assert [s.name for s in se.comparison_settings(no_prior, guidance_scales=(8,), samplers=(),
-                                                   )][:3] == ["ar", "none (decoder on z_t)",
-                                                             "8 (ar prior)"]
+                                                   best_of=(2,))] == [
+        "ar", "none (decoder on z_t)", "ar prior, best of 2", "8 (ar prior)"]
 
     table = se.comparison_table(pipe, se.test_captions(4), num_images=2, batch_size=8,
                                 settings=settings)
-    assert len(table.rows) == 4
+    assert len(table.rows) == 5
     lines = table.markdown().splitlines()
     assert lines[0] == ("| comparison | setting | one-object acc | two-object acc | binding | "
                         "diversity (2 obj) | images/s |")
-    assert len(lines) == 2 + 4 and lines[3].startswith("| prior | none (decoder on z_t) |")
+    assert len(lines) == 2 + 5 and lines[3].startswith("| prior | none (decoder on z_t) |")
     assert lines[5].startswith("| decoder sampler | ddim 2 steps |")
+    assert lines[6].startswith("| decoder caption tokens | without caption tokens")
     assert all(line.count("|") == 8 for line in lines)
     with pytest.raises(se.EvalError, match="Unknown sampler"):
         se.comparison_settings(pipe, samplers=("euler",))
@@ -209,12 +222,15 @@ def test_eval_command(folder, pipe, tmp_path, capsys):
                         "--num-images", 2, "--batch-size", 8, "--clip-metrics", "--table",
                         "--table-captions", 4, "--table-priors", "diffusion,none",
                         "--table-guidance", 8, "--table-samplers",
-                        "ddim", "--table-steps", 2, "--prior-steps", 2, "--out", out_md)
+                        "ddim", "--table-steps", 2, "--table-best-of", 2, "--prior-steps", 2,
+                        "--out", out_md)
     assert rc == 0, err
     assert "| one object: accuracy |" in out and "| two objects: binding |" in out
     assert "| FD-CLIP vs test images |" in out
     assert "| prior | none (decoder on z_t) |" in out
     assert "| decoder sampler | ddim 2 steps |" in out
+    assert "| prior best-of | diffusion prior, best of 2 |" in out
+    assert "| decoder caption tokens | without caption tokens" in out
     assert "4 Shapes test captions" in out
     assert "judged on the decoder's output" in out   # --table-upsample 0 by default
     assert out_md.read_text() in out

@@ -374,15 +374,17 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
     uncond_text = pipe.settings["decoder"].get("uncond_text", "empty_caption")
+    tokens_on = pipe.settings["decoder"].get("caption_tokens", True)
 
     def fn(state, x0, zi, rows, uncond):
         with jax.ensure_compile_time_eval():
             schedule = spec.sampling_schedule()
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text,
+                                    tokens_on)
         return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine,
                                      prediction_type=spec.prediction_type, **clip_kw)
 
-    return rt.jit("app_invert", (spec, scale, refine, uncond_text), fn)(
+    return rt.jit("app_invert", (spec, scale, refine, uncond_text, tokens_on), fn)(
         state, rt.put(x0), rt.put(zi), tuple(rt.put(a) for a in rows), uncond)
 
 
@@ -409,12 +411,14 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
     uncond_text = pipe.settings["decoder"].get("uncond_text", "empty_caption")
+    tokens_on = pipe.settings["decoder"].get("caption_tokens", True)
 
     def fn(state, x_T, zi, rows, uncond, key):
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text,
+                                    tokens_on)
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key), -1.0, 1.0)
 
-    return rt.jit("app_ddim", (spec, scale, uncond_text), fn)(
+    return rt.jit("app_ddim", (spec, scale, uncond_text, tokens_on), fn)(
         state, rt.put(x_T), rt.put(zi), tuple(rt.put(a) for a in rows), uncond,
         rng if eta else None)
 

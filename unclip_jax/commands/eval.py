@@ -97,6 +97,9 @@ def add_parser(subparsers) -> None:
                    "--table-steps")), default=None,
                    help="Decoder step counts of the table (default: "
                    "unclip_jax.evaluate.shapes_eval.SAMPLER_STEPS).")
+    p.add_argument("--table-best-of", type=_list("--table-best-of", int, positive_int(
+                   "--table-best-of", 1000)), default=None,
+                   help="The prior's best-of counts of the table (default: 1,2).")
     p.add_argument("--clip-metrics", action="store_true",
                    help="Also CLIP score and FD-CLIP (the pipeline's CLIP; needs its image "
                    "tower) against the test split's true images.")
@@ -150,7 +153,7 @@ def run(args, overrides) -> int:
     from unclip_jax.evaluate import shapes_eval as se
     defaults = dict(data_seed=se.DEFAULT_DATA_SEED, table_priors=se.PRIORS,
                     table_guidance=se.GUIDANCE_SCALES, table_samplers=se.TABLE_SAMPLERS,
-                    table_steps=se.SAMPLER_STEPS)
+                    table_steps=se.SAMPLER_STEPS, table_best_of=se.BEST_OF)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -199,7 +202,7 @@ def run(args, overrides) -> int:
         base["upsample"] = args.table_upsample
         settings = se.comparison_settings(
             pipe, priors=args.table_priors, guidance_scales=args.table_guidance,
-            samplers=args.table_samplers, steps=args.table_steps,
+            samplers=args.table_samplers, steps=args.table_steps, best_of=args.table_best_of,
             base=dict(base, decoder_settings=kwargs["decoder_settings"]))
         with _progress(len(settings) * len(table_caps) * args.num_images, "table") as bar:
             table = se.comparison_table(pipe, table_caps, seed=args.seed,

@@ -38,7 +38,8 @@ pipeline's own CLIP space (when its CLIP has an image tower;
 
 :func:`comparison_table` runs :func:`caption_accuracy` over the comparisons of the paper on Shapes:
 the diffusion prior vs the AR prior vs no prior (the decoder conditioned on z_t); a sweep of the
-decoder's guidance scale; the decoder's sampler (DDPM, DDIM, DPM-Solver++) x its number of steps.
+decoder's guidance scale; the decoder's sampler (DDPM, DDIM, DPM-Solver++) x its number of steps;
+the prior's best-of-1 against best-of-2; the decoder with and without its caption tokens.
 
 :func:`upsampler_accuracy` judges the upsampling stages alone: the test split's true images at the
 decoder's size, upsampled by each stage, judged after each (what the upsamplers cost, apart from
@@ -73,6 +74,7 @@ TABLE_SAMPLERS = ("ddpm", "ddim", "dpm++")  # the table's default: unclip_jax.di
                                             # but 'unclip' (spelled here: --help imports no jax)
 SAMPLER_STEPS = (10, 25, 50)
 PRIORS = ("diffusion", "ar", "none")
+BEST_OF = (1, 2)
 
 
 class EvalError(UserError, ValueError):
@@ -370,11 +372,16 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
                         guidance_scales: Sequence[float] = GUIDANCE_SCALES,
                         samplers: Sequence[str] = TABLE_SAMPLERS,
                         steps: Sequence[int] = SAMPLER_STEPS,
+                        best_of: Sequence[int] = BEST_OF,
                         base: dict | None = None) -> list[ComparisonSetting]:
     """The paper's comparisons as rows, for the priors ``pipe`` has:
 
     * prior: each of ``priors`` ('none' = the decoder conditioned on z_t), the decoder at its
       defaults;
+    * prior best-of: the base prior drawing each of ``best_of`` z_i candidates and keeping the
+      one closest to z_t (the paper's 2 against 1);
+    * decoder caption tokens: with and without them (the decoder's ``caption_tokens`` setting;
+      z_i and z_t condition both rows), when the decoder has caption tokens (CLIP's text states);
     * decoder guidance: each scale, with the pipeline's first prior (diffusion, else AR);
     * decoder sampler: each sampler x number of steps, same prior.
 
@@ -404,6 +411,17 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     for p in priors:
         if have[p]:
             row("prior", {"none": "none (decoder on z_t)"}.get(p, p), p)
+    for k in best_of:
+        if int(k) < 1:
+            raise EvalError(f"best_of must be at least 1, got {k}.")
+        kw = dict(base, prior=prior, decoder_settings=dict(base_dec),
+                  prior_settings={**(base.get("prior_settings") or {}), "best_of": int(k)})
+        rows.append(ComparisonSetting("prior best-of", f"{prior} prior, best of {int(k)}", kw))
+    decoder = getattr(pipe, "decoder", None)
+    if getattr(getattr(decoder, "config", None), "text_encoder", "none") == "clip":
+        row("decoder caption tokens", "with caption tokens", prior, caption_tokens=True)
+        row("decoder caption tokens", "without caption tokens (z_i and z_t only)", prior,
+            caption_tokens=False)
     for g in guidance_scales:
         row("decoder guidance", f"{g:g} ({prior} prior)", prior, guidance_scale=float(g))
     for s in samplers:

@@ -33,7 +33,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
                      best_of=1),
     "decoder": dict(_SCHEDULE, sampler="unclip", steps=25, guidance_scale=8.0,
                     variance="learned_range", clip_range=1.0, eta=0.0,
-                    prediction_type="epsilon", uncond_text="empty_caption"),
+                    prediction_type="epsilon", uncond_text="empty_caption",
+                    caption_tokens=True),
     "super_res": [dict(_SCHEDULE, models=["super_res_first", "super_res_last"], size=256,
                        sampler="unclip", steps=7, variance="fixed_small_log", clip_range=1.0,
                        eta=0.0, start_t=None)],
@@ -60,7 +61,8 @@ SHAPES_SAMPLING: dict[str, Any] = {
     "ar_prior": dict(guidance_scale=1.0, temperature=1.0, top_p=1.0, dot_percentile=50.0,
                      best_of=2),
     "decoder": dict(_SHAPES_SCHEDULE, sampler="unclip", steps=25, guidance_scale=2.0,
-                    variance="learned_range", clip_range=1.0, eta=0.0, uncond_text="dropped"),
+                    variance="learned_range", clip_range=1.0, eta=0.0, uncond_text="dropped",
+                    caption_tokens=True),
     "super_res": [dict(_SHAPES_SCHEDULE, models=["sr64"], size=64, sampler="ddim", steps=8,
                        variance="fixed_small_log", clip_range=1.0, eta=0.0, start_t=60),
                   dict(_SHAPES_SCHEDULE, models=["sr128"], size=128, sampler="ddim", steps=8,
@@ -195,6 +197,8 @@ _STRINGS = ("sampler", "variance", "prediction_type", "schedule", "uncond_text")
 # UnCLIPPipeline), 'dropped' = z_t zeroed and every token masked out, which is what
 # `unclip-jax train`'s caption dropout shows the decoder (its exports write it).
 UNCOND_TEXT = ("empty_caption", "dropped")
+# caption_tokens=False masks out the caption's tokens in the decoder's attention (z_i and z_t still
+# condition it): the paper's "without the text path" comparison on a decoder that has one.
 
 
 def _check_values(stage: str, s: dict) -> dict:
@@ -212,7 +216,7 @@ def _check_values(stage: str, s: dict) -> dict:
             s[key] = check_int(name, value, lo=0)
         elif key in _STRINGS and value is not None and not isinstance(value, str):
             raise SettingValueError(f"{name} must be a name (a string), got {value!r}.")
-        elif key == "float32_cumprod" and not isinstance(value, bool):
+        elif key in ("float32_cumprod", "caption_tokens") and not isinstance(value, bool):
             raise SettingValueError(f"{name} must be true or false, got {value!r}.")
         elif key == "models" and (not isinstance(value, (list, tuple)) or not value or not all(
                 isinstance(m, str) for m in value)):

@@ -37,14 +37,18 @@ class TextInputs(NamedTuple):
 
 
 def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float,
-                     uncond_text: str = "empty_caption"):
+                     uncond_text: str = "empty_caption", caption_tokens: bool = True):
     """The guided decoder ``model_fn(x, t)`` (float32) of :meth:`UnCLIPPipeline.decode`: rows
     conditioned on z_i and the caption, guided against the learned null z_i and, with
     ``uncond_text='empty_caption'``, the empty caption's CLIP encoding ``uncond`` = (embed,
     hidden, mask), each [1, ...]; with ``'dropped'``, the caption dropped as in training (z_t
-    zeroed, every token masked out)."""
+    zeroed, every token masked out). ``caption_tokens=False`` masks every caption token out of
+    the decoder's attention, in both branches (z_i and z_t still condition it)."""
     cfg = model.config
     n = zi.shape[0]
+    if not caption_tokens:
+        mask = jnp.zeros_like(mask)
+        uncond = (uncond[0], uncond[1], jnp.zeros_like(uncond[2]))
     un = None
     if scale != 1.0 and cfg.text_encoder == "clip" and uncond_text == "empty_caption":
         ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
@@ -173,7 +177,8 @@ def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask,
 
     def fn(state, zi, z_t, hidden, mask, x_T, key, noise, uncond):
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond, scale,
-                                    s.get("uncond_text", "empty_caption"))
+                                    s.get("uncond_text", "empty_caption"),
+                                    s.get("caption_tokens", True))
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key, noise), -1.0, 1.0)
 
     jitted = rt.jit("decoder", freeze(s) + (("noise", noise is None),), fn)
