@@ -59,6 +59,9 @@ VARIANTS = {
         "tests/test_convert_cli.py::test_convert_then_generate_cli",
     'unclip-jax generate --checkpoint karlo_jax --prompt "a red frog on a green leaf"':
         "tests/test_convert_cli.py::test_convert_then_generate_cli",
+    # README.md: the upsamplers alone need a pipeline with upsamplers (the bundled model)
+    "unclip-jax eval --upsamplers":
+        "tests/test_shapes_eval.py::test_eval_upsamplers_command_on_the_bundled_model",
     # README.md and configs/shapes.py: the Shapes chain, on the tiny dataset, 2 steps per stage
     "unclip-jax shapes --data-dir data/tfds":
         "unclip-jax shapes --data-dir data/tfds --config tiny",
