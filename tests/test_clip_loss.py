@@ -74,3 +74,58 @@ def test_scale_is_clamped_at_100_and_gradients_flow():
     assert float(g_scale) != 0.0
     assert np.all(np.isfinite(g_text)) and np.abs(np.asarray(g_image)).max() > 0
     assert float(grad(jnp.float32(10.0), jnp.asarray(text), jnp.asarray(image))[0]) == 0.0
+
+
+def test_hard_negatives_join_the_image_to_text_side_only():
+    rs = np.random.RandomState(1)
+    text = rs.randn(6, 16).astype(np.float32)
+    image = (text + rs.randn(6, 16)).astype(np.float32)
+    neg = rs.randn(6, 16).astype(np.float32)
+    valid = np.array([True, False, True, True, False, True])
+    scale = 2.0
+    loss, m = jax.jit(contrastive_loss)(text, image, scale, neg, valid)
+    # reference: image -> [texts; valid negatives], text -> images unchanged
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    s = math.exp(scale)
+    i2t = s * unit(image.astype(np.float64)) @ np.concatenate([unit(text), unit(neg)[valid]]).T
+    t2i = (s * unit(image.astype(np.float64)) @ unit(text.astype(np.float64)).T).T
+    logp = lambda z: z - z.max(1, keepdims=True) - np.log(  # noqa: E731
+        np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    ref = 0.5 * (-np.mean(np.diag(logp(i2t)[:, :6])) - np.mean(np.diag(logp(t2i))))
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    own = np.sum(unit(image) * unit(text), 1) > np.sum(unit(image) * unit(neg), 1)
+    np.testing.assert_allclose(m["negative_accuracy"], own[valid].mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["negative_fraction"], 4 / 6)
+    # no valid negative: exactly the plain loss
+    none, _ = contrastive_loss(text, image, scale, neg, np.zeros(6, bool))
+    plain, _ = contrastive_loss(text, image, scale)
+    np.testing.assert_allclose(none, plain, rtol=1e-6)
+
+
+def test_clip_stage_loss_with_hard_negative_captions():
+    """The CLIP stage reads negative_tokens / negative_mask when input.negative_captions is set,
+    encodes them with the text tower, and rows without a negative change nothing."""
+    import ml_collections
+    from flax import nnx
+
+    from unclip_jax.clip.model import CLIP, get_preset
+    from unclip_jax.train import clip_stage
+    model = CLIP(get_preset("tiny"), rngs=nnx.Rngs(0))
+    c = ml_collections.ConfigDict({"input": {"negative_captions": "shapes"}})
+    assert clip_stage.STAGE.batch_keys(c)[-2:] == ("negative_tokens", "negative_mask")
+    assert "negative_tokens" not in clip_stage.STAGE.batch_keys(
+        ml_collections.ConfigDict({"input": {"negative_captions": ""}}))
+    rs = np.random.RandomState(0)
+    size = model.config.image_size
+    tokens = rs.randint(1, 400, (4, 8)).astype(np.int32)
+    batch = {"image": rs.uniform(-1, 1, (4, size, size, 3)).astype(np.float32),
+             "text_tokens": tokens, "text_mask": np.ones((4, 8), bool),
+             "negative_tokens": tokens[:, ::-1].copy(),
+             "negative_mask": np.array([[True] * 8, [False] * 8, [True] * 8, [False] * 8])}
+    plain, m0 = clip_stage.make_loss_fn(False)(model, batch, None)
+    with_neg, m1 = clip_stage.make_loss_fn(True)(model, batch, None)
+    assert "negative_accuracy" not in m0 and float(m1["negative_fraction"]) == 0.5
+    assert float(with_neg) > float(plain)          # two more texts to tell apart
+    batch["negative_mask"][:] = False
+    none, _ = clip_stage.make_loss_fn(True)(model, batch, None)
+    np.testing.assert_allclose(none, plain, rtol=1e-6)

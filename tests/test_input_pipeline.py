@@ -211,3 +211,28 @@ def test_bad_batch_size_and_config_are_user_errors(tmp_path):
                    process_count=1)
     cfg = default_input_config()
     assert cfg.context_length == 77 and cfg.repeat and cfg.long_caption == "truncate"
+
+
+def test_hard_negative_captions_are_tokenized_beside_the_captions(tmp_path):
+    from data_fixtures import write_tar
+    from unclip_jax.clip.tokenizer import get_tokenizer
+    caps = ["a red circle above a blue square", "a small red circle at the top left"]
+    members = []
+    for i, cap in enumerate(caps):
+        members += [(f"k{i}.png", encode(image_array(i))), (f"k{i}.txt", cap.encode())]
+    write_tar(str(tmp_path / "a.tar"), members)
+    inp = make_input(_cfg(str(tmp_path / "a.tar"), repeat=False, context_length=16,
+                          negative_captions="shapes", shuffle_buffer=0),
+                     global_batch_size=2, seed=0, process_index=0, process_count=1)
+    b = next(inp)
+    tok = get_tokenizer(16)("a blue square above a red circle")
+    row = list(b["caption"]).index(caps[0])
+    np.testing.assert_array_equal(b["negative_tokens"][row], np.asarray(tok.ids)[0])
+    np.testing.assert_array_equal(b["negative_mask"][row], np.asarray(tok.mask)[0])
+    assert not b["negative_mask"][1 - row].any()      # one object: no negative
+    with pytest.raises(InputConfigError, match="negative_captions must be one of"):
+        make_input(_cfg(str(tmp_path / "a.tar"), context_length=16, negative_captions="coco"),
+                   global_batch_size=2, seed=0, process_index=0, process_count=1)
+    with pytest.raises(InputConfigError, match="needs context_length"):
+        make_input(_cfg(str(tmp_path / "a.tar"), negative_captions="shapes"),
+                   global_batch_size=2, seed=0, process_index=0, process_count=1)

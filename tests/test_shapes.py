@@ -122,3 +122,31 @@ def test_tfds_builder_configs_and_cli_build(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:   # refused by the parser, before any work
         cli.main(["shapes", "--data-dir", str(tmp_path), "--num-train", "-1"])
     assert e.value.code == 2 and "--num-train" in capsys.readouterr().err
+
+
+def test_swapped_caption_exchanges_the_two_objects():
+    assert shapes.swapped_caption("a red circle above a blue square") == \
+        "a blue square above a red circle"
+    assert shapes.swapped_caption("A green triangle to the left of a cyan circle.") == \
+        "a cyan circle to the left of a green triangle"
+    for caption in shapes.two_object_captions()[:50]:
+        swapped = shapes.swapped_caption(caption)
+        assert swapped != caption and shapes.swapped_caption(swapped) == caption
+    assert shapes.swapped_caption("a small red circle at the top left") is None
+    assert shapes.swapped_caption("a red frog") is None
+
+
+def test_hard_negatives_are_other_scenes_built_from_the_same_parts():
+    from unclip_jax.evaluate.clip_retrieval import scene_class
+    cap = "a red circle above a blue square"
+    assert [shapes.hard_negative(cap, v) for v in range(4)] == [
+        "a blue square above a red circle", "a red circle to the right of a blue square",
+        "a red square above a blue circle", "a blue square above a red circle"]
+    # same shapes: the shape exchange would change nothing, so the relation turns the other way
+    assert shapes.hard_negative("a red circle above a blue circle", 2) == \
+        "a red circle to the left of a blue circle"
+    for caption in shapes.two_object_captions()[::7]:
+        for v in range(3):
+            neg = shapes.hard_negative(caption, v)
+            assert scene_class(neg) != scene_class(caption)     # never the same scene
+    assert shapes.hard_negative("a small red circle at the top left", 1) is None

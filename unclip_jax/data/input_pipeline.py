@@ -7,6 +7,9 @@ process count rows):
   'caption'      object [b] of str (stripped)
   'key'          object [b] of str (the record's key in its shard / folder / tfds split)
   'text_tokens'  int32 [b, L], 'text_mask' bool [b, L]     when context_length > 0 (CLIP BPE)
+  'negative_tokens' int32 [b, L], 'negative_mask' bool [b, L]
+                 with negative_captions: each caption's hard negative (a CLIP loss's extra
+                 negative texts); an all-false mask where a caption has none
   'low_res'      float32 [b, s, s, 3] in [-1, 1]           when low_res_size > 0
 (kind 'embeddings' yields whatever unclip_jax.data.precompute.read_embeddings records hold.)
 
@@ -109,6 +112,8 @@ _EPOCH = "end_of_epoch"  # the marker after each pass over the input (not counte
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_SIZE = 4096      # largest image_size (the paper's largest stage is 1024 px)
 MAX_CONTEXT = 4096   # largest context_length (CLIP's is 77)
+NEGATIVE_CAPTIONS = ("", "shapes")   # caption -> hard negative caption: none, or Shapes'
+                                     # (unclip_jax.data.shapes.hard_negative)
 
 
 class InputConfigError(UserError, ValueError):
@@ -192,6 +197,8 @@ def default_input_config():
     c.stop_after_unusable = 20_000  # stop (InputDataError) after this many reads, none kept
     c.context_length = 77        # CLIP tokens per caption; 0 = don't tokenize
     c.long_caption = "truncate"  # 'truncate' (count caption_truncated) | 'skip'
+    c.negative_captions = ""     # 'shapes': also tokenize each caption's hard negative
+                                 # (unclip_jax.data.shapes.hard_negative); '' = none
     c.max_caption_chars = 0      # > 0: captions longer than this are long too
     c.low_res_size = 0           # s > 0: add 'low_res' [s, s, 3], degraded from 'image'
     c.low_res_degradation = "blur"  # 'blur' | 'bsr' | 'none'
@@ -264,6 +271,11 @@ def _check(cfg, global_batch_size: int, process_count: int) -> int:
          f"resize_method must be 'bicubic', 'area' or 'bilinear', got {cfg.resize_method!r}.")
     need(cfg.context_length == 0 or cfg.context_length >= 3,
          f"context_length must be 0 (no tokens) or at least 3, got {cfg.context_length}.")
+    need(cfg.negative_captions in NEGATIVE_CAPTIONS,
+         f"negative_captions must be one of {NEGATIVE_CAPTIONS} ('' = none), got "
+         f"{cfg.negative_captions!r}.")
+    need(not cfg.negative_captions or cfg.context_length > 0,
+         "negative_captions needs context_length > 0 (the negatives are tokenized).")
     need(cfg.long_caption in LONG_CAPTION,
          f"long_caption must be one of {LONG_CAPTION}, got {cfg.long_caption!r}.")
     need(cfg.low_res_size >= 0 and cfg.low_res_degradation in DEGRADATIONS,
@@ -451,6 +463,28 @@ def _tokenize_fn(cfg):
     return fn
 
 
+def _negative_fn(cfg):
+    """A NumPy function (caption (UTF-8, as validated), record index) -> (ids [L], mask [L]) of
+    its hard negative caption (the index picks which kind), tokenized as the caption is; an
+    all-false mask where it has none."""
+    from unclip_jax.data.shapes import hard_negative
+    length = cfg.context_length
+    tok = get_tokenizer()
+
+    def fn(caption: bytes, index):
+        ids = np.full((length,), tok.pad_id, np.int32)
+        mask = np.zeros((length,), bool)
+        negative = hard_negative(caption.decode("utf-8", "replace"), int(index))
+        if negative:
+            row = [tok.sot_id, *tok.encode(negative)[:length - 2], tok.eot_id]
+            ids[:len(row)] = row
+            mask[:len(row)] = True
+        else:
+            ids[:] = 0
+        return ids, mask
+    return fn
+
+
 def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: int,
            start_batch: int):
 
@@ -489,6 +523,7 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
 
     # 2. validate and tokenize.
     tokenize = _tokenize_fn(cfg)
+    negative = _negative_fn(cfg) if cfg.negative_captions else None
     reason_names = tf.constant(("",) + SKIP_REASONS + (_EPOCH, _END))
     code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_EPOCH, _END))}
     length = max(cfg.context_length, 1)
@@ -516,6 +551,11 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         flags = (el["flags"] + tf.where(long, images.FLAG_CAPTION_TRUNCATED, 0)
                  + tf.where(recoded, images.FLAG_CAPTION_RECODED, 0))
         out = dict(el, caption=caption, code=code, flags=flags, ids=ids, mask=mask)
+        if negative is not None:
+            neg_ids, neg_mask = tf.numpy_function(negative, [caption, el["index"]],
+                                                  [tf.int32, tf.bool], stateful=False)
+            out["neg_ids"] = tf.ensure_shape(neg_ids, [length])
+            out["neg_mask"] = tf.ensure_shape(neg_mask, [length])
         del out["error"]
         return out
     ds = ds.map(validate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -582,6 +622,8 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
                "_counts": el["counts"], "_end": el["end"], "_stop": el["stop"]}
         if cfg.context_length:
             out["text_tokens"], out["text_mask"] = el["ids"], el["mask"]
+        if negative is not None:
+            out["negative_tokens"], out["negative_mask"] = el["neg_ids"], el["neg_mask"]
         if cfg.low_res_size:
             low = bsr.degrade(image, cfg.low_res_size, cfg.low_res_degradation,
                                        seed=s[1])

@@ -76,6 +76,7 @@ KINDS = ("one", "two")
 __all__ = [
     "BACKGROUND", "CANVAS", "COLOURS", "KINDS", "POSITIONS", "POSITION_NAMES", "RELATIONS", "SHAPES",
     "SIZES", "CaptionParseError", "Example", "Obj", "ParsedCaption", "Scene", "all_captions",
+    "hard_negative", "swapped_caption",
     "caption_for", "example", "generate", "iterate", "one_object_captions", "parse_caption",
     "position_of", "render", "sample_scene", "scene_rng", "two_object_captions",
 ]
@@ -159,6 +160,48 @@ def caption_for(objects: Sequence[Obj], relation: str | None = None) -> str:
         return _two_caption((a.colour, a.shape), relation, (b.colour, b.shape))
     raise ValueError(f"A Shapes scene has one object, or two and a relation in {RELATIONS}; got "
                      f"{len(objects)} objects and relation {relation!r}.")
+
+
+_TURN = {"to the left of": "above", "above": "to the right of", "to the right of": "below",
+         "below": "to the left of"}   # the relation turned a quarter
+
+
+def swapped_caption(caption: str) -> str | None:
+    """A two-object caption with its two objects exchanged ("a red circle above a blue square"
+    -> "a blue square above a red circle"): the same words, another scene. None for a
+    one-object caption (or text outside the grammar)."""
+    return hard_negative(caption, 0)
+
+
+def hard_negative(caption: str, variant: int = 0) -> str | None:
+    """A caption of another scene that differs from a two-object ``caption`` only in how its
+    parts are put together: CLIP's hard negative for it (``input.negative_captions='shapes'``).
+    In-batch negatives almost never hold these, so without them a contrastive CLIP learns which
+    objects a picture holds but hardly which is where. ``variant`` (the input pipeline passes
+    the record's index, so each record meets every kind over the epochs) picks, modulo 3:
+
+      0  the objects exchanged:  "a blue square above a red circle"
+      1  the relation turned a quarter: "a red circle to the right of a blue square"
+      2  the shapes exchanged:   "a red square above a blue circle" (if both shapes are the
+         same, the relation turned the other way)
+
+    for "a red circle above a blue square". None for a one-object caption (or text outside the
+    grammar)."""
+    try:
+        p = parse_caption(caption)
+    except CaptionParseError:
+        return None
+    if p.kind != "two":
+        return None
+    (ca, sa), (cb, sb) = p.objects
+    rel = p.relation
+    kind = int(variant) % 3
+    if kind == 0:
+        return _two_caption((cb, sb), rel, (ca, sa))
+    if kind == 2 and sa != sb:
+        return _two_caption((ca, sb), rel, (cb, sa))
+    turned = _TURN[rel] if kind == 1 else _TURN[_TURN[_TURN[rel]]]
+    return _two_caption((ca, sa), turned, (cb, sb))
 
 
 def one_object_captions() -> list[str]:

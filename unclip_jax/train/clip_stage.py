@@ -5,6 +5,10 @@ A batch holds ``image`` [B, H, W, 3] in [-1, 1] (the input pipeline's convention
 mean/std) inside the step; the loss is :func:`unclip_jax.clip.loss.contrastive_loss` over the
 GLOBAL batch (under ``jit`` with a sharded batch the arrays are global, so every other row of
 every device is a negative). Metrics: both retrieval accuracies and the logit scale.
+
+With ``input.negative_captions`` set (Shapes: each two-object caption with its objects
+exchanged), the batch also holds ``negative_tokens`` / ``negative_mask``; their text embeddings
+join the texts each image is contrasted with (rows whose mask is all false have none).
 """
 from __future__ import annotations
 
@@ -29,15 +33,30 @@ def to_clip_pixels(image):
     return (x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
 
 
-def make_loss_fn():
-    """``loss_fn(clip_model, batch, rng) -> (loss, metrics)`` for the shared train step."""
+NEGATIVE_KEYS = ("negative_tokens", "negative_mask")
+
+
+def _negatives(c) -> bool:
+    return bool(c.get("input", {}).get("negative_captions", ""))
+
+
+def make_loss_fn(negatives: bool = False):
+    """``loss_fn(clip_model, batch, rng) -> (loss, metrics)`` for the shared train step; with
+    ``negatives`` the batch's hard-negative captions join the contrast."""
 
     def loss_fn(model, batch, rng):
         del rng  # CLIP trains without dropout
-        out = model(jnp.asarray(batch["text_tokens"]), to_clip_pixels(batch["image"]),
-                    attention_mask=jnp.asarray(batch["text_mask"]))
+        tokens, mask = jnp.asarray(batch["text_tokens"]), jnp.asarray(batch["text_mask"])
+        out = model(tokens, to_clip_pixels(batch["image"]), attention_mask=mask)
+        neg = valid = None
+        if negatives:
+            neg_mask = jnp.asarray(batch["negative_mask"])
+            valid = jnp.any(neg_mask, axis=-1)
+            # rows without a negative encode their own caption (then masked out of the loss)
+            neg_tokens = jnp.where(valid[:, None], jnp.asarray(batch["negative_tokens"]), tokens)
+            neg, _ = model.encode_text(neg_tokens, jnp.where(valid[:, None], neg_mask, mask))
         loss, metrics = contrastive_loss(out["text_embeds"], out["image_embeds"],
-                                         out["logit_scale"])
+                                         out["logit_scale"], neg, valid)
         metrics.pop("loss")
         return loss, metrics
 
@@ -45,5 +64,6 @@ def make_loss_fn():
 
 
 STAGE = Stage("clip", build_model=lambda c, rngs: CLIP(model_config(c), rngs=rngs),
-              make_loss_fn=lambda c: make_loss_fn(), batch_keys=lambda c: BATCH_KEYS,
+              make_loss_fn=lambda c: make_loss_fn(_negatives(c)),
+              batch_keys=lambda c: BATCH_KEYS + (NEGATIVE_KEYS if _negatives(c) else ()),
               model_config=model_config)
