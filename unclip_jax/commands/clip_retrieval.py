@@ -79,6 +79,9 @@ def _models(args):
             kept = sorted(manager.all_steps())
         finally:
             manager.close()
+        if not kept:
+            raise RetrievalCommandError(f"{args.clip} keeps no checkpoint yet; train first (or "
+                                        "wait for the first checkpoint.every_steps).")
         steps = args.steps if args.steps is not None else kept
         missing = [s for s in steps if s not in kept]
         if missing:
@@ -126,9 +129,7 @@ def run(args, overrides) -> int:
             f"{int(s['two/count'])} two-object\n\n{header}\n" + "\n".join(rows) + "\n")
     if args.out:
         from unclip_jax.commands.apps import shown
-        from unclip_jax.io import paths
-        from unclip_jax.io.atomic import atomic_write
-        paths.makedirs(paths.dirname(paths.absolute(args.out)))
-        atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))
+        from unclip_jax.io.outputs import write_text
+        write_text(args.out, text)
         print(f"wrote {shown(args.out)}")
     return 0

@@ -222,10 +222,8 @@ def _finish(args, report: list[str]) -> int:
     print(text, end="")
     if args.out:
         from unclip_jax.commands.apps import shown
-        from unclip_jax.io import paths
-        from unclip_jax.io.atomic import atomic_write
-        paths.makedirs(paths.dirname(paths.absolute(args.out)))
-        atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))
+        from unclip_jax.io.outputs import write_text
+        write_text(args.out, text)
         print(f"wrote {shown(args.out)}")
     return 0
 

@@ -85,3 +85,11 @@ def check_file(path: str, *, overwrite: bool = False, flag: str = "--out") -> st
             raise OutputError(f"{flag} {path}: no permission to replace it.")
     _check_creatable(path, flag)
     return path
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to the file ``path`` atomically, creating its folder; ``path`` was
+    checked with :func:`check_file` before the work began."""
+    from unclip_jax.io.atomic import atomic_write
+    paths.makedirs(paths.dirname(paths.absolute(path)))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
