@@ -76,28 +76,35 @@ def test_scale_is_clamped_at_100_and_gradients_flow():
     assert float(grad(jnp.float32(10.0), jnp.asarray(text), jnp.asarray(image))[0]) == 0.0
 
 
-def test_hard_negatives_join_the_image_to_text_side_only():
+def test_hard_negatives_join_the_image_to_text_side_and_the_focused_term():
     rs = np.random.RandomState(1)
     text = rs.randn(6, 16).astype(np.float32)
     image = (text + rs.randn(6, 16)).astype(np.float32)
-    neg = rs.randn(6, 16).astype(np.float32)
-    valid = np.array([True, False, True, True, False, True])
+    neg = rs.randn(6, 2, 16).astype(np.float32)
+    valid = np.array([[True, True], [False, False], [True, False], [True, True],
+                      [False, False], [False, True]])
     scale = 2.0
-    loss, m = jax.jit(contrastive_loss)(text, image, scale, neg, valid)
-    # reference: image -> [texts; valid negatives], text -> images unchanged
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    loss, m = jax.jit(contrastive_loss, static_argnums=5)(text, image, scale, neg, valid, 0.5)
+    # reference: image -> [texts; valid negatives], text -> images unchanged, plus 0.5 x the
+    # focused term over the rows with a negative
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
     s = math.exp(scale)
-    i2t = s * unit(image.astype(np.float64)) @ np.concatenate([unit(text), unit(neg)[valid]]).T
-    t2i = (s * unit(image.astype(np.float64)) @ unit(text.astype(np.float64)).T).T
+    img, t, n = unit(image.astype(np.float64)), unit(text.astype(np.float64)), unit(neg)
+    i2t = s * img @ np.concatenate([t, n.reshape(12, 16)[valid.reshape(-1)]]).T
+    t2i = (s * img @ t.T).T
     logp = lambda z: z - z.max(1, keepdims=True) - np.log(  # noqa: E731
         np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
-    ref = 0.5 * (-np.mean(np.diag(logp(i2t)[:, :6])) - np.mean(np.diag(logp(t2i))))
-    np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    own = np.sum(unit(image) * unit(text), 1) > np.sum(unit(image) * unit(neg), 1)
-    np.testing.assert_allclose(m["negative_accuracy"], own[valid].mean(), rtol=1e-6)
-    np.testing.assert_allclose(m["negative_fraction"], 4 / 6)
-    # no valid negative: exactly the plain loss
-    none, _ = contrastive_loss(text, image, scale, neg, np.zeros(6, bool))
+    base = 0.5 * (-np.mean(np.diag(logp(i2t)[:, :6])) - np.mean(np.diag(logp(t2i))))
+    pos, own = s * np.sum(img * t, 1), s * np.einsum("bd,bkd->bk", img, n)
+    focused = [-logp(np.array([[pos[i]] + list(own[i][valid[i]])]))[0, 0]
+               for i in range(6) if valid[i].any()]
+    np.testing.assert_allclose(loss, base + 0.5 * np.mean(focused), rtol=1e-5)
+    np.testing.assert_allclose(m["negative_loss"], np.mean(focused), rtol=1e-5)
+    beats = (pos[:, None] > own)[valid]
+    np.testing.assert_allclose(m["negative_accuracy"], beats.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["negative_fraction"], 6 / 12)
+    # no valid negative: exactly the plain loss, whatever the weight
+    none, _ = contrastive_loss(text, image, scale, neg, np.zeros((6, 2), bool), 3.0)
     plain, _ = contrastive_loss(text, image, scale)
     np.testing.assert_allclose(none, plain, rtol=1e-6)
 
@@ -118,14 +125,20 @@ def test_clip_stage_loss_with_hard_negative_captions():
     rs = np.random.RandomState(0)
     size = model.config.image_size
     tokens = rs.randint(1, 400, (4, 8)).astype(np.int32)
+    neg_mask = np.zeros((4, 3, 8), bool)
+    neg_mask[0, :] = neg_mask[2, 1] = True
     batch = {"image": rs.uniform(-1, 1, (4, size, size, 3)).astype(np.float32),
              "text_tokens": tokens, "text_mask": np.ones((4, 8), bool),
-             "negative_tokens": tokens[:, ::-1].copy(),
-             "negative_mask": np.array([[True] * 8, [False] * 8, [True] * 8, [False] * 8])}
+             "negative_tokens": np.stack([tokens[:, ::-1], np.roll(tokens, 1, axis=1),
+                                          np.roll(tokens, 2, axis=1)], 1),
+             "negative_mask": neg_mask}
     plain, m0 = clip_stage.make_loss_fn(False)(model, batch, None)
-    with_neg, m1 = clip_stage.make_loss_fn(True)(model, batch, None)
-    assert "negative_accuracy" not in m0 and float(m1["negative_fraction"]) == 0.5
-    assert float(with_neg) > float(plain)          # two more texts to tell apart
+    with_neg, m1 = clip_stage.make_loss_fn(True, 0.0)(model, batch, None)
+    focused, m2 = clip_stage.make_loss_fn(True, 2.0)(model, batch, None)
+    assert "negative_accuracy" not in m0
+    np.testing.assert_allclose(m1["negative_fraction"], 4 / 12, rtol=1e-6)
+    assert float(with_neg) > float(plain)          # four more texts to tell apart
+    np.testing.assert_allclose(focused, with_neg + 2.0 * m2["negative_loss"], rtol=1e-5)
     batch["negative_mask"][:] = False
-    none, _ = clip_stage.make_loss_fn(True)(model, batch, None)
+    none, _ = clip_stage.make_loss_fn(True, 2.0)(model, batch, None)
     np.testing.assert_allclose(none, plain, rtol=1e-6)

@@ -225,10 +225,13 @@ def test_hard_negative_captions_are_tokenized_beside_the_captions(tmp_path):
                           negative_captions="shapes", shuffle_buffer=0),
                      global_batch_size=2, seed=0, process_index=0, process_count=1)
     b = next(inp)
-    tok = get_tokenizer(16)("a blue square above a red circle")
+    assert b["negative_tokens"].shape == b["negative_mask"].shape == (2, 3, 16)
+    tok = get_tokenizer(16)(["a blue square above a red circle",
+                             "a red circle to the right of a blue square",
+                             "a red square above a blue circle"])
     row = list(b["caption"]).index(caps[0])
-    np.testing.assert_array_equal(b["negative_tokens"][row], np.asarray(tok.ids)[0])
-    np.testing.assert_array_equal(b["negative_mask"][row], np.asarray(tok.mask)[0])
+    np.testing.assert_array_equal(b["negative_tokens"][row], np.asarray(tok.ids))
+    np.testing.assert_array_equal(b["negative_mask"][row], np.asarray(tok.mask))
     assert not b["negative_mask"][1 - row].any()      # one object: no negative
     with pytest.raises(InputConfigError, match="negative_captions must be one of"):
         make_input(_cfg(str(tmp_path / "a.tar"), context_length=16, negative_captions="coco"),

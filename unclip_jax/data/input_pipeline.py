@@ -7,9 +7,9 @@ process count rows):
   'caption'      object [b] of str (stripped)
   'key'          object [b] of str (the record's key in its shard / folder / tfds split)
   'text_tokens'  int32 [b, L], 'text_mask' bool [b, L]     when context_length > 0 (CLIP BPE)
-  'negative_tokens' int32 [b, L], 'negative_mask' bool [b, L]
-                 with negative_captions: each caption's hard negative (a CLIP loss's extra
-                 negative texts); an all-false mask where a caption has none
+  'negative_tokens' int32 [b, K, L], 'negative_mask' bool [b, K, L]
+                 with negative_captions: each caption's K hard negatives (a CLIP loss's extra
+                 negative texts; K = 3 for 'shapes'); an all-false mask where it has none
   'low_res'      float32 [b, s, s, 3] in [-1, 1]           when low_res_size > 0
 (kind 'embeddings' yields whatever unclip_jax.data.precompute.read_embeddings records hold.)
 
@@ -464,23 +464,24 @@ def _tokenize_fn(cfg):
 
 
 def _negative_fn(cfg):
-    """A NumPy function (caption (UTF-8, as validated), record index) -> (ids [L], mask [L]) of
-    its hard negative caption (the index picks which kind), tokenized as the caption is; an
-    all-false mask where it has none."""
-    from unclip_jax.data.shapes import hard_negative
+    """A NumPy function caption (UTF-8, as validated) -> (ids [K, L], mask [K, L]) of its K
+    hard negative captions, tokenized as the caption is; all-false mask rows where it has
+    none."""
+    from unclip_jax.data.shapes import HARD_NEGATIVES, hard_negative
     length = cfg.context_length
     tok = get_tokenizer()
 
-    def fn(caption: bytes, index):
-        ids = np.full((length,), tok.pad_id, np.int32)
-        mask = np.zeros((length,), bool)
-        negative = hard_negative(caption.decode("utf-8", "replace"), int(index))
-        if negative:
-            row = [tok.sot_id, *tok.encode(negative)[:length - 2], tok.eot_id]
-            ids[:len(row)] = row
-            mask[:len(row)] = True
-        else:
-            ids[:] = 0
+    def fn(caption: bytes):
+        ids = np.zeros((HARD_NEGATIVES, length), np.int32)
+        mask = np.zeros((HARD_NEGATIVES, length), bool)
+        text = caption.decode("utf-8", "replace")
+        for k in range(HARD_NEGATIVES):
+            negative = hard_negative(text, k)
+            if negative:
+                row = [tok.sot_id, *tok.encode(negative)[:length - 2], tok.eot_id]
+                ids[k] = tok.pad_id
+                ids[k, :len(row)] = row
+                mask[k, :len(row)] = True
         return ids, mask
     return fn
 
@@ -524,6 +525,8 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
     # 2. validate and tokenize.
     tokenize = _tokenize_fn(cfg)
     negative = _negative_fn(cfg) if cfg.negative_captions else None
+    if negative is not None:
+        from unclip_jax.data.shapes import HARD_NEGATIVES as n_negatives
     reason_names = tf.constant(("",) + SKIP_REASONS + (_EPOCH, _END))
     code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_EPOCH, _END))}
     length = max(cfg.context_length, 1)
@@ -552,10 +555,10 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
                  + tf.where(recoded, images.FLAG_CAPTION_RECODED, 0))
         out = dict(el, caption=caption, code=code, flags=flags, ids=ids, mask=mask)
         if negative is not None:
-            neg_ids, neg_mask = tf.numpy_function(negative, [caption, el["index"]],
-                                                  [tf.int32, tf.bool], stateful=False)
-            out["neg_ids"] = tf.ensure_shape(neg_ids, [length])
-            out["neg_mask"] = tf.ensure_shape(neg_mask, [length])
+            neg_ids, neg_mask = tf.numpy_function(negative, [caption], [tf.int32, tf.bool],
+                                                  stateful=False)
+            out["neg_ids"] = tf.ensure_shape(neg_ids, [n_negatives, length])
+            out["neg_mask"] = tf.ensure_shape(neg_mask, [n_negatives, length])
         del out["error"]
         return out
     ds = ds.map(validate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

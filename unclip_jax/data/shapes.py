@@ -76,7 +76,7 @@ KINDS = ("one", "two")
 __all__ = [
     "BACKGROUND", "CANVAS", "COLOURS", "KINDS", "POSITIONS", "POSITION_NAMES", "RELATIONS", "SHAPES",
     "SIZES", "CaptionParseError", "Example", "Obj", "ParsedCaption", "Scene", "all_captions",
-    "hard_negative", "swapped_caption",
+    "HARD_NEGATIVES", "hard_negative", "swapped_caption",
     "caption_for", "example", "generate", "iterate", "one_object_captions", "parse_caption",
     "position_of", "render", "sample_scene", "scene_rng", "two_object_captions",
 ]
@@ -173,12 +173,15 @@ def swapped_caption(caption: str) -> str | None:
     return hard_negative(caption, 0)
 
 
+HARD_NEGATIVES = 3   # kinds of hard_negative, each caption gets one of each
+
+
 def hard_negative(caption: str, variant: int = 0) -> str | None:
     """A caption of another scene that differs from a two-object ``caption`` only in how its
-    parts are put together: CLIP's hard negative for it (``input.negative_captions='shapes'``).
-    In-batch negatives almost never hold these, so without them a contrastive CLIP learns which
-    objects a picture holds but hardly which is where. ``variant`` (the input pipeline passes
-    the record's index, so each record meets every kind over the epochs) picks, modulo 3:
+    parts are put together: CLIP's hard negative for it (``input.negative_captions='shapes'``
+    gives each caption all ``HARD_NEGATIVES`` of them). In-batch negatives almost never hold
+    these, so without them a contrastive CLIP learns which objects a picture holds but hardly
+    which is where. ``variant`` picks, modulo 3:
 
       0  the objects exchanged:  "a blue square above a red circle"
       1  the relation turned a quarter: "a red circle to the right of a blue square"

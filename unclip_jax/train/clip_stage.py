@@ -7,8 +7,10 @@ GLOBAL batch (under ``jit`` with a sharded batch the arrays are global, so every
 every device is a negative). Metrics: both retrieval accuracies and the logit scale.
 
 With ``input.negative_captions`` set (Shapes: each two-object caption with its objects
-exchanged), the batch also holds ``negative_tokens`` / ``negative_mask``; their text embeddings
-join the texts each image is contrasted with (rows whose mask is all false have none).
+exchanged, its relation turned, its shapes exchanged), the batch also holds ``negative_tokens`` /
+``negative_mask`` [B, K, L]; their text embeddings join the texts each image is contrasted with,
+and ``negative_weight`` (config top level, default 1.0) weighs the focused term of
+:func:`unclip_jax.clip.loss.contrastive_loss` (rows whose mask is all false have none).
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ def _negatives(c) -> bool:
     return bool(c.get("input", {}).get("negative_captions", ""))
 
 
-def make_loss_fn(negatives: bool = False):
+def make_loss_fn(negatives: bool = False, negative_weight: float = 1.0):
     """``loss_fn(clip_model, batch, rng) -> (loss, metrics)`` for the shared train step; with
-    ``negatives`` the batch's hard-negative captions join the contrast."""
+    ``negatives`` the batch's hard-negative captions join the contrast (and the focused term,
+    weighted ``negative_weight``)."""
 
     def loss_fn(model, batch, rng):
         del rng  # CLIP trains without dropout
@@ -50,13 +53,19 @@ def make_loss_fn(negatives: bool = False):
         out = model(tokens, to_clip_pixels(batch["image"]), attention_mask=mask)
         neg = valid = None
         if negatives:
-            neg_mask = jnp.asarray(batch["negative_mask"])
-            valid = jnp.any(neg_mask, axis=-1)
-            # rows without a negative encode their own caption (then masked out of the loss)
-            neg_tokens = jnp.where(valid[:, None], jnp.asarray(batch["negative_tokens"]), tokens)
-            neg, _ = model.encode_text(neg_tokens, jnp.where(valid[:, None], neg_mask, mask))
+            neg_mask = jnp.asarray(batch["negative_mask"])               # [B, K, L]
+            b, k, length = neg_mask.shape
+            valid = jnp.any(neg_mask, axis=-1)                           # [B, K]
+            # a missing negative encodes the row's own caption (then masked out of the loss)
+            neg_tokens = jnp.where(valid[..., None], jnp.asarray(batch["negative_tokens"]),
+                                   tokens[:, None])
+            neg_mask = jnp.where(valid[..., None], neg_mask, mask[:, None])
+            neg, _ = model.encode_text(neg_tokens.reshape(b * k, length),
+                                       neg_mask.reshape(b * k, length))
+            neg = neg.reshape(b, k, -1)
         loss, metrics = contrastive_loss(out["text_embeds"], out["image_embeds"],
-                                         out["logit_scale"], neg, valid)
+                                         out["logit_scale"], neg, valid,
+                                         negative_weight if negatives else 0.0)
         metrics.pop("loss")
         return loss, metrics
 
@@ -64,6 +73,7 @@ def make_loss_fn(negatives: bool = False):
 
 
 STAGE = Stage("clip", build_model=lambda c, rngs: CLIP(model_config(c), rngs=rngs),
-              make_loss_fn=lambda c: make_loss_fn(_negatives(c)),
+              make_loss_fn=lambda c: make_loss_fn(_negatives(c),
+                                                  float(c.get("negative_weight", 1.0))),
               batch_keys=lambda c: BATCH_KEYS + (NEGATIVE_KEYS if _negatives(c) else ()),
               model_config=model_config)
