@@ -40,6 +40,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.stage = "clip"
     c.seed = 0
+    c.negative_weight = 1.0   # the focused hard-negative term, with input.negative_captions
 
     preset = dataclasses.asdict(get_preset(size))
     preset["text_mlp_dim"] = preset["text_mlp_dim"] or 4 * preset["text_width"]

@@ -153,6 +153,7 @@ def get_config(arg=None):
         c.total_steps = 4 if local else 563
         c.optimizer = _optimizer(1e-3, 2 if local else 100, b2=0.98, wd=0.1)
         c.ema_decay = 0.0
+        c.negative_weight = 1.0   # used only with --config.input.negative_captions=shapes
         # bicubic (antialiased) to 32 px: what precompute's CLIP preprocessing does
         c.input = input_config(**dict(tfds_input, image_size=32, resize_method="bicubic",
                                       context_length=CONTEXT))

@@ -142,3 +142,14 @@ def test_clip_stage_loss_with_hard_negative_captions():
     batch["negative_mask"][:] = False
     none, _ = clip_stage.make_loss_fn(True, 2.0)(model, batch, None)
     np.testing.assert_allclose(none, plain, rtol=1e-6)
+
+
+def test_clip_stage_refuses_a_bad_negative_weight():
+    import ml_collections
+    import pytest
+
+    from unclip_jax.train import clip_stage
+    clip_stage.check_settings(ml_collections.ConfigDict({"negative_weight": 0.0}))
+    for bad in (-1.0, float("nan"), "x", True):
+        with pytest.raises(clip_stage.StageConfigError, match="negative_weight must be"):
+            clip_stage.check_settings(ml_collections.ConfigDict({"negative_weight": bad}))

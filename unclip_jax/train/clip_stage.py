@@ -14,12 +14,15 @@ and ``negative_weight`` (config top level, default 1.0) weighs the focused term 
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax.numpy as jnp
 
 from unclip_jax.clip.loss import contrastive_loss
 from unclip_jax.clip.model import CLIP, CLIPConfig
 from unclip_jax.clip.preprocess import OPENAI_MEAN, OPENAI_STD
-from unclip_jax.train.stage import Stage, model_fields
+from unclip_jax.train.stage import Stage, StageConfigError, model_fields
 
 BATCH_KEYS = ("image", "text_tokens", "text_mask")
 
@@ -72,8 +75,17 @@ def make_loss_fn(negatives: bool = False, negative_weight: float = 1.0):
     return loss_fn
 
 
+def check_settings(c) -> None:
+    """``negative_weight``: a finite number >= 0 (refused before anything is built)."""
+    w = c.get("negative_weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+        raise StageConfigError(f"negative_weight must be a finite number >= 0 (the weight of "
+                               f"the focused hard-negative term), got {w!r}. Fix it in the config "
+                               "or with --config.negative_weight=VALUE.")
+
+
 STAGE = Stage("clip", build_model=lambda c, rngs: CLIP(model_config(c), rngs=rngs),
               make_loss_fn=lambda c: make_loss_fn(_negatives(c),
                                                   float(c.get("negative_weight", 1.0))),
               batch_keys=lambda c: BATCH_KEYS + (NEGATIVE_KEYS if _negatives(c) else ()),
-              model_config=model_config)
+              model_config=model_config, check_settings=check_settings)
