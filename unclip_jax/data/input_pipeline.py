@@ -95,6 +95,7 @@ from unclip_jax.clip.tokenizer import get_tokenizer
 from unclip_jax.data import bsr, images, readers
 from unclip_jax.data.precompute import read_embeddings
 from unclip_jax.data.readers import process_defaults
+from unclip_jax.data.shapes import HARD_NEGATIVES, hard_negative
 from unclip_jax.errors import UserError
 
 KINDS = ("webdataset", "tfrecord", "tfds", "folder", "embeddings")
@@ -467,7 +468,6 @@ def _negative_fn(cfg):
     """A NumPy function caption (UTF-8, as validated) -> (ids [K, L], mask [K, L]) of its K
     hard negative captions, tokenized as the caption is; all-false mask rows where it has
     none."""
-    from unclip_jax.data.shapes import HARD_NEGATIVES, hard_negative
     length = cfg.context_length
     tok = get_tokenizer()
 
@@ -525,8 +525,6 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
     # 2. validate and tokenize.
     tokenize = _tokenize_fn(cfg)
     negative = _negative_fn(cfg) if cfg.negative_captions else None
-    if negative is not None:
-        from unclip_jax.data.shapes import HARD_NEGATIVES as n_negatives
     reason_names = tf.constant(("",) + SKIP_REASONS + (_EPOCH, _END))
     code_of = {name: i for i, name in enumerate(("",) + SKIP_REASONS + (_EPOCH, _END))}
     length = max(cfg.context_length, 1)
@@ -557,8 +555,8 @@ def _build(cfg, local_batch: int, seed: int, process_index: int, process_count: 
         if negative is not None:
             neg_ids, neg_mask = tf.numpy_function(negative, [caption], [tf.int32, tf.bool],
                                                   stateful=False)
-            out["neg_ids"] = tf.ensure_shape(neg_ids, [n_negatives, length])
-            out["neg_mask"] = tf.ensure_shape(neg_mask, [n_negatives, length])
+            out["neg_ids"] = tf.ensure_shape(neg_ids, [HARD_NEGATIVES, length])
+            out["neg_mask"] = tf.ensure_shape(neg_mask, [HARD_NEGATIVES, length])
         del out["error"]
         return out
     ds = ds.map(validate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

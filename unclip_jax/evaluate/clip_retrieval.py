@@ -29,6 +29,8 @@ import numpy as np
 
 from unclip_jax.data.shapes import parse_caption
 from unclip_jax.errors import UserError
+from unclip_jax.evaluate import image_metrics as im
+from unclip_jax.evaluate import shapes_eval as se
 
 __all__ = ["RetrievalError", "scene_class", "retrieval_scores", "shapes_retrieval",
            "DEFAULT_EXAMPLES"]
@@ -97,8 +99,6 @@ def shapes_retrieval(clip_model, tokenizer, n: int = DEFAULT_EXAMPLES, *, seed: 
     """:func:`retrieval_scores` of ``clip_model`` (an unclip-jax CLIP with both towers) on the
     first ``n`` Shapes test examples. ``images`` (uint8 [n, H, W, 3]) and ``captions`` may be
     passed to reuse one rendering across several models."""
-    from unclip_jax.evaluate import image_metrics as im
-    from unclip_jax.evaluate import shapes_eval as se
     if not hasattr(clip_model, "encode_image"):
         raise RetrievalError("Retrieval needs a CLIP with an image tower; this model has only "
                              "a text encoder.")

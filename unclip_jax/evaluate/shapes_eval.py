@@ -52,6 +52,7 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -62,6 +63,7 @@ from unclip_jax.diffusion import SAMPLERS
 from unclip_jax.errors import UserError
 from unclip_jax.evaluate import image_metrics as im
 from unclip_jax.evaluate.shapes_judge import find_objects, judge_batch
+from unclip_jax.pipeline.pipeline import PipelineInfo
 
 __all__ = ["ComparisonSetting", "Comparison", "EvalError", "caption_accuracy",
            "comparison_settings", "comparison_table", "diversity", "generate_for_captions",
@@ -466,9 +468,6 @@ def upsampler_accuracy(pipe, n: int, *, seed: int = 0, data_seed: int = DEFAULT_
     ``seed``), and judged again after each. Rows: ``(label, score_images summary)``, the first
     the true images at the decoder's size. ``upsample`` stops after that many stages (default:
     all the pipeline has)."""
-    import jax
-
-    from unclip_jax.pipeline.pipeline import PipelineInfo
     info = PipelineInfo.of(pipe)
     stages = info.upsample_stages if upsample is None else info.upsample_stages[:int(upsample)]
     if upsample is not None and int(upsample) > len(info.upsample_stages):

@@ -14,6 +14,7 @@ from typing import Iterable
 
 from unclip_jax.errors import UserError
 from unclip_jax.io import paths
+from unclip_jax.io.atomic import atomic_write
 
 
 class OutputError(UserError, ValueError):
@@ -90,6 +91,5 @@ def check_file(path: str, *, overwrite: bool = False, flag: str = "--out") -> st
 def write_text(path: str, text: str) -> None:
     """Write ``text`` (UTF-8) to the file ``path`` atomically, creating its folder; ``path`` was
     checked with :func:`check_file` before the work began."""
-    from unclip_jax.io.atomic import atomic_write
     paths.makedirs(paths.dirname(paths.absolute(path)))
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
