@@ -124,16 +124,16 @@ def test_tfds_builder_configs_and_cli_build(tmp_path, capsys):
     assert e.value.code == 2 and "--num-train" in capsys.readouterr().err
 
 
-def test_swapped_caption_exchanges_the_two_objects():
-    assert shapes.swapped_caption("a red circle above a blue square") == \
+def test_hard_negative_0_exchanges_the_two_objects():
+    assert shapes.hard_negative("a red circle above a blue square", 0) == \
         "a blue square above a red circle"
-    assert shapes.swapped_caption("A green triangle to the left of a cyan circle.") == \
+    assert shapes.hard_negative("A green triangle to the left of a cyan circle.", 0) == \
         "a cyan circle to the left of a green triangle"
     for caption in shapes.two_object_captions()[:50]:
-        swapped = shapes.swapped_caption(caption)
-        assert swapped != caption and shapes.swapped_caption(swapped) == caption
-    assert shapes.swapped_caption("a small red circle at the top left") is None
-    assert shapes.swapped_caption("a red frog") is None
+        swapped = shapes.hard_negative(caption, 0)
+        assert swapped != caption and shapes.hard_negative(swapped, 0) == caption
+    assert shapes.hard_negative("a small red circle at the top left", 0) is None
+    assert shapes.hard_negative("a red frog", 0) is None
 
 
 def test_hard_negatives_are_other_scenes_built_from_the_same_parts():

@@ -53,6 +53,7 @@ from unclip_jax.clip.preprocess import preprocess, resize_and_crop, to_rgb
 from unclip_jax.diffusion import SamplerSpec, SamplerSpecError, spec_from_settings
 from unclip_jax.errors import UserError
 from unclip_jax.pipeline import TextInputs, decoder_model_fn, stage_spec, to_uint8
+from unclip_jax.pipeline.stages import text_guidance
 from unclip_jax.pipeline import settings as _settings
 from unclip_jax.pipeline.settings import MAX_ETA, seed_key
 
@@ -373,18 +374,17 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     rt = pipe.runtime
     gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
-    uncond_text = pipe.settings["decoder"].get("uncond_text", "empty_caption")
-    tokens_on = pipe.settings["decoder"].get("caption_tokens", True)
+    guide_text = text_guidance(pipe.settings["decoder"])
 
     def fn(state, x0, zi, rows, uncond):
         with jax.ensure_compile_time_eval():
             schedule = spec.sampling_schedule()
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text,
-                                    tokens_on)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale,
+                                    *guide_text)
         return diffusion.ddim_invert(model_fn, schedule, x0, refine_iters=refine,
                                      prediction_type=spec.prediction_type, **clip_kw)
 
-    return rt.jit("app_invert", (spec, scale, refine, uncond_text, tokens_on), fn)(
+    return rt.jit("app_invert", (spec, scale, refine, guide_text), fn)(
         state, rt.put(x0), rt.put(zi), tuple(rt.put(a) for a in rows), uncond)
 
 
@@ -410,15 +410,14 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     rt = pipe.runtime
     gd, state = rt.split("decoder", pipe.decoder)
     rows, uncond = _text_rows(pipe, text, n)
-    uncond_text = pipe.settings["decoder"].get("uncond_text", "empty_caption")
-    tokens_on = pipe.settings["decoder"].get("caption_tokens", True)
+    guide_text = text_guidance(pipe.settings["decoder"])
 
     def fn(state, x_T, zi, rows, uncond, key):
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale, uncond_text,
-                                    tokens_on)
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, *rows, uncond, scale,
+                                    *guide_text)
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key), -1.0, 1.0)
 
-    return rt.jit("app_ddim", (spec, scale, uncond_text, tokens_on), fn)(
+    return rt.jit("app_ddim", (spec, scale, guide_text), fn)(
         state, rt.put(x_T), rt.put(zi), tuple(rt.put(a) for a in rows), uncond,
         rng if eta else None)
 

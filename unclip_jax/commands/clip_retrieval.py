@@ -70,10 +70,10 @@ def _models(args):
         from unclip_jax.train import checkpoint as ckpt
         from unclip_jax.train.to_pipeline import check_workdir, load_trained, stage_of
         check_workdir(args.clip)
-        if stage_of(args.clip) != "clip":
-            raise RetrievalCommandError(f"{args.clip} is a workdir of stage "
-                                        f"{stage_of(args.clip)!r}, not a CLIP run; pass a CLIP "
-                                        "workdir or a pipeline folder.")
+        stage = stage_of(args.clip)
+        if stage != "clip":
+            raise RetrievalCommandError(f"{args.clip} is a workdir of stage {stage!r}, not a "
+                                        "CLIP run; pass a CLIP workdir or a pipeline folder.")
         manager = ckpt.make_manager(args.clip)
         try:
             kept = sorted(manager.all_steps())
@@ -111,14 +111,16 @@ def run(args, overrides) -> int:
     from unclip_jax.evaluate import shapes_eval as se
     seed = se.DEFAULT_DATA_SEED if args.data_seed is None else args.data_seed
     images = captions = None
-    rows = []
+    rows, tokenizers = [], {}
     header = ("| model | one-object | two-object | two: same objects | two: swapped | candidates |\n"
               "|---|---|---|---|---|---|")
     print(header)
     for label, model, context in _models(args):
         if images is None:   # rendered once the first model loaded (a bad --clip fails first)
             images, captions = se.test_set(args.num_examples, seed)
-        s = cr.shapes_retrieval(model, get_tokenizer(context), images=images, captions=captions,
+        if context not in tokenizers:   # loading the vocabulary takes about a second
+            tokenizers[context] = get_tokenizer(context)
+        s = cr.shapes_retrieval(model, tokenizers[context], images=images, captions=captions,
                                 batch_size=args.batch_size)
         row = (f"| {label} | {s['one']:.3f} | {s['two']:.3f} | {s['two/same_objects']:.3f} | "
                f"{s['two/swapped']:.3f} | {int(s['candidates'])} |")

@@ -475,13 +475,11 @@ def _negative_fn(cfg):
         ids = np.zeros((HARD_NEGATIVES, length), np.int32)
         mask = np.zeros((HARD_NEGATIVES, length), bool)
         text = caption.decode("utf-8", "replace")
-        for k in range(HARD_NEGATIVES):
-            negative = hard_negative(text, k)
-            if negative:
-                row = [tok.sot_id, *tok.encode(negative)[:length - 2], tok.eot_id]
-                ids[k] = tok.pad_id
-                ids[k, :len(row)] = row
-                mask[k, :len(row)] = True
+        negatives = [hard_negative(text, k) for k in range(HARD_NEGATIVES)]
+        rows = [k for k, n in enumerate(negatives) if n]
+        if rows:
+            tokens = tok([negatives[k] for k in rows], context_length=length, truncate=True)
+            ids[rows], mask[rows] = tokens.ids, tokens.mask
         return ids, mask
     return fn
 

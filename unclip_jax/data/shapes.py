@@ -76,7 +76,7 @@ KINDS = ("one", "two")
 __all__ = [
     "BACKGROUND", "CANVAS", "COLOURS", "KINDS", "POSITIONS", "POSITION_NAMES", "RELATIONS", "SHAPES",
     "SIZES", "CaptionParseError", "Example", "Obj", "ParsedCaption", "Scene", "all_captions",
-    "HARD_NEGATIVES", "hard_negative", "swapped_caption",
+    "HARD_NEGATIVES", "hard_negative",
     "caption_for", "example", "generate", "iterate", "one_object_captions", "parse_caption",
     "position_of", "render", "sample_scene", "scene_rng", "two_object_captions",
 ]
@@ -166,13 +166,6 @@ _TURN = {"to the left of": "above", "above": "to the right of", "to the right of
          "below": "to the left of"}   # the relation turned a quarter
 
 
-def swapped_caption(caption: str) -> str | None:
-    """A two-object caption with its two objects exchanged ("a red circle above a blue square"
-    -> "a blue square above a red circle"): the same words, another scene. None for a
-    one-object caption (or text outside the grammar)."""
-    return hard_negative(caption, 0)
-
-
 HARD_NEGATIVES = 3   # kinds of hard_negative, each caption gets one of each
 
 
@@ -181,7 +174,7 @@ def hard_negative(caption: str, variant: int = 0) -> str | None:
     parts are put together: CLIP's hard negative for it (``input.negative_captions='shapes'``
     gives each caption all ``HARD_NEGATIVES`` of them). In-batch negatives almost never hold
     these, so without them a contrastive CLIP learns which objects a picture holds but hardly
-    which is where. ``variant`` picks, modulo 3:
+    which is where. ``variant`` picks, modulo ``HARD_NEGATIVES``:
 
       0  the objects exchanged:  "a blue square above a red circle"
       1  the relation turned a quarter: "a red circle to the right of a blue square"
@@ -198,7 +191,7 @@ def hard_negative(caption: str, variant: int = 0) -> str | None:
         return None
     (ca, sa), (cb, sb) = p.objects
     rel = p.relation
-    kind = int(variant) % 3
+    kind = int(variant) % HARD_NEGATIVES
     if kind == 0:
         return _two_caption((cb, sb), rel, (ca, sa))
     if kind == 2 and sa != sb:

@@ -404,10 +404,12 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     prior = base.pop("prior", None) or _base_prior(pipe)
     rows = []
 
-    def row(group, name, p, **dec):
+    def row(group, name, p, prior_settings=None, **dec):
         kw = dict(base, prior=p, decoder_settings={**base_dec, **dec})
         if p != prior:              # base prior settings belong to the base prior only
             kw.pop("prior_settings", None)
+        if prior_settings:
+            kw["prior_settings"] = {**(kw.get("prior_settings") or {}), **prior_settings}
         rows.append(ComparisonSetting(group, name, kw))
 
     for p in priors:
@@ -416,9 +418,8 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     for k in best_of:
         if int(k) < 1:
             raise EvalError(f"best_of must be at least 1, got {k}.")
-        kw = dict(base, prior=prior, decoder_settings=dict(base_dec),
-                  prior_settings={**(base.get("prior_settings") or {}), "best_of": int(k)})
-        rows.append(ComparisonSetting("prior best-of", f"{prior} prior, best of {int(k)}", kw))
+        row("prior best-of", f"{prior} prior, best of {int(k)}", prior,
+            prior_settings={"best_of": int(k)})
     decoder = getattr(pipe, "decoder", None)
     if getattr(getattr(decoder, "config", None), "text_encoder", "none") == "clip":
         row("decoder caption tokens", "with caption tokens", prior, caption_tokens=True)

@@ -36,6 +36,12 @@ class TextInputs(NamedTuple):
     uncond_mask: Any    # [1, L]
 
 
+def text_guidance(s: dict) -> tuple[str, bool]:
+    """(uncond_text, caption_tokens) of decoder settings ``s`` (the defaults where absent: a
+    folder written before they existed)."""
+    return s.get("uncond_text", "empty_caption"), bool(s.get("caption_tokens", True))
+
+
 def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float,
                      uncond_text: str = "empty_caption", caption_tokens: bool = True):
     """The guided decoder ``model_fn(x, t)`` (float32) of :meth:`UnCLIPPipeline.decode`: rows
@@ -177,8 +183,7 @@ def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask,
 
     def fn(state, zi, z_t, hidden, mask, x_T, key, noise, uncond):
         model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond, scale,
-                                    s.get("uncond_text", "empty_caption"),
-                                    s.get("caption_tokens", True))
+                                    *text_guidance(s))
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key, noise), -1.0, 1.0)
 
     jitted = rt.jit("decoder", freeze(s) + (("noise", noise is None),), fn)
