@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from pipeline_fixtures import materialise
 from torch_reference import randomize
 from unclip_jax.convert.diffusers_unet import load_decoder
 from unclip_jax.models.decoder import Decoder, DecoderConfig, abstract_decoder, guided_decoder_fn
@@ -293,3 +294,35 @@ def test_variant_configs_round_trip_through_a_pipeline_manifest():
         jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,)), jnp.zeros((2, 12)), jnp.zeros((2, 12)),
         jnp.zeros((2, 3, 12)), jnp.ones((2, 3), bool)))
     assert out.shape == (2, 8, 8, 6)
+
+
+def test_drop_tokens_removes_the_caption_tokens_alone():
+    """drop_tokens (the "without caption tokens" ablation) masks the caption's tokens out of the
+    context (a 'transformer' encoder: its pooled state zeroed too) and keeps z_t: for a CLIP-
+    states decoder it equals an all-false text_mask; drop_text also zeroes z_t."""
+    base = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                head_dim=8, groups=4, clip_dim=12, context_dim=16, image_size=8, text_width=10)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    t, zi = jnp.array([1, 500]), jnp.asarray(rng.standard_normal((2, 12)), jnp.float32)
+    zt = jnp.asarray(rng.standard_normal((2, 12)), jnp.float32)
+    hidden = jnp.asarray(rng.standard_normal((2, 6, 10)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+    yes = jnp.ones((2,), bool)
+    dec = materialise(lambda: Decoder(DecoderConfig(**base), nnx.Rngs(0)), 0)
+    dropped = dec(x, t, zi, zt, hidden, mask, drop_tokens=yes)
+    np.testing.assert_allclose(dropped, dec(x, t, zi, zt, hidden, jnp.zeros_like(mask)),
+                               atol=1e-6)
+    assert np.abs(dropped - dec(x, t, zi, zt, hidden, mask)).max() > 1e-4
+    assert np.abs(dropped - dec(x, t, zi, zt, hidden, mask, drop_text=yes)).max() > 1e-4
+    xf = materialise(lambda: Decoder(DecoderConfig(**dict(
+        base, text_encoder="transformer", use_text_embed=False, xf_width=16, xf_layers=1,
+        xf_heads=2, xf_ctx=6, xf_vocab=50)), nnx.Rngs(0)), 1)
+    tokens = jnp.array([[1, 5, 49, 0, 0, 0], [1, 7, 8, 9, 49, 0]])
+    other = jnp.array([[1, 6, 49, 0, 0, 0], [1, 3, 2, 4, 49, 0]])
+    a = xf(x, t, zi, text_tokens=tokens, text_mask=mask, drop_tokens=yes)
+    np.testing.assert_array_equal(a, xf(x, t, zi, text_tokens=other, text_mask=mask,
+                                        drop_tokens=yes))
+    np.testing.assert_array_equal(a, xf(x, t, zi, text_tokens=tokens, text_mask=mask,
+                                        drop_text=yes))
+    assert np.abs(a - xf(x, t, zi, text_tokens=tokens, text_mask=mask)).max() > 1e-4

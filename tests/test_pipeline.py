@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from pipeline_fixtures import SMALL_SETTINGS, random_pipeline
-from unclip_jax.pipeline import PipelineError
+from pipeline_fixtures import SMALL_SETTINGS, materialise, random_pipeline
+from unclip_jax.models.decoder import Decoder, DecoderConfig
+from unclip_jax.pipeline import PipelineError, UnCLIPPipeline
 
 # 4 prompts x 2 images = 8 rows: divisible by the 8 simulated devices, so every test below
 # runs sharded and reuses the functions the first one compiled.
@@ -134,3 +136,44 @@ def test_decoder_guidance_against_the_empty_or_the_dropped_caption(pipe):
     assert np.abs(off - run(guidance_scale=1.0)).mean() > 1e-3
     with pytest.raises(PipelineError, match="caption_tokens must be true or false"):
         run(caption_tokens="no")
+
+
+def test_decoder_with_its_own_text_transformer(pipe, tmp_path):
+    """A decoder with GLIDE's text Transformer (text_encoder='transformer') reads the caption's
+    token ids, not CLIP's states: guided against the empty caption's ids or the dropped
+    caption; caption_tokens=False removes the ids' every trace (z_t still conditions it); a
+    tokenizer whose ids it cannot hold is refused when the pipeline is built; it saves and
+    loads as a folder."""
+    cfg = dict(image_size=8, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_levels=(1,), head_dim=8, groups=4, clip_dim=64, context_dim=32,
+               text_encoder="transformer", xf_width=16, xf_layers=1, xf_heads=2, xf_ctx=77)
+    dec = materialise(lambda: Decoder(DecoderConfig(**cfg), nnx.Rngs(0)), 7)
+    p = UnCLIPPipeline(clip=pipe.clip, prior=pipe.prior, decoder=dec, settings=SETTINGS)
+    text = p.encode_text(PROMPTS)
+    z = jnp.asarray(text.text_embed)
+    run = lambda t, **kw: np.asarray(p.decode(z, t, jax.random.key(2), **kw))  # noqa: E731
+    base = run(text)
+    assert base.shape == (4, 8, 8, 3) and np.isfinite(base).all()
+    ids = np.asarray(text.tokens)
+    other_ids = text._replace(tokens=np.where(text.mask, (ids + 7) % 49000, ids))
+    other_states = text._replace(text_hidden=np.asarray(text.text_hidden) + 1.0)
+    other_empty = text._replace(uncond_tokens=np.asarray(text.uncond_tokens) * 0 + 320)
+    assert np.abs(run(other_ids) - base).mean() > 1e-3          # the ids are read ...
+    np.testing.assert_array_equal(run(other_states), base)      # ... CLIP's states are not
+    assert np.abs(run(other_empty) - base).mean() > 1e-3        # guided against the empty ids
+    dropped = run(text, uncond_text="dropped")
+    np.testing.assert_array_equal(run(other_empty, uncond_text="dropped"), dropped)
+    off = run(text, caption_tokens=False)
+    assert np.abs(off - base).mean() > 1e-3
+    np.testing.assert_array_equal(run(other_ids, caption_tokens=False), off)
+    p.save_pretrained(tmp_path / "xf")
+    q = UnCLIPPipeline.from_pretrained(tmp_path / "xf")
+    assert q.decoder.config.text_encoder == "transformer"
+    np.testing.assert_allclose(np.asarray(q.decode(z, q.encode_text(PROMPTS), jax.random.key(2))),
+                               base, atol=1e-5)
+    with pytest.raises(PipelineError, match="holds 16 tokens but the tokenizer writes 77"):
+        UnCLIPPipeline(clip=pipe.clip, decoder=materialise(lambda: Decoder(
+            DecoderConfig(**dict(cfg, xf_ctx=16)), nnx.Rngs(0)), 7))
+    with pytest.raises(PipelineError, match="set xf_vocab"):
+        UnCLIPPipeline(clip=pipe.clip, decoder=materialise(lambda: Decoder(
+            DecoderConfig(**dict(cfg, xf_vocab=1000)), nnx.Rngs(0)), 7))

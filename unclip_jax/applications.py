@@ -285,8 +285,8 @@ def caption_inputs(pipe, caption: str | None = None, *, truncate: bool = False):
         return pipe.encode_text([caption], truncate=truncate)
     tok = pipe.tokenizer([""], allow_empty=True)
     z, h = pipe.encode_ids(tok.ids)
-    mask = np.asarray(tok.mask)
-    return TextInputs(np.asarray(tok.ids), mask, z, h, z, h, mask)
+    ids, mask = np.asarray(tok.ids), np.asarray(tok.mask)
+    return TextInputs(ids, mask, z, h, z, h, mask, ids)
 
 
 def _check_caption(name: str, caption: str) -> str:
@@ -337,17 +337,12 @@ def ddim_spec(pipe, steps: int, *, eta: float = 0.0, clip_range: float | None = 
 
 def _text_rows(pipe, text, n: int):
     rep = lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + tuple(np.shape(a))[1:])  # noqa: E731
-    rows = (rep(text.text_embed), rep(text.text_hidden), rep(np.asarray(text.mask)))
+    rows = (rep(text.text_embed), rep(text.text_hidden), rep(np.asarray(text.mask)),
+            rep(np.asarray(text.tokens, np.int32)))
     uncond = (jnp.asarray(text.uncond_embed), jnp.asarray(text.uncond_hidden),
-              jnp.asarray(np.asarray(text.uncond_mask)))
+              jnp.asarray(np.asarray(text.uncond_mask)),
+              jnp.asarray(np.asarray(text.uncond_tokens, np.int32)))
     return rows, uncond
-
-
-def _check_decoder(pipe) -> None:
-    if pipe.decoder.config.text_encoder == "transformer":
-        raise ApplicationError("Decoders with their own text Transformer (text_encoder="
-                               "'transformer') are not supported by the applications; use one "
-                               "conditioned on CLIP's hidden states ('clip') or on z_i alone.")
 
 
 def _guidance(pipe, guidance_scale):
@@ -361,7 +356,6 @@ def invert(pipe, x0, image_embed, text=None, *, steps: int = DEFAULT_STEPS,
     """DDIM-invert decoder-resolution images x0 [N, s, s, 3] in [-1, 1] to x_T, through the
     decoder conditioned on z_i [N, D] and ``text`` (:func:`caption_inputs`; default the empty
     caption). Decoding x_T with :func:`ddim_decode` (eta = 0, same settings) gives x0 back."""
-    _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x0 = jnp.asarray(x0, jnp.float32)
     zi = jnp.asarray(image_embed, jnp.float32)
@@ -395,7 +389,6 @@ def ddim_decode(pipe, image_embed, x_T, text=None, rng=None, *, eta: float = 0.0
     (default the empty caption); eta > 0 needs ``rng``. Returns [N, s, s, 3] in [-1, 1]
     (clipped). ``clip_range`` clips every x0 estimate (None: no clipping, so that eta = 0 is the
     exact inverse of :func:`invert`)."""
-    _check_decoder(pipe)
     text = caption_inputs(pipe) if text is None else text
     x_T = jnp.asarray(x_T, jnp.float32)
     zi = jnp.asarray(image_embed, jnp.float32)
@@ -733,7 +726,6 @@ def probe(pipe, image, labels: Sequence[str], num_reconstructions: int = 4, seed
     check_int("seed", seed, lo=0, hi=2 ** 64 - 1)
     if logit_scale is not None:
         check_float("logit_scale", logit_scale, lo=0.0, hi=1000.0)
-    _check_decoder(pipe)
     r = int(num_reconstructions)
     n_up = _n_upsample(pipe, upsample)
     prog = _Progress(progress, 2 + (n_up if r else 0))

@@ -383,7 +383,8 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
     * prior best-of: the base prior drawing each of ``best_of`` z_i candidates and keeping the
       one closest to z_t (the paper's 2 against 1);
     * decoder caption tokens: with and without them (the decoder's ``caption_tokens`` setting;
-      z_i and z_t condition both rows), when the decoder has caption tokens (CLIP's text states);
+      z_i and z_t condition both rows), when the decoder has caption tokens (CLIP's text states
+      or its own text Transformer's);
     * decoder guidance: each scale, with the pipeline's first prior (diffusion, else AR);
     * decoder sampler: each sampler x number of steps, same prior.
 
@@ -421,7 +422,7 @@ def comparison_settings(pipe, *, priors: Sequence[str] = PRIORS,
         row("prior best-of", f"{prior} prior, best of {int(k)}", prior,
             prior_settings={"best_of": int(k)})
     decoder = getattr(pipe, "decoder", None)
-    if getattr(getattr(decoder, "config", None), "text_encoder", "none") == "clip":
+    if getattr(getattr(decoder, "config", None), "text_encoder", "none") != "none":
         row("decoder caption tokens", "with caption tokens", prior, caption_tokens=True)
         row("decoder caption tokens", "without caption tokens (z_i and z_t only)", prior,
             caption_tokens=False)

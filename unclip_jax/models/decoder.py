@@ -13,7 +13,9 @@ Conditioning, the unCLIP way (paper section 2.1; Karlo's ``UnCLIPTextProjModel``
   timestep embedding, as in GLIDE), or nothing (``'none'``: z_i alone);
 * classifier-free guidance: ``drop_image`` rows use a learned null embedding instead of z_i,
   ``drop_text`` rows have z_t zeroed and every text token masked out (the 4 image tokens stay).
-  Training drops z_i 10% and the caption 50% of the time (see
+  ``drop_tokens`` rows lose the caption's tokens alone (masked out of the context; a
+  ``'transformer'`` encoder's pooled state zeroed) and keep z_t: the "without caption tokens"
+  ablation, never used in training. Training drops z_i 10% and the caption 50% of the time (see
   ``unclip_jax.train.decoder_stage``); sampling runs cond and uncond rows in one doubled batch.
 
     decoder(x_t [B, H, W, 3], t [B], image_embed [B, D], text_embed [B, D],
@@ -262,7 +264,8 @@ class Decoder(nnx.Module):
     def conditioning(self, image_embed: Array, text_embed: Array | None = None,
                      text_hidden: Array | None = None, text_mask: Array | None = None, *,
                      text_tokens: Array | None = None, drop_image: Array | None = None,
-                     drop_text: Array | None = None) -> tuple[Array, Array, Array]:
+                     drop_text: Array | None = None,
+                     drop_tokens: Array | None = None) -> tuple[Array, Array, Array]:
         """(emb_add [B, E], context [B, 4 + L, token_dim or context_dim], context_mask
         [B, 4 + L] bool): before ``cond_to_time``, ``token_pool`` and ``context_proj``."""
         c = self.config
@@ -291,14 +294,19 @@ class Decoder(nnx.Module):
         context, keep = tokens, jnp.ones((b, c.clip_tokens), bool)
 
         if c.text_encoder != "none":
+            no_tokens = None        # rows whose caption tokens are dropped (either flag)
+            for flag in (drop_text, drop_tokens):
+                if flag is not None:
+                    flag = jnp.asarray(flag, bool)
+                    no_tokens = flag if no_tokens is None else no_tokens | flag
             if c.text_encoder == "transformer":
                 if text_tokens is None:
                     raise ValueError("text_encoder='transformer' reads token ids: pass "
                                      "text_tokens [B, L] (and text_mask), not text_hidden.")
                 pooled, text_hidden = self.text_transformer(text_tokens, text_mask)
                 pooled = self.xf_to_time(pooled)
-                if drop_text is not None:
-                    pooled = jnp.where(jnp.asarray(drop_text, bool)[:, None], 0.0, pooled)
+                if no_tokens is not None:
+                    pooled = jnp.where(no_tokens[:, None], 0.0, pooled)
                 emb_add = emb_add + pooled.astype(emb_add.dtype)
             elif text_hidden is None:
                 raise ValueError("text_encoder='clip' needs the CLIP text Transformer's hidden "
@@ -313,8 +321,8 @@ class Decoder(nnx.Module):
                     else jnp.asarray(text_mask, bool))
             if mask.shape != hidden.shape[:2]:
                 raise ValueError(f"text_mask must be [B, L] = {hidden.shape[:2]}, got {mask.shape}.")
-            if drop_text is not None:
-                mask = mask & ~jnp.asarray(drop_text, bool)[:, None]
+            if no_tokens is not None:
+                mask = mask & ~no_tokens[:, None]
             context = jnp.concatenate([context, hidden.astype(context.dtype)], axis=1)
             keep = jnp.concatenate([keep, mask], axis=1)
         return emb_add, context, keep
@@ -322,11 +330,11 @@ class Decoder(nnx.Module):
     def __call__(self, x_t: Array, t: Array, image_embed: Array, text_embed: Array | None = None,
                  text_hidden: Array | None = None, text_mask: Array | None = None, *,
                  text_tokens: Array | None = None, drop_image: Array | None = None,
-                 drop_text: Array | None = None, deterministic: bool = True,
-                 rng: Array | None = None) -> Array:
+                 drop_text: Array | None = None, drop_tokens: Array | None = None,
+                 deterministic: bool = True, rng: Array | None = None) -> Array:
         emb_add, context, keep = self.conditioning(
             image_embed, text_embed, text_hidden, text_mask, text_tokens=text_tokens,
-            drop_image=drop_image, drop_text=drop_text)
+            drop_image=drop_image, drop_text=drop_text, drop_tokens=drop_tokens)
         if self.config.cond_to_time == "none":
             emb_add = None
         elif self.cond_to_time is not None:
@@ -343,7 +351,7 @@ class Decoder(nnx.Module):
 def guided_decoder_fn(decoder: Decoder, image_embed: Array, text_embed: Array | None = None,
                       text_hidden: Array | None = None, text_mask: Array | None = None, *,
                       text_tokens: Array | None = None, guidance_scale: float = 1.0,
-                      uncond: dict | None = None):
+                      uncond: dict | None = None, caption_tokens: bool = True):
     """A ``model_fn(x, t)`` for the samplers of ``unclip_jax.diffusion``, with classifier-free
     guidance when ``guidance_scale != 1``.
 
@@ -351,14 +359,17 @@ def guided_decoder_fn(decoder: Decoder, image_embed: Array, text_embed: Array | 
     masked out), as in training. ``uncond`` may instead give the unconditional text inputs
     explicitly (dict with text_embed / text_hidden / text_mask, e.g. CLIP's outputs for the
     empty caption, as Karlo's pipeline does); z_i is still the null embedding there.
+    ``caption_tokens=False`` drops the caption's tokens from every row (``drop_tokens``), z_t
+    kept: the "without caption tokens" ablation.
     """
     cond = dict(text_embed=text_embed, text_hidden=text_hidden, text_mask=text_mask,
                 text_tokens=text_tokens)
+    b = image_embed.shape[0]
+    no_tokens = None if caption_tokens else jnp.ones((b,), bool)
 
     if guidance_scale == 1.0:
-        return lambda x, t: decoder(x, t, image_embed, **cond)
+        return lambda x, t: decoder(x, t, image_embed, **cond, drop_tokens=no_tokens)
 
-    b = image_embed.shape[0]
     cat = lambda a, u: None if a is None else jnp.concatenate([a, a if u is None else u], axis=0)
     u = uncond or {}
     both = {k: cat(v, u.get(k)) for k, v in cond.items()}
@@ -367,7 +378,7 @@ def guided_decoder_fn(decoder: Decoder, image_embed: Array, text_embed: Array | 
 
     def doubled(x2, t2):
         return decoder(x2, t2, cat(image_embed, None), **both, drop_image=drop_image,
-                       drop_text=drop_text)
+                       drop_text=drop_text, drop_tokens=cat(no_tokens, None))
 
     return guided_model_fn(doubled, guidance_scale,
                            learned_variance=decoder.config.learned_variance)

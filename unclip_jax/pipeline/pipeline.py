@@ -78,6 +78,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_TYPES = ("pil", "np")
 
 
+def _check_decoder_text(cfg, tokenizer) -> None:
+    """A decoder with its own text Transformer reads the pipeline tokenizer's ids: its context
+    and vocabulary must hold them."""
+    if getattr(cfg, "text_encoder", "none") != "transformer":
+        return
+    ctx, vocab = getattr(tokenizer, "context_length", 0), getattr(tokenizer, "vocab_size", 0)
+    if ctx > cfg.xf_ctx:
+        raise PipelineError(f"The decoder's text Transformer holds {cfg.xf_ctx} tokens but the "
+                            f"tokenizer writes {ctx}; pair it with a CLIP "
+                            "whose context is at most xf_ctx, or retrain it with a longer one.")
+    if vocab > cfg.xf_vocab:
+        raise PipelineError(f"The decoder's text Transformer has {cfg.xf_vocab} token "
+                            f"embeddings but the tokenizer has {vocab} ids; set "
+                            "xf_vocab to the tokenizer's vocabulary size.")
+
+
 class UnCLIPPipeline:
     """Tokenizer, CLIP (or its text tower), prior(s), decoder and upsamplers, with sampling
     defaults (``settings``). See the module docstring."""
@@ -93,6 +109,7 @@ class UnCLIPPipeline:
         ctx = context_length or clip.config.context_length
         self.tokenizer = tokenizer or Tokenizer(context_length=ctx, pad_id=pad_id)
         self.settings = merge_settings(DEFAULT_SETTINGS, settings or {})
+        _check_decoder_text(decoder.config, self.tokenizer)
         self.runtime = Runtime()
         self._uncond = None
 
@@ -208,9 +225,8 @@ class UnCLIPPipeline:
         if self._uncond is None:
             u = self.tokenizer([""], allow_empty=True)
             uz, uh = self.encode_ids(u.ids)
-            self._uncond = (uz, uh, np.asarray(u.mask))
-        uz, uh, um = self._uncond
-        return TextInputs(np.asarray(tok.ids), np.asarray(tok.mask), z_t, hidden, uz, uh, um)
+            self._uncond = (uz, uh, np.asarray(u.mask), np.asarray(u.ids))
+        return TextInputs(np.asarray(tok.ids), np.asarray(tok.mask), z_t, hidden, *self._uncond)
 
     # -- prior -----------------------------------------------------------------------------------
 
@@ -271,19 +287,17 @@ class UnCLIPPipeline:
             raise PipelineError(f"{n} image embeddings for {p} prompts: need a multiple.")
         per = num_images or n // p
         rep = lambda a: jnp.repeat(jnp.asarray(a), per, axis=0)  # noqa: E731
-        z_t, hidden, mask = rep(text.text_embed), rep(text.text_hidden), rep(text.mask)
+        z_t, hidden, mask, tokens = (rep(a) for a in (text.text_embed, text.text_hidden,
+                                                       text.mask, text.tokens))
         s = self.stage_settings("decoder", dict(settings, steps=steps,
                                                 guidance_scale=guidance_scale, sampler=sampler,
                                                 eta=eta))
         if rng is None:
             rng = jax.random.key(0)
-        if self.decoder.config.text_encoder == "transformer":
-            raise PipelineError("Decoders with their own text Transformer (text_encoder="
-                                "'transformer') are not wired into the pipeline yet; use one "
-                                "conditioned on CLIP's hidden states ('clip') or on z_i alone.")
-        uncond = (text.uncond_embed, text.uncond_hidden, jnp.asarray(text.uncond_mask))
+        uncond = (text.uncond_embed, text.uncond_hidden, jnp.asarray(text.uncond_mask),
+                  jnp.asarray(text.uncond_tokens, jnp.int32))
         return stages.decoder_stage(self.runtime, self.decoder, s, image_embed, z_t, hidden, mask,
-                                    uncond, rng, x_T, noise)
+                                    tokens, uncond, rng, x_T, noise)
 
     # -- upsamplers --------------------------------------------------------------------------------
 

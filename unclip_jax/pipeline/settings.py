@@ -192,13 +192,15 @@ _FLOATS = {"guidance_scale": (0.0, MAX_GUIDANCE, False), "eta": (0.0, MAX_ETA, F
            "temperature": (0.0, 100.0, True), "top_p": (0.0, 1.0, True),
            "dot_percentile": (0.0, 100.0, False)}
 _STRINGS = ("sampler", "variance", "prediction_type", "schedule", "uncond_text")
-# The decoder's unconditional text for classifier-free guidance (a decoder with caption tokens
-# from CLIP, text_encoder='clip'): 'empty_caption' = CLIP's encoding of "" (Karlo, diffusers'
-# UnCLIPPipeline), 'dropped' = z_t zeroed and every token masked out, which is what
+# The decoder's unconditional text for classifier-free guidance (a decoder with caption tokens:
+# CLIP's text states, text_encoder='clip', or its own text Transformer, 'transformer'):
+# 'empty_caption' = the encoding of "" (CLIP's states or the empty caption's token ids; Karlo,
+# diffusers' UnCLIPPipeline), 'dropped' = z_t zeroed and every token masked out, which is what
 # `unclip-jax train`'s caption dropout shows the decoder (its exports write it).
 UNCOND_TEXT = ("empty_caption", "dropped")
-# caption_tokens=False masks out the caption's tokens in the decoder's attention (z_i and z_t still
-# condition it): the paper's "without the text path" comparison on a decoder that has one.
+# caption_tokens=False drops the caption's tokens (out of the decoder's attention; a text
+# Transformer's pooled state zeroed too) while z_i and z_t still condition it: the paper's
+# "without the text path" comparison on a decoder that has one.
 
 
 def _check_values(stage: str, s: dict) -> dict:

@@ -34,6 +34,8 @@ class TextInputs(NamedTuple):
     uncond_embed: Any   # [1, D]
     uncond_hidden: Any  # [1, L, W]
     uncond_mask: Any    # [1, L]
+    uncond_tokens: Any  # int32 [1, L]: the empty caption's ids (a decoder with its own text
+                        # Transformer encodes them itself)
 
 
 def text_guidance(s: dict) -> tuple[str, bool]:
@@ -42,27 +44,33 @@ def text_guidance(s: dict) -> tuple[str, bool]:
     return s.get("uncond_text", "empty_caption"), bool(s.get("caption_tokens", True))
 
 
-def decoder_model_fn(model, zi, z_t, hidden, mask, uncond, scale: float,
+def decoder_model_fn(model, zi, z_t, hidden, mask, tokens, uncond, scale: float,
                      uncond_text: str = "empty_caption", caption_tokens: bool = True):
     """The guided decoder ``model_fn(x, t)`` (float32) of :meth:`UnCLIPPipeline.decode`: rows
-    conditioned on z_i and the caption, guided against the learned null z_i and, with
-    ``uncond_text='empty_caption'``, the empty caption's CLIP encoding ``uncond`` = (embed,
-    hidden, mask), each [1, ...]; with ``'dropped'``, the caption dropped as in training (z_t
-    zeroed, every token masked out). ``caption_tokens=False`` masks every caption token out of
-    the decoder's attention, in both branches (z_i and z_t still condition it)."""
+    conditioned on z_i and the caption (z_t [N, D], CLIP's hidden states [N, L, W], mask and
+    token ids [N, L]: a decoder reads the states (``text_encoder='clip'``) or the ids
+    (``'transformer'``)), guided against the learned null z_i and, with
+    ``uncond_text='empty_caption'``, the empty caption ``uncond`` = (embed, hidden, mask,
+    tokens), each [1, ...]; with ``'dropped'``, the caption dropped as in training (z_t zeroed,
+    every token masked out). ``caption_tokens=False`` drops the caption's tokens in both
+    branches (z_i and z_t still condition it)."""
     cfg = model.config
     n = zi.shape[0]
-    if not caption_tokens:
-        mask = jnp.zeros_like(mask)
-        uncond = (uncond[0], uncond[1], jnp.zeros_like(uncond[2]))
-    un = None
-    if scale != 1.0 and cfg.text_encoder == "clip" and uncond_text == "empty_caption":
-        ue, uh, um = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
-        un = dict(text_embed=ue if cfg.use_text_embed else None, text_hidden=uh, text_mask=um)
     kw = dict(text_embed=z_t if cfg.use_text_embed else None)
     if cfg.text_encoder == "clip":
         kw.update(text_hidden=hidden, text_mask=mask)
-    fn = guided_decoder_fn(model, zi, guidance_scale=scale, uncond=un, **kw)
+    elif cfg.text_encoder == "transformer":
+        kw.update(text_tokens=tokens, text_mask=mask)
+    un = None
+    if scale != 1.0 and cfg.text_encoder != "none" and uncond_text == "empty_caption":
+        ue, uh, um, ut = (jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in uncond)
+        un = dict(text_embed=ue if cfg.use_text_embed else None, text_mask=um)
+        if cfg.text_encoder == "clip":
+            un["text_hidden"] = uh
+        else:
+            un["text_tokens"] = ut
+    fn = guided_decoder_fn(model, zi, guidance_scale=scale, uncond=un,
+                           caption_tokens=caption_tokens, **kw)
     return lambda x, t: fn(x, t).astype(jnp.float32)
 
 
@@ -167,11 +175,11 @@ def ar_prior_stage(rt: Runtime, ar_prior, s: dict, z_t, hidden, mask, rng):
                                              rng)
 
 
-def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask, uncond, rng,
-                  x_T=None, noise=None):
+def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask, tokens, uncond,
+                  rng, x_T=None, noise=None):
     """Images [N, s, s, C] in [-1, 1] (clipped) from z_i [N, D] and text rows [N, ...], guided
     with ``s['guidance_scale']`` against the learned null z_i and ``uncond`` = (embed, hidden,
-    mask) of the empty caption (or the dropped caption: ``s['uncond_text']``)."""
+    mask, tokens) of the empty caption (or the dropped caption: ``s['uncond_text']``)."""
     cfg = decoder.config
     spec = stage_spec("decoder", s, learned_variance=cfg.learned_variance)
     n, size = image_embed.shape[0], cfg.image_size
@@ -181,14 +189,15 @@ def decoder_stage(rt: Runtime, decoder, s: dict, image_embed, z_t, hidden, mask,
     gd, state = rt.split("decoder", decoder)
     scale = float(s["guidance_scale"])
 
-    def fn(state, zi, z_t, hidden, mask, x_T, key, noise, uncond):
-        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, uncond, scale,
-                                    *text_guidance(s))
+    def fn(state, zi, z_t, hidden, mask, tokens, x_T, key, noise, uncond):
+        model_fn = decoder_model_fn(nnx.merge(gd, state), zi, z_t, hidden, mask, tokens, uncond,
+                                    scale, *text_guidance(s))
         return jnp.clip(diffusion.sample(model_fn, spec, x_T, key, noise), -1.0, 1.0)
 
     jitted = rt.jit("decoder", freeze(s) + (("noise", noise is None),), fn)
     return jitted(state, rt.put(image_embed), rt.put(z_t), rt.put(hidden), rt.put(mask),
-                  rt.put(jnp.asarray(x_T, jnp.float32)), key_loop, _noise(rt, noise), uncond)
+                  rt.put(jnp.asarray(tokens, jnp.int32)), rt.put(jnp.asarray(x_T, jnp.float32)),
+                  key_loop, _noise(rt, noise), uncond)
 
 
 def upsample_stage(rt: Runtime, index: int, models: list[tuple[str, Any]], s: dict, images, rng,
