@@ -10,9 +10,9 @@ from unclip_jax.assets import SHAPES, resolve_checkpoint
 
 COMPONENTS = {"clip": "CLIP", "prior": "DiffusionPrior", "ar_prior": "ARPrior",
               "decoder": "Decoder", "sr64": "SuperRes", "sr128": "SuperRes"}
-# Easy one-object captions: the bundle draws each of them right in nearly every sample (see
-# configs/shapes.py for its accuracy on 500 test captions).
-PROMPTS = ["a large red circle in the center", "a large blue square at the top left"]
+# A one-object and a two-object caption: the bundle draws captions like these right in nearly
+# every sample (README and configs/shapes.py give its accuracy on 500 test captions x 2 images).
+PROMPTS = ["a large blue square at the top left", "a red circle to the left of a green triangle"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,8 @@ def test_bundle_generates_deterministic_images_of_its_captions(pipe):
     c = pipe.generate(PROMPTS, num_images=2, seed=1)
     assert pipe.trace_counts == traces       # the same shapes compile nothing new
     assert np.abs(a.astype(int) - c).mean() > 1.0
-    verdicts = [judge(im, p) for im, p in zip(np.concatenate([a, c]), [p for p in PROMPTS
-                                                                        for _ in range(2)] * 2)]
-    assert sum(v.correct for v in verdicts) >= 6, [v.failed for v in verdicts]
+    prompts = [p for p in PROMPTS for _ in range(2)] * 2
+    verdicts = [judge(im, p) for im, p in zip(np.concatenate([a, c]), prompts)]
+    right = [sum(v.correct for v, q in zip(verdicts, prompts) if q == p) for p in PROMPTS]
+    # of 4 images each (all 8 are right here; one miss is allowed for another CPU's rounding)
+    assert sum(right) >= 7 and right[1] >= 3, [v.failed for v in verdicts]
