@@ -55,7 +55,7 @@ and steps for a smoke test and reads the tiny Shapes dataset (`unclip-jax shapes
 Expected (measured on this project's 2-core CPU, wall times; two stages often ran side by side,
 one core each, as noted; the decoder with
 XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution, Eigen's convolutions,
-1.15x faster on its step here):
+1.15x faster on its step here in a same-run A/B of the two settings):
   dataset          4.4 min (50,000 / 2,000 images)
   clip             2,000 steps x 256 (+ 3 hard negatives per two-object caption), 0.47 steps/s
                    alone (~71 min; this run took 104 min sharing the cores): retrieval of the
@@ -77,7 +77,8 @@ XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution, Eigen'
   eval             step 7's first command: one-object 100%, two-object 90.0% (relation 98.6%,
                    binding given both colours and shapes 100%, exactly two objects 92.4%); the
                    same images at the decoder's 32 px (`--upsample 0`): 100% / 90.4%; 13 min
-                   (sharing the cores with a test run). The table: 25 min.
+                   (sharing the cores with a test run). The table: 25 min (sharing them with
+                   the upsamplers' training).
 Why v-prediction: the first decoder predicted eps. After 2,000 steps its eps error was ~0.05 at
 every t, which at t >= 900 is an error of 0.4-1.0 in the implied x0, so sampling (which starts
 there) drew saturated tinted backgrounds and grain and the judge read ~0% of the captions. With
