@@ -173,6 +173,17 @@ def time_calls(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> list
     return times
 
 
+def busy_threads(fn: Callable[[], Any], min_seconds: float = 0.5) -> float:
+    """Process CPU seconds per wall second over calls of ``fn`` lasting ``min_seconds`` or more
+    (the process clock ticks in 10 ms): about how many cores the call keeps busy (1.0 = one
+    thread; the machine's other jobs do not count)."""
+    start, wall = os.times(), time.perf_counter()
+    while time.perf_counter() - wall < min_seconds:
+        fn()
+    end, wall = os.times(), time.perf_counter() - wall
+    return (end.user + end.system - start.user - start.system) / wall
+
+
 def same_work(what: str, ours: Any, theirs: Any, theirs_layout: str = "NCHW") -> tuple:
     """The shape both sides produced, after checking it is the same (ours NHWC, torch's NCHW
     images transposed): a benchmark whose two sides do unequal work stops here, loudly.

@@ -5,10 +5,13 @@ torch's (oneDNN), same shapes, forward and both gradients.
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
         .venv/bin/python benchmarks/conv_cpu.py           # Eigen's convolutions, not YNNPACK's
 
-It answers "how much of the train-step gap is the convolution library": every forward
+It answers "how much of the train-step gap is the convolution library, and why": every forward
 convolution of the step (found in its jaxpr, with its count) is timed on its own, as a jitted
 forward + vjp (input and kernel gradients) on our side and as ``conv2d`` + ``backward()`` on
-torch's, and the sums are weighted by how often each shape occurs in one step.
+torch's, and the sums are weighted by how often each shape occurs in one step. The "busy
+threads" columns (CPU seconds per wall second) show how many cores each side keeps busy: on
+jaxlib 0.10 XLA runs the large convolutions (32x32 feature maps of the mid decoder, batch 8) on
+one thread, where torch's oneDNN uses every core.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ def time_ours(shape_x, shape_w, strides, padding, repeats):
 
     t_f = common.time_calls(lambda: jax.block_until_ready(fwd(x, w)), 2, repeats)
     t_fb = common.time_calls(lambda: jax.block_until_ready(fwd_bwd(x, w)), 2, repeats)
-    return common.median(t_f), common.median(t_fb)
+    busy = common.busy_threads(lambda: jax.block_until_ready(fwd_bwd(x, w)))
+    return common.median(t_f), common.median(t_fb), busy
 
 
 def time_torch(shape_x, shape_w, strides, padding, repeats):
@@ -94,7 +98,7 @@ def time_torch(shape_x, shape_w, strides, padding, repeats):
         y.backward(y.detach())
 
     t_fb = common.time_calls(fwd_bwd, 2, repeats)
-    return common.median(t_f), common.median(t_fb)
+    return common.median(t_f), common.median(t_fb), common.busy_threads(fwd_bwd)
 
 
 def main(argv=None) -> int:
@@ -110,20 +114,22 @@ def main(argv=None) -> int:
     convs = forward_convs(args.batch)
     rows, tot = [], collections.Counter()
     for (sx, sw, st, pad), n in sorted(convs.items(), key=lambda kv: -kv[1] * kv[0][0][1]):
-        of, ofb = time_ours(sx, sw, st, pad, args.repeats)
-        tf, tfb = time_torch(sx, sw, st, pad, args.repeats)
+        of, ofb, obusy = time_ours(sx, sw, st, pad, args.repeats)
+        tf, tfb, tbusy = time_torch(sx, sw, st, pad, args.repeats)
         tot.update(dict(of=n * of, ofb=n * ofb, tf=n * tf, tfb=n * tfb))
         rows.append([f"{sx} * {sw[:2]} {sw[2]}->{sw[3]}" + ("" if st == (1, 1) else f" /{st[0]}"),
                      n, f"{of * 1e3:.2f}", f"{tf * 1e3:.2f}", f"{tf / of:.2f}",
-                     f"{ofb * 1e3:.2f}", f"{tfb * 1e3:.2f}", f"{tfb / ofb:.2f}"])
+                     f"{ofb * 1e3:.2f}", f"{tfb * 1e3:.2f}", f"{tfb / ofb:.2f}",
+                     f"{obusy:.2f}", f"{tbusy:.2f}"])
     rows.append(["all (weighted by count)", sum(convs.values()), f"{tot['of'] * 1e3:.1f}",
                  f"{tot['tf'] * 1e3:.1f}", f"{tot['tf'] / tot['of']:.2f}",
                  f"{tot['ofb'] * 1e3:.1f}", f"{tot['tfb'] * 1e3:.1f}",
-                 f"{tot['tfb'] / tot['ofb']:.2f}"])
+                 f"{tot['tfb'] / tot['ofb']:.2f}", "", ""])
     print(common.table(["conv (NHWC x HWIO)", "count", "ours fwd ms", "torch fwd ms",
                         "torch/ours fwd", "ours fwd+bwd ms", "torch fwd+bwd ms",
-                        "torch/ours fwd+bwd"], rows))
-    print("\n'torch/ours' > 1 means ours is faster. 'all' sums count x median over the step.")
+                        "torch/ours fwd+bwd", "ours busy threads", "torch busy threads"], rows))
+    print("\n'torch/ours' > 1 means ours is faster. 'all' sums count x median over the step. "
+          "'busy threads' = process CPU seconds per wall second of fwd+bwd: 1.00 is one thread.")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -55,7 +55,10 @@ and steps for a smoke test and reads the tiny Shapes dataset (`unclip-jax shapes
 Expected (measured on this project's 2-core CPU, wall times; two stages often ran side by side,
 one core each, as noted; the decoder with
 XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution, Eigen's convolutions,
-1.15x faster on its step here in a same-run A/B of the two settings):
+1.15x faster on its step here in a same-run A/B of the two settings). The bundle's stages ran on
+one CPU device; the recipe now gives the decoder and sr64 one per core
+(mesh.cpu_devices=-1: 1.31x the decoder's steps/s on 2 cores with the default convolutions),
+which changes their numbers bitwise but not the recipe:
   dataset          4.4 min (50,000 / 2,000 images)
   clip             2,000 steps x 256 (+ 3 hard negatives per two-object caption), 0.47 steps/s
                    alone (~71 min; this run took 104 min sharing the cores): retrieval of the
@@ -147,6 +150,12 @@ def get_config(arg=None):
     c.shapes_stage = arg.stage
     add_trainer_sections(c, checkpoint_every=20 if local else 200, eval_every=0, keep=2)
     c.mesh.min_shard_bytes = 1 << 30   # everything replicated: these models are tiny
+    if arg.stage in ("decoder", "sr64"):
+        # One CPU device per core: XLA's CPU convolutions run on one thread at these sizes,
+        # and several devices run them side by side (unclip_jax.train.distributed). On 2 cores
+        # (benchmarks/cpu_devices.py): the decoder 1.31x the steps/s, sr64 1.17x; sr128 1.01x
+        # (its BSR input is the limit there), so it keeps one device. No effect on a GPU or TPU.
+        c.mesh.cpu_devices = -1
     c.log_every = 1 if local else 25
     tfds_input = dict(kind="tfds", tfds_name="shapes/tiny" if local else "shapes",
                       tfds_split="train", data_dir=arg.data_dir,

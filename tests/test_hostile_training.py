@@ -88,6 +88,8 @@ BAD_OVERRIDES = [
     (["mesh.rules=embed"], "sharding rule"),
     (["mesh.rules=embed=nowhere"], "not a mesh axis"),
     (["mesh.min_shard_bytes=-1"], "min_shard_bytes"),
+    (["mesh.cpu_devices=-2"], "cpu_devices"),
+    (["mesh.cpu_devices=two"], "cpu_devices"),
     (["diffusion.num_train_steps=0"], "num_train_steps"),
     (["diffusion.num_train_steps=1000000000"], "num_train_steps"),
     (["diffusion.schedule=nope"], "schedule"),

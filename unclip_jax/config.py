@@ -254,11 +254,13 @@ def add_trainer_sections(c: ConfigDict, *, checkpoint_every: int, eval_every: in
                          keep: int = 3) -> ConfigDict:
     """The sections every training config shares (read by unclip_jax.train.trainer): ``mesh``
     (sizes of the 'data', 'fsdp', 'tensor' axes, -1 = the devices the others leave; the
-    logical-axis rules; leaves under ``min_shard_bytes`` stay replicated), ``checkpoint``,
+    logical-axis rules; leaves under ``min_shard_bytes`` stay replicated; ``cpu_devices``: the
+    CPU devices a CPU run makes, 0 = JAX's default of one, -1 = one per usable core, see
+    unclip_jax.train.distributed), ``checkpoint``,
     ``eval_every`` and ``optimizer.accum_steps`` (gradient accumulation)."""
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1,
                                             rules=DEFAULT_SHARDING_RULES,
-                                            min_shard_bytes=1 << 16))
+                                            min_shard_bytes=1 << 16, cpu_devices=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=checkpoint_every, keep=keep,
                                                   async_save=False))
     c.eval_every = eval_every

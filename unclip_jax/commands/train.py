@@ -50,6 +50,14 @@ def run(args, overrides) -> int:
     from unclip_jax.train.checks import check_config, check_workdir
     check_config(config)                           # ... and so does any setting, or the workdir
     check_workdir(args.workdir)
+    mesh = config.get("mesh") or {}
+    note = distributed.set_cpu_devices(distributed.cpu_device_count(
+        int(mesh.get("cpu_devices", 0)), int(config.batch_size),
+        int((config.get("optimizer") or {}).get("accum_steps", 1)),
+        {a: mesh[a] for a in ("data", "fsdp", "tensor") if a in mesh},
+        max(settings.num_processes, 1)))
+    if note:
+        print(note)
     distributed.initialize(settings)
     from unclip_jax.train.trainer import train
     train(config, args.workdir, progress=not args.no_progress)

@@ -121,6 +121,8 @@ def check_config(config: Any) -> None:
                     raise TrainConfigError(f"config.mesh.{axis} must be a positive integer or -1 "
                                            f"(the devices the other axes leave), got {size!r}.")
         check_int(mesh.get("min_shard_bytes", 0), "mesh.min_shard_bytes", low=0)
+        check_int(mesh.get("cpu_devices", 0), "mesh.cpu_devices", low=-1,
+                  what=" (0: JAX's default of one CPU device, -1: one per usable core)")
         parse_rules(mesh.get("rules"))
     if _get(config, "input", None) is None:
         raise TrainConfigError("The config has no 'input' group: nothing to train on. Add one "

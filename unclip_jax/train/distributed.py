@@ -12,6 +12,18 @@ With one process nothing is initialised. On CPU (tests, ``launch/local.py``) the
 collectives use gloo, which must be chosen before JAX creates its backend. TPU pods need no
 flags: with ``JAX_AUTO_DISTRIBUTED=1`` (launch/tpu_pod.sh sets it) ``jax.distributed.initialize()``
 finds everything itself.
+
+CPU device count (``mesh.cpu_devices`` of a training config, :func:`cpu_device_count`): on a CPU
+host, XLA runs each large convolution on one thread (jaxlib 0.10's YNNPACK kernels at the
+decoder's 32x32 feature maps and above; ``benchmarks/conv_cpu.py`` shows it), so one process
+with one CPU device leaves the other cores idle for most of a UNet's step. Several CPU devices
+in the process, each with its slice of the batch, run those convolutions side by side: with
+``cpu_devices=-1`` (one device per usable core) the Shapes decoder trains 1.31x faster on two
+cores (``benchmarks/cpu_devices.py``), and two runs of it still agree bitwise. It must be settled before JAX creates its
+CPU backend, so the ``train`` command applies it before anything else touches JAX. The
+environment wins over the config: ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
+``JAX_NUM_CPU_DEVICES`` (the test suite's 8 simulated devices) is left as it is. The setting
+only shapes the CPU backend, so it does nothing where a GPU or TPU does the work.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import re
 import jax
 
 from unclip_jax.errors import UserError
+from unclip_jax.train.sharding import MESH_AXES, MeshError, mesh_shape
 
 
 class DistributedError(UserError, ValueError):
@@ -106,3 +119,59 @@ def initialize(settings: ProcessSettings) -> None:
                                process_id=settings.process_id,
                                local_device_ids=list(settings.local_device_ids)
                                if settings.local_device_ids else None)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_device_count(requested: int, batch_size: int, accum_steps: int = 1,
+                     mesh_sizes: dict | None = None, num_processes: int = 1,
+                     cores: int | None = None) -> int | None:
+    """The CPU devices this process should have for ``mesh.cpu_devices = requested``: None for 0
+    (JAX's own default, one device); ``requested`` itself when positive; for -1, the largest
+    count up to the usable cores for which the mesh (``mesh_sizes``, over every process's
+    devices) can be built and splits ``batch_size`` into ``accum_steps`` microbatches."""
+    if requested == 0:
+        return None
+    if requested > 0:
+        return requested
+    sizes = {a: (mesh_sizes or {}).get(a, -1 if a == "fsdp" else 1) for a in MESH_AXES}
+    for n in range(cores or usable_cores(), 0, -1):
+        try:
+            data, fsdp, _ = mesh_shape(sizes, n * num_processes)
+        except MeshError:
+            continue
+        if batch_size % (data * fsdp * accum_steps) == 0:
+            return n
+    return 1
+
+
+def environment_fixes_cpu_devices(env: dict | None = None) -> str | None:
+    """The environment setting that already fixes the CPU device count, if any."""
+    env = os.environ if env is None else env
+    if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
+        return "XLA_FLAGS' --xla_force_host_platform_device_count"
+    if env.get("JAX_NUM_CPU_DEVICES"):
+        return "JAX_NUM_CPU_DEVICES"
+    return None
+
+
+def set_cpu_devices(count: int | None, env: dict | None = None) -> str | None:
+    """Ask JAX for ``count`` CPU devices (None: leave JAX's default). Returns a line saying why
+    it was not done, or None when it was (or nothing was asked). Call it before any other JAX
+    call: once the backend exists the count cannot change."""
+    if count is None:
+        return None
+    fixed = environment_fixes_cpu_devices(env)
+    if fixed:
+        return f"mesh.cpu_devices asks for {count} CPU device(s); {fixed} decides instead."
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError:
+        return (f"mesh.cpu_devices asks for {count} CPU device(s), but JAX had already started "
+                "its backend in this process, so it keeps the devices it has.")
+    return None
