@@ -10,8 +10,8 @@ convolution of the step (found in its jaxpr, with its count) is timed on its own
 forward + vjp (input and kernel gradients) on our side and as ``conv2d`` + ``backward()`` on
 torch's, and the sums are weighted by how often each shape occurs in one step. The "busy
 threads" columns (CPU seconds per wall second) show how many cores each side keeps busy: on
-jaxlib 0.10 XLA runs the large convolutions (32x32 feature maps of the mid decoder, batch 8) on
-one thread, where torch's oneDNN uses every core.
+jaxlib 0.10 XLA runs some large convolutions (those with 64 output channels at 32x32, the mid
+decoder's first level, and most 1x1 ones) on one thread, where torch's oneDNN uses every core.
 """
 from __future__ import annotations
 

@@ -14,13 +14,14 @@ flags: with ``JAX_AUTO_DISTRIBUTED=1`` (launch/tpu_pod.sh sets it) ``jax.distrib
 finds everything itself.
 
 CPU device count (``mesh.cpu_devices`` of a training config, :func:`cpu_device_count`): on a CPU
-host, XLA runs each large convolution on one thread (jaxlib 0.10's YNNPACK kernels at the
-decoder's 32x32 feature maps and above; ``benchmarks/conv_cpu.py`` shows it), so one process
-with one CPU device leaves the other cores idle for most of a UNet's step. Several CPU devices
-in the process, each with its slice of the batch, run those convolutions side by side: with
-``cpu_devices=-1`` (one device per usable core) the Shapes decoder trains 1.31x faster on two
-cores (``benchmarks/cpu_devices.py``), and two runs of it still agree bitwise. It must be settled before JAX creates its
-CPU backend, so the ``train`` command applies it before anything else touches JAX. The
+host, XLA runs some large convolutions on one thread (jaxlib 0.10's YNNPACK: those with 64
+output channels at 32x32 and most 1x1 ones; ``benchmarks/conv_cpu.py`` shows it), so a process
+with one CPU device leaves the other cores idle through much of a UNet's step. Several CPU
+devices in the process, each with its slice of the batch, run those convolutions side by side:
+with ``cpu_devices=-1`` (one device per usable core) the Shapes decoder trains 1.31x faster on
+two cores (``benchmarks/cpu_devices.py``), and two runs of it still agree bitwise. It must be
+settled before JAX creates its CPU backend, so the ``train`` command applies it before anything
+else touches JAX. The
 environment wins over the config: ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
 ``JAX_NUM_CPU_DEVICES`` (the test suite's 8 simulated devices) is left as it is. The setting
 only shapes the CPU backend, so it does nothing where a GPU or TPU does the work.
