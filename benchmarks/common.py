@@ -81,10 +81,8 @@ def cpu_model() -> str:
 
 
 def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from unclip_jax.train.distributed import usable_cores
+    return usable_cores()
 
 
 def versions() -> dict[str, str]:

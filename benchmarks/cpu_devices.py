@@ -54,7 +54,7 @@ def train_once(stage: str, cpu_devices: int, workdir: str, args) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"training with mesh.cpu_devices={cpu_devices} failed:\n"
                          + done.stderr[-2000:])
-    rates, devices = [], None
+    devices = None
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rates = [r["steps_per_s"] for r in map(json.loads, f) if "steps_per_s" in r]
     with open(os.path.join(workdir, "train.log")) as f:

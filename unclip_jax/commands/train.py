@@ -53,8 +53,7 @@ def run(args, overrides) -> int:
     mesh = config.get("mesh") or {}
     note = distributed.set_cpu_devices(distributed.cpu_device_count(
         int(mesh.get("cpu_devices", 0)), int(config.batch_size),
-        int((config.get("optimizer") or {}).get("accum_steps", 1)),
-        {a: mesh[a] for a in ("data", "fsdp", "tensor") if a in mesh},
+        int((config.get("optimizer") or {}).get("accum_steps", 1)), mesh,
         max(settings.num_processes, 1)))
     if note:
         print(note)

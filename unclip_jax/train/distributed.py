@@ -134,8 +134,9 @@ def cpu_device_count(requested: int, batch_size: int, accum_steps: int = 1,
                      cores: int | None = None) -> int | None:
     """The CPU devices this process should have for ``mesh.cpu_devices = requested``: None for 0
     (JAX's own default, one device); ``requested`` itself when positive; for -1, the largest
-    count up to the usable cores for which the mesh (``mesh_sizes``, over every process's
-    devices) can be built and splits ``batch_size`` into ``accum_steps`` microbatches."""
+    count up to the usable cores for which the mesh (the axis sizes in ``mesh_sizes``, e.g. the
+    config's ``mesh`` group; over every process's devices) can be built and splits
+    ``batch_size`` into ``accum_steps`` microbatches."""
     if requested == 0:
         return None
     if requested > 0:
