@@ -153,8 +153,9 @@ def get_config(arg=None):
     if arg.stage in ("decoder", "sr64"):
         # One CPU device per core: XLA's CPU convolutions run on one thread at these sizes,
         # and several devices run them side by side (unclip_jax.train.distributed). On 2 cores
-        # (benchmarks/cpu_devices.py): the decoder 1.31x the steps/s, sr64 1.17x; sr128 1.01x
-        # (its BSR input is the limit there), so it keeps one device. No effect on a GPU or TPU.
+        # (benchmarks/cpu_devices.py, our two settings in one run, quiet machine, load 0.97-2.6):
+        # the decoder 1.31x the steps/s, sr64 1.17x; sr128 1.01x (its BSR input is the limit
+        # there), so it keeps one device. No effect on a GPU or TPU.
         c.mesh.cpu_devices = -1
     c.log_every = 1 if local else 25
     tfds_input = dict(kind="tfds", tfds_name="shapes/tiny" if local else "shapes",
